@@ -1,0 +1,13 @@
+"""Frozen vision foundation models: registry, token-level ViT wrapper, weight loading."""
+
+from .registry import BackboneSpec, get_backbone_spec, list_backbones, register_backbone
+from .vit import TokenViT, create_backbone
+
+__all__ = [
+    "BackboneSpec",
+    "TokenViT",
+    "create_backbone",
+    "get_backbone_spec",
+    "list_backbones",
+    "register_backbone",
+]

@@ -1,0 +1,142 @@
+"""A token-level view of a frozen timm VisionTransformer: embed, run blocks, pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, WeightsError
+from .loading import load_into_vit, read_state_dict
+from .registry import BackboneSpec, get_backbone_spec
+
+POOLS = ("default", "token", "avg", "token+avg")
+
+
+class TokenViT(nn.Module):
+    """Wraps a timm ``VisionTransformer`` so prompts can be inserted between its blocks.
+
+    Pooling uses timm's own ``forward_head(pre_logits=True)``, so with no prompts the features are exactly
+    the plain model's.
+    """
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec, pool: str = "default") -> None:
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(vit, VisionTransformer):
+            raise ConfigError(
+                f"backbone '{spec.name}' ({type(vit).__name__}) is not a timm VisionTransformer; "
+                "prompt tuning needs a ViT (CNNs can still serve as an instance encoder)"
+            )
+        pool = spec.pool if pool == "default" else pool
+        if pool not in POOLS:
+            raise ConfigError(f"unknown pool '{pool}'; allowed values are {list(POOLS)}")
+        self.vit = vit
+        self.spec = spec
+        self.pool_mode = pool
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.embed_dim * (2 if self.pool_mode == "token+avg" else 1)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.vit.num_prefix_tokens)
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.vit.blocks
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit.patch_embed.patch_size[0])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.vit.patch_embed.img_size[0])
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels -> [prefix][patches] tokens with position embeddings, before the first block."""
+        v = self.vit
+        x = v.patch_embed(x)
+        x = v._pos_embed(x)
+        x = v.patch_drop(x)
+        return v.norm_pre(x)
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        for blk in self.vit.blocks[start:end]:
+            x = blk(x)
+        return x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and the backbone's own pooling over [prefix][patches] tokens (prompts already removed)."""
+        v = self.vit
+        x = v.norm(x)
+        if self.pool_mode == "default":
+            return v.forward_head(x, pre_logits=True)
+        patches = x[:, self.num_prefix_tokens :]
+        if self.pool_mode == "token":
+            return x[:, 0]
+        if self.pool_mode == "avg":
+            return patches.mean(1)
+        return torch.cat([x[:, 0], patches.mean(1)], dim=-1)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All output tokens (normalised), used as instance features."""
+        return self.vit.norm(self.run_blocks(self.embed(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.run_blocks(self.embed(x)))
+
+
+def create_vit(spec: BackboneSpec, img_size: int | None = None, **overrides) -> nn.Module:
+    import timm
+
+    kwargs = {**spec.model_kwargs, **overrides}
+    kwargs.setdefault("img_size", img_size or spec.img_size)
+    try:
+        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"backbone '{spec.name}' does not accept {sorted(kwargs)}: {e}") from e
+
+
+def create_backbone(
+    name: str,
+    weights: str | Path | None = None,
+    img_size: int | None = None,
+    pool: str = "default",
+    **overrides,
+) -> TokenViT:
+    """Build a frozen backbone by id. ``weights``: None (random init), ``"bundled"``, or a local file/folder."""
+    spec = get_backbone_spec(name)
+    vit = create_vit(spec, img_size=img_size, **overrides)
+    if weights is not None:
+        if str(weights) == "bundled":
+            from .bundled import bundled_weights_path
+
+            path = bundled_weights_path(spec.name)
+        else:
+            path = Path(weights)
+        sd = read_state_dict(path, spec)
+        if spec.key_map is not None:
+            try:
+                sd = spec.key_map(sd)
+            except KeyError as e:
+                raise WeightsError(
+                    f"weights {path} lack key {e} expected for '{spec.name}' ({spec.weights_hint})"
+                ) from e
+        load_into_vit(vit, sd, source=str(path))
+    backbone = TokenViT(vit, spec, pool=pool)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    return backbone

@@ -1,0 +1,281 @@
+"""PathoTuneModel: a frozen ViT with TTP, IVP and TVP tokens inserted between its blocks, and a head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .backbones import TokenViT, create_backbone, get_backbone_spec
+from .backbones.loading import fingerprint
+from .errors import ConfigError
+from .methods import get_method
+from .prompts import InstanceEncoder, InstancePrompts, TextualPrompts, VisualPrompts
+from .switches import Switches
+from .task import Task
+
+# Prompt groups in sequence order: [prefix][TTP][IVP][TVP][patches].
+GROUP_ORDER = ("ttp", "ivp", "tvp")
+
+
+@dataclass
+class Provenance:
+    """Where the frozen parts came from; bundles record it and refuse to load onto anything else."""
+
+    backbone: str
+    weights: str | None
+    fingerprint: str
+    img_size: int
+    backbone_kwargs: dict = field(default_factory=dict)
+    instance_encoder: str | None = None
+    instance_weights: str | None = None
+    instance_fingerprint: str | None = None
+
+
+class PathoTuneModel(nn.Module):
+    """Image -> tokens -> prompted frozen blocks -> pooled feature -> head."""
+
+    def __init__(
+        self,
+        backbone: TokenViT,
+        num_classes: int,
+        switches: Switches,
+        method: str,
+        task: Task,
+        provenance: Provenance,
+        text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+        instance_encoder: InstanceEncoder | None = None,
+    ) -> None:
+        super().__init__()
+        s = switches
+        self.switches, self.method, self.task, self.provenance = s, method, task, provenance
+        self.num_classes = num_classes
+        self.backbone = backbone
+        dim, depth = backbone.embed_dim, backbone.depth
+        for name in ("tvp_layer", "ttp_layer", "ivp_layer"):
+            if getattr(s, name) >= depth:
+                raise ConfigError(f"switch {name}={getattr(s, name)} must be < the backbone depth {depth}")
+
+        self.tvp_layers: list[int] = []
+        self.tvp = self.ttp = self.ivp = None
+        if s.tvp_tokens:
+            n = (s.tvp_depth or depth) if s.tvp_deep else 1
+            self.tvp_layers = list(range(s.tvp_layer, min(depth, s.tvp_layer + n)))
+            self.tvp = VisualPrompts(
+                s.tvp_tokens, dim, len(self.tvp_layers), backbone.patch_size, s.tvp_dropout
+            )
+        if s.ttp_tokens:
+            if text_features is None:
+                raise ConfigError(
+                    "textual prompts need the encoded task text; build the model with create_model"
+                )
+            pooled, tokens = text_features
+            self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, s.ttp_hidden, s.ttp_mode)
+        self.instance_encoder = instance_encoder
+        if s.ivp_tokens:
+            in_dim = instance_encoder.dim if instance_encoder is not None else dim
+            self.ivp = InstancePrompts(s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_hidden)
+
+        self.schedule: dict[int, list[str]] = {}
+        for layer, group in [(s.ttp_layer, "ttp"), (s.ivp_layer, "ivp")] + [
+            (i, "tvp") for i in self.tvp_layers
+        ]:
+            if getattr(self, group) is not None:
+                self.schedule.setdefault(layer, []).append(group)
+
+        self.head_drop = nn.Dropout(s.head_dropout)
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self._set_trainable()
+
+    # training set-up
+    def _set_trainable(self) -> None:
+        self.requires_grad_(False)
+        self.head.requires_grad_(True)
+        if self.switches.train in ("prompts", "all", "lora"):
+            for m in (self.tvp, self.ttp, self.ivp):
+                if m is not None:
+                    m.requires_grad_(True)
+        if self.switches.train == "all":
+            self.backbone.requires_grad_(True)
+        if self.switches.train == "lora":
+            self._inject_lora()
+
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        s = self.switches
+        config = LoraConfig(
+            r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=s.lora_targets
+        )
+        inject_adapter_in_model(config, self.backbone.vit)
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def train(self, mode: bool = True) -> PathoTuneModel:
+        super().train(mode)
+        if self.switches.train not in ("all", "lora"):
+            self.backbone.eval()  # frozen: keep dropout/drop-path off even while prompts train
+        if self.instance_encoder is not None:
+            self.instance_encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> dict:
+        """Counts as peft reports them, plus a breakdown by top-level module."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        by_module: dict[str, int] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                key = name.split(".")[0]
+                by_module[key] = by_module.get(key, 0) + p.numel()
+        return {
+            "trainable": trainable,
+            "total": total,
+            "percent": 100.0 * trainable / max(total, 1),
+            "by_module": by_module,
+        }
+
+    def print_trainable_parameters(self) -> None:
+        t = self.trainable_parameters()
+        print(
+            f"trainable params: {t['trainable']:,} || all params: {t['total']:,} || trainable%: {t['percent']:.4f}"
+        )
+
+    # forward
+    def _instance_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.ivp is None or self.switches.ivp_source == "early":
+            return None
+        if self.instance_encoder is not None:
+            return self.instance_encoder(x)
+        with torch.no_grad():
+            return self.backbone.forward_tokens(x)
+
+    def _group_tokens(
+        self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int
+    ):
+        batch = h.shape[0]
+        if group == "tvp":
+            return self.tvp(self.tvp_layers.index(layer), batch)
+        if group == "ttp":
+            return self.ttp(batch).to(h.dtype)
+        if inst is None:  # "early": the backbone's own tokens at this depth, without any prompts
+            p = self.backbone.num_prefix_tokens
+            inst = torch.cat([h[:, :p], h[:, p + n_prompts :]], dim=1)
+        return self.ivp(inst, self.backbone.num_prefix_tokens).to(h.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, feature_dim). With every prompt off this is exactly the frozen backbone's."""
+        bb = self.backbone
+        p = bb.num_prefix_tokens
+        inst = self._instance_tokens(x)
+        h = bb.embed(x)
+        lengths: dict[str, int] = {}
+        use_ckpt = self.switches.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i, blk in enumerate(bb.blocks):
+            for group in self.schedule.get(i, ()):
+                tokens = self._group_tokens(group, i, h, inst, sum(lengths.values()))
+                h = _place(h, group, tokens, lengths, p)
+            h = checkpoint(blk, h, use_reentrant=False) if use_ckpt else blk(h)
+        n = sum(lengths.values())
+        if n and not self.switches.pool_prompts:
+            h = torch.cat([h[:, :p], h[:, p + n :]], dim=1)
+        return bb.pool(h)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @property
+    def class_names(self) -> list[str]:
+        return (
+            list(self.task.classes) if self.task.classes else [f"class_{i}" for i in range(self.num_classes)]
+        )
+
+
+def _place(
+    h: torch.Tensor, group: str, tokens: torch.Tensor, lengths: dict[str, int], p: int
+) -> torch.Tensor:
+    """Insert a prompt group at its slot in [prefix][TTP][IVP][TVP][patches], or replace its previous tokens."""
+    offset = p + sum(lengths.get(g, 0) for g in GROUP_ORDER[: GROUP_ORDER.index(group)])
+    old = lengths.get(group, 0)
+    lengths[group] = tokens.shape[1]
+    return torch.cat([h[:, :offset], tokens, h[:, offset + old :]], dim=1)
+
+
+def build_instance_encoder(
+    name: str, weights: str | Path | None, backbone: TokenViT
+) -> tuple[InstanceEncoder, str]:
+    """A frozen encoder for IVP: any registered ViT, or any timm model (CNNs give their feature map)."""
+    spec = get_backbone_spec(name)
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    probe = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
+    if isinstance(probe, VisionTransformer):
+        enc = create_backbone(name, weights=weights)
+        n_prefix, dim = enc.num_prefix_tokens, enc.embed_dim
+        fp = fingerprint(enc.vit)
+    else:
+        from .backbones.loading import read_state_dict
+
+        enc = probe
+        if weights is not None:
+            sd = read_state_dict(weights, spec)
+            sd = spec.key_map(sd) if spec.key_map else sd
+            sd = {k: v for k, v in sd.items() if not k.startswith(("classifier.", "fc.", "head."))}
+            enc.load_state_dict(sd, strict=True)
+        n_prefix, dim = 0, int(enc.num_features)
+        fp = fingerprint(enc)
+    wrapped = InstanceEncoder(
+        enc, n_prefix, dim, backbone.spec.mean, backbone.spec.std, spec.mean, spec.std, spec.img_size
+    )
+    return wrapped, fp
+
+
+def create_model(
+    backbone: str,
+    method: str = "pathotune",
+    num_classes: int = 2,
+    task: Task | None = None,
+    weights: str | Path | None = None,
+    img_size: int | None = None,
+    text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backbone_kwargs: dict | None = None,
+    **switches,
+) -> PathoTuneModel:
+    """Build a prompt-tuned model: a frozen backbone by id, a method preset, and switch overrides.
+
+    ``weights``: None (random init, for tests), ``"bundled"`` (weights shipped in a package), or a local file.
+    ``text_features``: a precomputed (pooled, tokens) task-text encoding, which skips the text encoder.
+    ``backbone_kwargs``: architecture overrides passed to timm (tiny test models, drop-path rates...).
+    """
+    s = get_method(method).resolve(**switches)
+    task = task or Task()
+    if task.classes and len(task.classes) != num_classes:
+        raise ConfigError(
+            f"task has {len(task.classes)} classes {list(task.classes)} but num_classes={num_classes}"
+        )
+    backbone_kwargs = dict(backbone_kwargs or {})
+    bb = create_backbone(backbone, weights=weights, img_size=img_size, pool=s.pool, **backbone_kwargs)
+    prov = Provenance(
+        backbone=backbone,
+        weights=None if weights is None else str(weights),
+        fingerprint=fingerprint(bb.vit),
+        img_size=bb.img_size,
+        backbone_kwargs=backbone_kwargs,
+    )
+    if s.ttp_tokens and text_features is None:
+        from .text import encode_task_text
+
+        text_features = encode_task_text(task.render(), s.text_encoder, s.text_weights)
+    inst = None
+    if s.ivp_tokens and s.ivp_source == "encoder":
+        inst, prov.instance_fingerprint = build_instance_encoder(s.ivp_encoder, s.ivp_encoder_weights, bb)
+        prov.instance_encoder = s.ivp_encoder
+        prov.instance_weights = None if s.ivp_encoder_weights is None else str(s.ivp_encoder_weights)
+    return PathoTuneModel(bb, num_classes, s, method, task, prov, text_features, inst)

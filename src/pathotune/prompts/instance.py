@@ -1,0 +1,107 @@
+"""Instance-specific visual prompts (IVP): a frozen instance encoder and a Visual Refine Module (VRM)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VRM_KINDS = ("attn", "mlp")
+
+
+class InstanceEncoder(nn.Module):
+    """A frozen second encoder that sees the same image, with its own input size and normalisation.
+
+    Images arrive normalised for the prompted backbone; they are mapped back to pixels and re-normalised for
+    this encoder. ViTs give their output tokens, CNNs their flattened last feature map.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_prefix_tokens: int,
+        dim: int,
+        src_mean: tuple[float, ...],
+        src_std: tuple[float, ...],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        img_size: int | None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.dim = dim
+        self.img_size = img_size
+        # x_enc = (x * src_std + src_mean - mean) / std, as one affine map per channel.
+        s_std, s_mean = torch.tensor(src_std), torch.tensor(src_mean)
+        e_std, e_mean = torch.tensor(std), torch.tensor(mean)
+        self.register_buffer("scale", (s_std / e_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - e_mean) / e_std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> InstanceEncoder:
+        super().train(mode)
+        self.encoder.eval()  # frozen: dropout and norm statistics stay in inference mode
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale + self.shift
+        if self.img_size is not None and x.shape[-1] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        if hasattr(self.encoder, "forward_tokens"):
+            return self.encoder.forward_tokens(x)
+        fmap = self.encoder.forward_features(x)
+        return fmap.flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap
+
+
+class AttnVRM(nn.Module):
+    """K learnable queries cross-attend to the instance tokens; an MLP maps them to the backbone width."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, hidden: int = 128, heads: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.inp = nn.Linear(in_dim, hidden)
+        self.queries = nn.Parameter(torch.randn(num_tokens, hidden) * 0.02)
+        self.attn = nn.MultiheadAttention(hidden, heads if hidden % heads == 0 else 1, batch_first=True)
+        self.out = nn.Sequential(
+            nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        kv = self.inp(self.norm(tokens))
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return self.out(q + self.attn(q, kv, kv, need_weights=False)[0])
+
+
+class MlpVRM(nn.Module):
+    """The simple baseline: an MLP over the pooled instance feature (class token, else mean token)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, hidden: int = 128, heads: int = 4):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.out_dim = out_dim
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, num_tokens * out_dim),
+        )
+
+    def forward(self, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        pooled = tokens[:, 0] if num_prefix_tokens > 0 else tokens.mean(1)
+        return self.mlp(pooled).view(tokens.shape[0], self.num_tokens, self.out_dim)
+
+
+_VRMS: dict[str, type[nn.Module]] = {"attn": AttnVRM, "mlp": MlpVRM}
+
+
+class InstancePrompts(nn.Module):
+    """Per-image prompt tokens from instance features, through a swappable VRM."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, num_tokens: int, hidden: int = 128):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.vrm = _VRMS[kind](in_dim, out_dim, num_tokens, hidden=hidden)
+
+    def forward(self, instance_tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        return self.vrm(instance_tokens, num_prefix_tokens)

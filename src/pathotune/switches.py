@@ -1,0 +1,101 @@
+"""Every prompt switch in one typed place, so ablations are configuration rather than code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import ConfigError
+
+IVP_SOURCES = ("backbone", "early", "encoder")
+TRAIN_MODES = ("head", "prompts", "all", "lora")
+
+
+@dataclass(frozen=True)
+class Switches:
+    """What a method builds and trains. Counts of 0 switch a prompt kind off."""
+
+    # Task-specific visual prompts (VPT).
+    tvp_tokens: int = 0
+    tvp_deep: bool = False
+    tvp_depth: int | None = None  # deep only: how many layers get fresh prompts (None: all from tvp_layer on)
+    tvp_layer: int = 0  # the block before which TVP enters
+    tvp_dropout: float = 0.0
+    # Task-specific textual prompts.
+    ttp_tokens: int = 0
+    ttp_mode: str = "pooled"  # "pooled" or "attn"
+    ttp_hidden: int = 128
+    ttp_layer: int = 0
+    text_encoder: str = "minilm"
+    text_weights: str | None = None
+    # Instance-specific visual prompts.
+    ivp_tokens: int = 0
+    ivp_vrm: str = "attn"  # "attn" or "mlp"
+    ivp_hidden: int = 128
+    ivp_layer: int = 0
+    ivp_source: str = (
+        "backbone"  # "backbone" (second frozen pass), "early" (first ivp_layer blocks), "encoder"
+    )
+    ivp_encoder: str | None = None  # backbone id or timm name when ivp_source == "encoder"
+    ivp_encoder_weights: str | None = None
+    # What trains.
+    train: str = "prompts"  # "head", "prompts", "all" or "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str = r".*\.attn\.(qkv|proj)"
+    # Head and pooling.
+    pool: str = "default"
+    pool_prompts: bool = False  # let avg pooling read prompt outputs too
+    head_dropout: float = 0.0
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        from .prompts import VRM_KINDS
+        from .prompts.textual import TTP_MODES
+
+        for name in ("tvp_tokens", "ttp_tokens", "ivp_tokens", "tvp_layer", "ttp_layer", "ivp_layer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"switch {name} must be >= 0, got {getattr(self, name)}")
+        choices = {
+            "ttp_mode": TTP_MODES,
+            "ivp_vrm": VRM_KINDS,
+            "ivp_source": IVP_SOURCES,
+            "train": TRAIN_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"switch {name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.ivp_tokens and self.ivp_source == "encoder" and not self.ivp_encoder:
+            raise ConfigError("switch ivp_source='encoder' needs ivp_encoder (a backbone id or timm name)")
+        if self.ivp_tokens and self.ivp_source == "early" and self.ivp_layer == 0:
+            raise ConfigError(
+                "switch ivp_source='early' needs ivp_layer >= 1: the blocks run before IVP enters"
+            )
+        if self.tvp_depth is not None and self.tvp_depth < 1:
+            raise ConfigError(f"switch tvp_depth must be >= 1 or None, got {self.tvp_depth}")
+
+    @property
+    def num_prompts(self) -> int:
+        return self.tvp_tokens + self.ttp_tokens + self.ivp_tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def update(self, **changes) -> Switches:
+        check_keys(changes)
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Switches:
+        check_keys(d)
+        return cls(**d)
+
+
+def switch_names() -> list[str]:
+    return [f.name for f in fields(Switches)]
+
+
+def check_keys(d: dict) -> None:
+    unknown = sorted(set(d) - set(switch_names()))
+    if unknown:
+        raise ConfigError(f"unknown switch(es) {unknown}; allowed switches are {switch_names()}")

@@ -1,0 +1,58 @@
+"""A task description, rendered to the text that the textual prompts (TTP) encode."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_TEMPLATE = (
+    "A {task} task on {stain} stained {organ} histopathology images. Classes: {classes}. {description}"
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the prompts should specialise in. Only ``classes`` matters to the head; the rest feeds TTP."""
+
+    name: str = "classification"
+    organ: str = "tissue"
+    stain: str = "H&E"
+    classes: tuple[str, ...] = field(default_factory=tuple)
+    description: str = ""
+    template: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        allowed = {"task", "organ", "stain", "classes", "description"}
+        used = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
+        unknown = used - allowed
+        if unknown:
+            raise ConfigError(
+                f"task template uses unknown field(s) {sorted(unknown)}; allowed fields are {sorted(allowed)}"
+            )
+
+    def render(self) -> str:
+        """The exact text sent to the text encoder (saved in bundles for provenance)."""
+        text = self.template.format(
+            task=self.name,
+            organ=self.organ,
+            stain=self.stain,
+            classes=", ".join(self.classes) if self.classes else "unspecified",
+            description=self.description,
+        )
+        return " ".join(text.split())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown task key(s) {sorted(unknown)}; allowed keys are {sorted(known)}")
+        return cls(**{**d, "classes": tuple(d.get("classes", ()))})

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2}
+TINY_NAME = "vit_small_patch16_224"
+IMG = 32
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict:
+    return {"backbone_kwargs": dict(TINY), "img_size": IMG}
+
+
+@pytest.fixture
+def text_features() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed stand-in for an encoded task text, so most tests need no text encoder."""
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(24, generator=g), torch.randn(7, 24, generator=g)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(7))

@@ -1,0 +1,41 @@
+"""With every prompt off, features are exactly the frozen timm model's."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from pathotune import create_model
+
+CASES = [
+    ("cls-pooled", "vit_small_patch16_224", {}),
+    ("avg-pooled", "vit_small_patch16_224", {"global_pool": "avg", "class_token": False}),
+    ("avg-pooled-with-cls", "vit_small_patch16_224", {"global_pool": "avg"}),
+    ("registers", "vit_small_patch14_reg4_dinov2", {}),
+]
+
+
+@pytest.mark.parametrize("case,name,extra", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("method", ["linear", "vpt-shallow"])
+def test_prompts_off_equals_plain_timm(case, name, extra, method, images):
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, **extra}
+    torch.manual_seed(0)
+    # vpt-shallow with zero tokens: the prompted code path with nothing to insert.
+    switches = {"tvp_tokens": 0} if method == "vpt-shallow" else {}
+    model = create_model(name, method, 3, img_size=32, backbone_kwargs=kwargs, **switches).eval()
+    ref = timm.create_model(name, pretrained=False, num_classes=0, img_size=32, **kwargs).eval()
+    ref.load_state_dict(model.backbone.vit.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images), ref(images), atol=1e-6, rtol=0)
+    if case == "registers":
+        assert model.backbone.num_prefix_tokens == 5
+
+
+def test_prompted_features_differ_from_plain(tiny_kwargs, images, text_features):
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_224", "pathotune", 3, text_features=text_features, **tiny_kwargs)
+    with torch.no_grad():
+        plain = model.backbone(images)
+        prompted = model.forward_features(images)
+    assert not torch.allclose(plain, prompted)
