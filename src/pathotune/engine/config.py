@@ -1,0 +1,128 @@
+"""Typed run configuration. YAML keys mirror the CLI flags; unknown or ill-typed keys fail on one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from ..switches import check_keys
+
+
+class TaskConfig(BaseModel):
+    """The task description that textual prompts encode; classes come from the data."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "tissue classification"
+    organ: str = "tissue"
+    stain: str = "H&E"
+    description: str = ""
+    text: str | None = None  # free text that replaces the rendered template entirely
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    backbone: str = "dinov2_vits14"
+    weights: str | None = None  # a local file/folder, "bundled", or None for the backbone's default
+    method: str = "pathotune"
+    switches: dict = Field(default_factory=dict)
+    backbone_kwargs: dict = Field(default_factory=dict)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    skip_bad: bool = False
+    augment: Literal["pathology", "none"] = "pathology"
+    epochs: int | None = None  # None: the method's recipe
+    batch_size: int = 32
+    lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+    grad_accum: int = 1
+    monitor: Literal["balanced_accuracy", "accuracy", "macro_f1", "auroc", "loss"] = "balanced_accuracy"
+    patience: int = 10
+    cache_features: bool = True  # head-only methods train on features computed once
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    bootstrap: int = 1000
+    out: str = "runs/latest"
+    resume: bool = False
+
+    @field_validator("switches")
+    @classmethod
+    def _known_switches(cls, v: dict) -> dict:
+        check_keys(v)
+        return v
+
+    @field_validator("batch_size", "grad_accum", "patience", "num_nodes")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+def _one_line(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(root)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_at(err["loc"][:-1])
+        return f"{source}: unknown key '{key}'; allowed keys are {allowed}"
+    if err["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _allowed_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """A config from YAML (optional) with flag overrides on top; None-valued overrides are ignored."""
+    data: dict = {}
+    source = "flags"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,98 @@
+"""Judging and applying a trained bundle: evaluation on labelled data, prediction on image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..bundle import load_bundle
+from ..errors import DataError
+from ..model import PathoTuneModel
+from .metrics import bootstrap_ci, classification_metrics
+
+EVAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle folder, or a run folder that holds one in ``bundle/``."""
+    p = Path(path)
+    return p / "bundle" if (p / "bundle" / "manifest.json").is_file() else p
+
+
+def eval_transform(model: PathoTuneModel):
+    from ..data import build_transforms
+
+    spec = model.backbone.spec
+    return build_transforms(spec.mean, spec.std, model.backbone.img_size, train=False, augment="none")
+
+
+@torch.inference_mode()
+def run_probs(model: PathoTuneModel, dataset, batch_size: int = 32, workers: int = 0, progress: bool = True):
+    from tqdm.auto import tqdm
+
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    probs = [model(x).float().softmax(-1) for x, _, _ in tqdm(loader, desc="predict", disable=not progress)]
+    return torch.cat(probs).numpy() if probs else np.zeros((0, model.num_classes))
+
+
+def evaluate(
+    bundle: str | Path,
+    data: str | Path,
+    split: str = "auto",
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    bootstrap: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """Metrics of a bundle on labelled data; class names are matched by name, not by position."""
+    from ..data import PatchDataset, check_source, load_source
+
+    model = load_bundle(resolve_bundle(bundle), weights=weights)
+    source = load_source(data, val_fraction=0.0, test_fraction=0.0)
+    source, _ = check_source(source, progress=progress)
+    if split == "auto":
+        split = next((s for s in ("test", "val") if source.split(s)), "all")
+    samples = source.all_samples() if split == "all" else source.split(split)
+    if not samples:
+        raise DataError(f"data {data} has no '{split}' samples; use --split test|val|train|all")
+    names = model.class_names
+    unknown = sorted(set(source.classes) - set(names))
+    if unknown:
+        raise DataError(f"data {data} has classes {unknown} that bundle {bundle} does not know (it has {names})")
+    remap = {i: names.index(c) for i, c in enumerate(source.classes)}
+    labels = np.array([remap[s.label] for s in samples])
+    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress)
+    metrics = classification_metrics(labels, probs, names)
+    if bootstrap:
+        metrics["ci"] = bootstrap_ci(labels, probs, EVAL_KEYS, n=bootstrap)
+    metrics.update({"split": split, "n": len(samples), "bundle": str(bundle), "data": str(data)})
+    return metrics
+
+
+def predict_files(
+    bundle: str | Path, inputs: list[str | Path], weights: str | None = None, batch_size: int = 32, workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Per-class probabilities for image files and folders (searched recursively)."""
+    from ..data import IMAGE_EXTENSIONS, PatchDataset, Sample
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"input {p} does not exist; pass image files or folders")
+    if not files:
+        raise DataError(f"no images found in {[str(i) for i in inputs]}")
+    model = load_bundle(resolve_bundle(bundle), weights=weights)
+    samples = [Sample(f, 0, "test") for f in files]
+    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress)
+    return files, probs, model.class_names

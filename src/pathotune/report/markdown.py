@@ -1,0 +1,183 @@
+"""Markdown run reports: one human-readable page per run that links its figures and pins its config."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .io import atomic_write_text, to_jsonable
+from .plots import plot_confusion_matrix, plot_training_curves
+
+DASH = "–"
+
+# Headline metrics in report order, with the names readers expect.
+_METRIC_LABELS = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "macro_f1": "Macro F1",
+    "weighted_f1": "Weighted F1",
+    "auroc": "AUROC (one-vs-rest macro)",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def format_cell(value: Any, floatfmt: str = ".3f") -> str:
+    """One table cell: None/NaN as a dash, ints with separators, floats, mean ± std, [low, high] pairs."""
+    if value is None:
+        return DASH
+    if isinstance(value, Mapping) and "mean" in value and "std" in value:
+        if value["mean"] is None:
+            return DASH
+        return f"{format_cell(value['mean'], floatfmt)} ± {format_cell(value['std'], floatfmt)}"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, Integral):
+        return f"{int(value):,}"
+    if isinstance(value, Real):
+        number = float(value)
+        return DASH if math.isnan(number) else format(number, floatfmt)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(v is None or _is_number(v) for v in value)
+    ):
+        if value[0] is None and value[1] is None:
+            return DASH
+        return f"[{format_cell(value[0], floatfmt)}, {format_cell(value[1], floatfmt)}]"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
+    """Right-align a column when every filled cell is a number or a mean ± std summary."""
+    filled = [row.get(column) for row in rows if row.get(column) is not None]
+    return bool(filled) and all(
+        _is_number(v) or (isinstance(v, Mapping) and "mean" in v and "std" in v) for v in filled
+    )
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".3f"
+) -> str:
+    """A GitHub-flavoured table (no trailing newline); columns default to keys in first-seen order."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    if not columns:
+        return ""
+    header = "| " + " | ".join(format_cell(str(c)) for c in columns) + " |"
+    rule = "|" + "|".join("---:" if _numeric_column(rows, c) else "---" for c in columns) + "|"
+    body = ["| " + " | ".join(format_cell(row.get(c), floatfmt) for c in columns) + " |" for row in rows]
+    return "\n".join([header, rule, *body])
+
+
+def format_params(n: float | None) -> str:
+    """Parameter counts at three significant digits: '1.23 M', '45.6 K', '812'."""
+    if n is None:
+        return DASH
+    value = float(n)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    if value < 999.5:
+        return f"{sign}{value:.0f}"
+    for scale, unit in ((1e3, "K"), (1e6, "M"), (1e9, "B"), (1e12, "T")):
+        rounded = float(f"{value / scale:.3g}")
+        if rounded < 1000 or unit == "T":
+            decimals = 2 if rounded < 10 else 1 if rounded < 100 else 0
+            return f"{sign}{rounded:.{decimals}f} {unit}"
+    raise AssertionError("unreachable: the last unit always returns")
+
+
+def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
+    ci = metrics.get("ci") or {}
+    level = float(metrics.get("ci_level", 0.95))
+    ci_column = f"{level:.0%} CI"
+    rows = []
+    for name, label in _METRIC_LABELS.items():
+        if name in metrics:
+            row = {"Metric": label, "Value": metrics[name]}
+            if ci:
+                row[ci_column] = ci.get(name)
+            rows.append(row)
+    columns = ["Metric", "Value", ci_column] if ci else ["Metric", "Value"]
+    lines = ["## Metrics", ""]
+    if "n_samples" in metrics:
+        lines += [f"Evaluated on {format_cell(metrics['n_samples'])} samples.", ""]
+    lines += [markdown_table(rows, columns), ""]
+    notes = metrics.get("notes") or []
+    if notes:
+        lines += [f"- {note}" for note in notes] + [""]
+    return lines
+
+
+def _per_class_section(metrics: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:
+    per_class = metrics.get("per_class") or {}
+    if not per_class:
+        return []
+    columns = ["Class", "Precision", "Recall", "F1", "Support"]
+    rows = []
+    for name in class_names:
+        scores = per_class.get(str(name), {})
+        rows.append(
+            {
+                "Class": name,
+                "Precision": scores.get("precision"),
+                "Recall": scores.get("recall"),
+                "F1": scores.get("f1"),
+                "Support": scores.get("support"),
+            }
+        )
+    return ["## Per-class metrics", "", markdown_table(rows, columns), ""]
+
+
+def _params_section(metrics: Mapping[str, Any]) -> list[str]:
+    trainable, total = metrics.get("trainable_params"), metrics.get("total_params")
+
+    def count(n: Any) -> str | None:
+        return None if n is None else f"{format_params(n)} ({format_cell(n)})"
+
+    percent = f"{100.0 * float(trainable) / float(total):.3g} %" if trainable is not None and total else None
+    row = {"Trainable": count(trainable), "Total": count(total), "Trainable %": percent}
+    return ["## Parameters", "", markdown_table([row]), ""]
+
+
+def write_run_report(
+    run_dir: str | os.PathLike[str],
+    metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    config: Mapping[str, Any],
+    title: str,
+) -> Path:
+    """Write ``report.md`` plus ``figures/confusion_matrix.png`` and ``figures/training_curves.png``.
+
+    ``metrics`` is a :func:`~pathotune.engine.metrics.classification_metrics` dict, optionally with
+    ``ci`` ({name: (low, high)}, level ``ci_level``, default 0.95) and ``trainable_params`` /
+    ``total_params``. Values may be numbers or mean ± std dicts. Figures are linked by relative path so
+    the run folder can be moved or zipped whole.
+    """
+    root = Path(run_dir)
+    if metrics.get("confusion_matrix") is None:
+        raise ValueError("metrics has no 'confusion_matrix'; pass the output of classification_metrics")
+    figures = root / "figures"
+    cm_png = plot_confusion_matrix(metrics["confusion_matrix"], class_names, figures / "confusion_matrix.png")
+    curves_png = plot_training_curves(history, figures / "training_curves.png")
+    config_yaml = yaml.safe_dump(to_jsonable(dict(config)), sort_keys=False, allow_unicode=True)
+    lines = [f"# {title}", ""]
+    lines += _metrics_section(metrics)
+    lines += _per_class_section(metrics, class_names)
+    lines += _params_section(metrics)
+    lines += ["## Confusion matrix", "", f"![Confusion matrix]({cm_png.relative_to(root).as_posix()})", ""]
+    lines += ["## Training curves", "", f"![Training curves]({curves_png.relative_to(root).as_posix()})", ""]
+    lines += ["## Configuration", "", "```yaml", config_yaml.rstrip("\n"), "```", ""]
+    return atomic_write_text(root / "report.md", "\n".join(lines))
