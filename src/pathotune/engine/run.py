@@ -103,13 +103,15 @@ class HeadOnly(nn.Module):
 
 
 @torch.inference_mode()
-def extract_features(fabric, model: PathoTuneModel, dataset: Dataset, batch_size: int, workers: int, desc: str):
+def extract_features(
+    fabric, model: PathoTuneModel, dataset: Dataset, batch_size: int, workers: int, desc: str, progress: bool = True
+):
     from tqdm.auto import tqdm
 
     model.eval().to(fabric.device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     feats = []
-    for x, _, _ in tqdm(loader, desc=desc, disable=not fabric.is_global_zero, leave=False):
+    for x, _, _ in tqdm(loader, desc=desc, disable=not (progress and fabric.is_global_zero), leave=False):
         with fabric.autocast():
             feats.append(model.forward_features(x.to(fabric.device)).float().cpu())
     return torch.cat(feats)
@@ -147,6 +149,8 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     fabric.seed_everything(cfg.seed, verbose=False)
     source = load_source(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
     source, skipped = check_source(source, skip_bad=cfg.skip_bad, progress=progress and fabric.is_global_zero)
+    if fabric.is_global_zero and progress:
+        print(source.summary())
     if skipped and fabric.is_global_zero:
         print(f"skipped {skipped} unreadable file(s) (--skip-bad)")
     classes = list(source.classes)
@@ -180,7 +184,7 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
         feats = {}
         for split in dict.fromkeys(("train", "val", eval_split)):
             ds = PatchDataset(source.split(split), eval_tf)
-            f = extract_features(fabric, model, ds, cfg.batch_size, cfg.num_workers, f"features {split}")
+            f = extract_features(fabric, model, ds, cfg.batch_size, cfg.num_workers, f"features {split}", progress)
             feats[split] = FeatureSet(f, ds.labels)
         fit_sets = feats
         module = HeadOnly(model)

@@ -1,0 +1,78 @@
+"""Prompted inference vs the plain frozen backbone forward, measured in one run on the same inputs.
+
+    python benchmarks/prompt_overhead.py --backbone dinov2_vits14 --image-size 224 --batch-size 32
+
+Prints throughput for each configuration (median and spread over repeats, after a warm-up) and its ratio to
+the plain forward. Weights are the bundled ones when the backbone has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from pathotune import create_model
+from pathotune.backbones import get_backbone_spec
+
+CONFIGS = {
+    "plain backbone": ("linear", {}),
+    "vpt-deep (10 tokens x 12 layers)": ("vpt-deep", {}),
+    "pathotune, IVP second pass": ("pathotune", {"ivp_source": "backbone"}),
+    "pathotune, IVP from first 4 blocks": (
+        "pathotune",
+        {"ivp_source": "early", "ivp_layer": 4, "ttp_layer": 4, "tvp_layer": 4},
+    ),
+}
+
+
+def throughput(model, x: torch.Tensor, repeats: int) -> list[float]:
+    with torch.inference_mode():
+        model(x)  # warm-up
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            rates.append(x.shape[0] / (time.perf_counter() - t))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="dinov2_vits14")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    weights = "bundled" if get_backbone_spec(args.backbone).bundled else None
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    text = (torch.randn(384), torch.randn(16, 384))
+    rows = []
+    base = None
+    for name, (method, switches) in CONFIGS.items():
+        model = create_model(args.backbone, method, 3, weights=weights, img_size=args.image_size,
+                             text_features=text, **switches).eval()
+        rates = throughput(model, x, args.repeats)
+        med = statistics.median(rates)
+        base = base or med
+        rows.append({"config": name, "img_per_s": med, "min": min(rates), "max": max(rates), "ratio": med / base})
+    print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {args.threads} threads, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(f"{'config':40s} {'img/s (median)':>15s} {'[min, max]':>16s} {'vs plain':>9s}")
+    for r in rows:
+        print(f"{r['config']:40s} {r['img_per_s']:15.2f} [{r['min']:6.2f}, {r['max']:6.2f}] {r['ratio']:8.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Whole-slide images: open any slide behind one reader, find tissue, plan tiles at a physical scale, draw QC."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from .qc import qc_thumbnail
+from .reader import (
+    BACKENDS,
+    ImageReader,
+    OpenSlideReader,
+    SlideReader,
+    TiffSlideReader,
+    open_slide,
+    require_mpp,
+    to_rgb,
+)
+from .tiling import TilePlan, TilingConfig, iter_tiles, plan_tiles, read_tile
+from .tissue import TissueConfig, tissue_mask
+
+
+def sample_slide() -> Path:
+    """The vendored CC0 Aperio SVS (H&E skin, 2220x2967 at 0.499 mpp, 20x); see assets/slides/SOURCE.md."""
+    return Path(str(files("pathotune") / "assets" / "slides" / "cmu_small_region.svs"))
+
+
+__all__ = [
+    "BACKENDS",
+    "ImageReader",
+    "OpenSlideReader",
+    "SlideReader",
+    "TiffSlideReader",
+    "TilePlan",
+    "TilingConfig",
+    "TissueConfig",
+    "iter_tiles",
+    "open_slide",
+    "plan_tiles",
+    "qc_thumbnail",
+    "read_tile",
+    "require_mpp",
+    "sample_slide",
+    "tissue_mask",
+    "to_rgb",
+]

@@ -1,0 +1,424 @@
+"""One reader interface over OpenSlide, tiffslide and Pillow, so tiling code never cares which opened a slide.
+
+Coordinates follow OpenSlide: ``read_region`` takes the top-left corner in LEVEL-0 pixels and a size in
+pixels of the requested level. Every read comes back as 8-bit RGB; transparent pixels (outside the scanned
+area, or an alpha channel) are composited on white, the colour of empty glass.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ConfigError, DataError
+
+__all__ = [
+    "BACKENDS",
+    "LEVEL_TOLERANCE",
+    "ImageReader",
+    "OpenSlideReader",
+    "SlideReader",
+    "TiffSlideReader",
+    "open_slide",
+    "require_mpp",
+]
+
+BACKENDS = ("auto", "openslide", "tiffslide", "image")
+# Scanners store downsamples such as 4.000345; a level this close to the wanted downsample still counts as
+# "not coarser than wanted", so rounding noise never pushes tiling one level finer (4x more pixels to read).
+LEVEL_TOLERANCE = 0.01
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_THUMB_BLOCK = 512  # thumbnail pixels per block, so a thumbnail never needs a whole level in memory
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; alpha (RGBA, LA, palette transparency) is composited on white, not dropped to black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _mpp_from_tiff_tags(props: Mapping[str, Any]) -> float | None:
+    """Microns per pixel from TIFF XResolution/YResolution; a unitless resolution says nothing about size."""
+    unit = str(props.get("tiff.ResolutionUnit", "")).strip().lower()
+    per_micron = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    if per_micron is None:
+        return None
+    mpps = [_positive_float(props.get(k)) for k in ("tiff.XResolution", "tiff.YResolution")]
+    vals = [per_micron / r for r in mpps if r is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _mpp_from_props(props: Mapping[str, Any], prefix: str) -> float | None:
+    vals = [_positive_float(props.get(f"{prefix}.mpp-{axis}")) for axis in ("x", "y")]
+    found = [v for v in vals if v is not None]
+    return sum(found) / len(found) if found else _mpp_from_tiff_tags(props)
+
+
+class SlideReader(ABC):
+    """A whole-slide image: a pyramid of levels, its physical pixel size, and region reads in RGB.
+
+    Subclasses fill the level geometry in ``__init__`` and implement ``_read`` and ``_close``; clipping at the
+    slide edge, RGB conversion, thumbnails and the mapping of backend failures to ``DataError`` live here once.
+    """
+
+    backend: str = ""
+    # What a backend raises when the bytes under a region are missing or garbled; reported as a DataError.
+    _read_errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, zlib.error, struct.error)
+
+    def __init__(self, path: Path, mpp: float | None) -> None:
+        self.path = path
+        self._mpp_override = mpp
+        self._level_dimensions: tuple[tuple[int, int], ...] = ()
+        self._level_downsamples: tuple[float, ...] = ()
+        self._native_mpp: float | None = None
+        self._objective_power: float | None = None
+        self._closed = False
+
+    # -- geometry and metadata -------------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self._level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._level_downsamples
+
+    @property
+    def mpp(self) -> float | None:
+        """Microns per level-0 pixel: the ``mpp`` given to ``open_slide`` wins over the file's metadata."""
+        return self._mpp_override if self._mpp_override is not None else self._native_mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        return self._objective_power
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample is not above ``downsample``, so reads only ever shrink."""
+        limit = downsample * (1.0 + LEVEL_TOLERANCE)
+        best = 0
+        for i, ds in enumerate(self._level_downsamples):
+            if ds <= limit and ds >= self._level_downsamples[best]:
+                best = i
+        return best
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """Backend read of an in-bounds region; may raise the backend's own exceptions."""
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """RGB region of ``level``; ``location`` is level-0 (x, y). Parts outside the slide come back white."""
+        if self._closed:
+            raise ValueError(f"slide {self.path} is closed")
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} outside 0..{self.level_count - 1} for slide {self.path}")
+        x, y = (int(v) for v in location)
+        w, h = (int(v) for v in size)
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w}x{h}")
+        ds = self._level_downsamples[level]
+        lw, lh = self._level_dimensions[level]
+        lx, ly = math.floor(x / ds), math.floor(y / ds)
+        # Part of the request inside the level, in level pixels relative to the request's corner.
+        ox0, oy0 = max(0, -lx), max(0, -ly)
+        ox1, oy1 = min(w, lw - lx), min(h, lh - ly)
+        if ox0 == 0 and oy0 == 0 and ox1 == w and oy1 == h:
+            return self._checked_read((x, y), level, (w, h))
+        canvas = Image.new("RGB", (w, h), (255, 255, 255))
+        if ox1 > ox0 and oy1 > oy0:
+            inner_loc = (x + round(ox0 * ds), y + round(oy0 * ds))
+            canvas.paste(self._checked_read(inner_loc, level, (ox1 - ox0, oy1 - oy0)), (ox0, oy0))
+        return canvas
+
+    def _checked_read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        try:
+            img = self._read(location, level, size)
+        except self._read_errors as e:
+            raise DataError(
+                f"cannot read slide {self.path} (level {level} at {location}): the file is truncated or corrupt "
+                f"({_one_line(e)}); re-copy or re-export the slide"
+            ) from None
+        img = to_rgb(img)
+        if img.size != size:  # a backend that silently returned less data is as broken as one that raised
+            raise DataError(
+                f"cannot read slide {self.path} (level {level} at {location}): got {img.size} pixels instead of "
+                f"{size}, the file is truncated or corrupt; re-copy or re-export the slide"
+            )
+        return img
+
+    def thumbnail(self, max_size: int = 1024) -> Image.Image:
+        """Whole slide as RGB with the longer side at most ``max_size`` (never upscaled), aspect kept.
+
+        Read block by block from the coarsest level that is still at least as fine as the thumbnail, so a
+        slide with a poor pyramid does not need a full level in memory.
+        """
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        width, height = self.dimensions
+        factor = max(width, height) / max_size
+        if factor <= 1:
+            tw, th = width, height
+        else:
+            tw, th = max(1, round(width / factor)), max(1, round(height / factor))
+        sx, sy = width / tw, height / th
+        level = self.best_level_for_downsample(min(sx, sy))
+        ds = self._level_downsamples[level]
+        out = Image.new("RGB", (tw, th), (255, 255, 255))
+        for ty0 in range(0, th, _THUMB_BLOCK):
+            ty1 = min(th, ty0 + _THUMB_BLOCK)
+            ly0, ly1 = math.floor(ty0 * sy / ds), math.ceil(ty1 * sy / ds)
+            for tx0 in range(0, tw, _THUMB_BLOCK):
+                tx1 = min(tw, tx0 + _THUMB_BLOCK)
+                lx0, lx1 = math.floor(tx0 * sx / ds), math.ceil(tx1 * sx / ds)
+                block = self.read_region((round(lx0 * ds), round(ly0 * ds)), level, (lx1 - lx0, ly1 - ly0))
+                if block.size != (tx1 - tx0, ty1 - ty0):
+                    block = block.resize((tx1 - tx0, ty1 - ty0), Image.Resampling.BOX)
+                out.paste(block, (tx0, ty0))
+        return out
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, {w}x{h}, levels={self.level_count}, "
+            f"mpp={self.mpp}, objective={self.objective_power})"
+        )
+
+
+class OpenSlideReader(SlideReader):
+    """OpenSlide (openslide-bin wheel): Aperio, Hamamatsu, MIRAX, generic tiled TIFF and more."""
+
+    backend = "openslide"
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        import openslide
+
+        super().__init__(path, mpp)
+        self._read_errors = (openslide.OpenSlideError, *SlideReader._read_errors)
+        self._slide = openslide.OpenSlide(str(path))
+        props = self._slide.properties
+        self.vendor = str(props.get("openslide.vendor", ""))
+        self._level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+        self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self._native_mpp = _mpp_from_props(props, "openslide")
+        self._objective_power = _positive_float(props.get("openslide.objective-power"))
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        return self._slide.read_region(location, level, size)
+
+    def _close(self) -> None:
+        self._slide.close()
+
+
+class TiffSlideReader(SlideReader):
+    """tiffslide (tifffile + zarr): the fallback for TIFF variants OpenSlide rejects, e.g. SubIFD pyramids."""
+
+    backend = "tiffslide"
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        import tifffile
+        import tiffslide
+
+        super().__init__(path, mpp)
+        self._read_errors = (tifffile.TiffFileError, IndexError, KeyError, *SlideReader._read_errors)
+        self._slide = tiffslide.TiffSlide(str(path))
+        try:
+            props = self._slide.properties
+            self._level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+            self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        except BaseException:
+            self._slide.close()
+            raise
+        self._native_mpp = _mpp_from_props(props, "tiffslide")
+        self._objective_power = _positive_float(props.get("tiffslide.objective-power"))
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        return self._slide.read_region(location, level, size, padding=False)
+
+    def _close(self) -> None:
+        self._slide.close()
+
+
+class ImageReader(SlideReader):
+    """A plain PNG/JPEG/TIFF as a one-level slide; such files carry no trustworthy mpp, so only the argument counts.
+
+    The image is decoded fully at open time: truncation shows up here as one clear error, not mid-tiling.
+    """
+
+    backend = "image"
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        super().__init__(path, mpp)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                self._image = to_rgb(ImageOps.exif_transpose(img))
+                self._image.load()
+        except UnidentifiedImageError:
+            raise
+        except Image.DecompressionBombError:
+            raise DataError(
+                f"cannot open slide {path}: too large for a plain image; convert it to a tiled pyramidal TIFF"
+            ) from None
+        except (OSError, ValueError, SyntaxError, struct.error, zlib.error) as e:
+            raise DataError(
+                f"cannot open slide {path}: the image is truncated or corrupt ({_one_line(e)}); re-copy or re-export it"
+            ) from None
+        self._level_dimensions = (self._image.size,)
+        self._level_downsamples = (1.0,)
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        x, y = location
+        return self._image.crop((x, y, x + size[0], y + size[1]))
+
+    def _close(self) -> None:
+        self._image.close()
+
+
+def _try_openslide(path: Path, mpp: float | None) -> SlideReader | None:
+    import openslide
+
+    try:
+        return OpenSlideReader(path, mpp)
+    except openslide.OpenSlideError:  # includes OpenSlideUnsupportedFormatError
+        return None
+
+
+def _try_openslide_then_pyramid(path: Path, mpp: float | None) -> SlideReader | None:
+    """OpenSlide first, except for a TIFF whose pyramid only tiffslide sees.
+
+    OpenSlide's generic-TIFF driver ignores SubIFD pyramids (as written by tifffile, bfconvert or QuPath) and
+    reports one level, which would make every coarse tile a full-resolution read.
+    """
+    reader = _try_openslide(path, mpp)
+    if not isinstance(reader, OpenSlideReader) or reader.level_count > 1 or reader.vendor != "generic-tiff":
+        return reader
+    other = _try_tiffslide(path, mpp)
+    if other is not None and other.level_count > 1:
+        reader.close()
+        return other
+    if other is not None:
+        other.close()
+    return reader
+
+
+def _try_tiffslide(path: Path, mpp: float | None) -> SlideReader | None:
+    import tifffile
+
+    try:
+        return TiffSlideReader(path, mpp)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, RuntimeError, struct.error):
+        return None
+
+
+def _try_image(path: Path, mpp: float | None) -> SlideReader | None:
+    try:
+        return ImageReader(path, mpp)
+    except UnidentifiedImageError:
+        return None
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> SlideReader:
+    """Open a slide; ``auto`` tries OpenSlide, then tiffslide, then Pillow, taking the first that opens it.
+
+    One exception: a generic TIFF that OpenSlide sees as one level but tiffslide as a pyramid (SubIFDs) goes to
+    tiffslide, so coarse tiles come from the pyramid.
+
+    ``mpp`` (microns per level-0 pixel) overrides whatever the file says, for slides whose metadata is missing
+    or wrong.
+    """
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown slide backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if mpp is not None and _positive_float(mpp) is None:
+        raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+    if not path.exists():
+        raise DataError(f"slide {path} not found; check the path")
+    if not path.is_file():
+        raise DataError(f"slide {path} is not a file; pass the slide file itself (e.g. the .svs or .mrxs)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot read slide {path}: {e.strerror or _one_line(e)}; check its permissions") from None
+    mpp = None if mpp is None else float(mpp)
+    single = {"openslide": _try_openslide, "tiffslide": _try_tiffslide, "image": _try_image}
+    chain = [_try_openslide_then_pyramid, _try_tiffslide, _try_image] if backend == "auto" else [single[backend]]
+    for attempt in chain:
+        reader = attempt(path, mpp)
+        if reader is not None:
+            return reader
+    if backend != "auto":
+        raise DataError(f"cannot open slide {path} with the {backend} backend; try backend 'auto'")
+    if _looks_like_tiff(path):
+        raise DataError(
+            f"cannot open slide {path}: it starts like a TIFF but its structure is unreadable, so it is truncated "
+            "or corrupt; re-copy or re-export the slide"
+        )
+    raise DataError(f"cannot open slide {path}: not a slide format that OpenSlide, tiffslide or Pillow reads")
+
+
+def require_mpp(reader: SlideReader) -> float:
+    """The slide's mpp, or a DataError telling the user to supply it, since tiling at a physical scale needs it."""
+    if reader.mpp is None:
+        raise DataError(f"slide {reader.path} has no mpp (microns per pixel) in its metadata; pass --mpp")
+    return reader.mpp

@@ -1,0 +1,208 @@
+"""Plan a grid of tiles at a physical resolution (microns per pixel), then read them one by one.
+
+A plan keeps every coordinate at LEVEL 0, so it is independent of the pyramid it was planned on and can be
+stored (e.g. next to features in HDF5) and replayed. Tiles are read from the coarsest pyramid level that is
+still at least as fine as the target, then shrunk to ``tile_size`` only when that level does not match exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, DataError
+from .reader import LEVEL_TOLERANCE, SlideReader, require_mpp
+from .tissue import TissueConfig, tissue_mask
+
+__all__ = ["TilePlan", "TilingConfig", "iter_tiles", "plan_tiles", "read_tile"]
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How to cut a slide into tiles.
+
+    target_mpp: microns per pixel of the tiles; None tiles level 0 at the slide's native resolution.
+    tile_size: tile side in target pixels (what the model sees).
+    overlap: target pixels shared by neighbouring tiles; the stride is ``tile_size - overlap``.
+    min_tissue: keep a tile when at least this fraction of it is tissue in the mask (0 keeps every tile).
+    mask_size: longer side of the thumbnail the tissue mask is computed on, when no mask is given.
+    """
+
+    target_mpp: float | None = 0.5
+    tile_size: int = 224
+    overlap: int = 0
+    min_tissue: float = 0.5
+    mask_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.target_mpp is not None and not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
+            raise ConfigError(
+                f"target_mpp must be a positive number of microns per pixel (or None), got {self.target_mpp}"
+            )
+        if self.tile_size < 1:
+            raise ConfigError(f"tile_size must be >= 1, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ConfigError(f"overlap must lie in 0..tile_size-1 ({self.tile_size - 1}), got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"min_tissue must lie in 0..1, got {self.min_tissue}")
+        if self.mask_size < 1:
+            raise ConfigError(f"mask_size must be >= 1, got {self.mask_size}")
+
+
+@dataclass
+class TilePlan:
+    """The kept tiles of one slide and everything needed to read them again.
+
+    level / downsample: pyramid level read from and its downsample relative to level 0.
+    scale: level-0 pixels per target pixel (target_mpp / slide_mpp; 1.0 at native resolution).
+    read_size: square side read at ``level``; resized to ``tile_size`` when the two differ.
+    coords: (N, 2) int64 top-left (x, y) of each kept tile in level-0 pixels.
+    tissue: (N,) float32 tissue fraction of each kept tile, from ``mask``.
+    mask / mask_scale: the tissue mask and level-0 pixels per mask pixel along (x, y).
+    n_candidates: grid positions before tissue filtering.
+    """
+
+    slide: str
+    dimensions: tuple[int, int]
+    level: int
+    downsample: float
+    scale: float
+    read_size: int
+    tile_size: int
+    stride: int
+    target_mpp: float | None
+    slide_mpp: float | None
+    coords: np.ndarray
+    tissue: np.ndarray
+    mask: np.ndarray
+    mask_scale: tuple[float, float]
+    min_tissue: float
+    n_candidates: int
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def tile_size_level0(self) -> float:
+        """Side of one tile in level-0 pixels."""
+        return self.tile_size * self.scale
+
+    @property
+    def needs_resize(self) -> bool:
+        return self.read_size != self.tile_size
+
+
+def _grid(level_extent: int, read_size: int, stride_level: float) -> np.ndarray:
+    """Tile starts in level pixels: a regular grid, snapped to whole level pixels, that stays inside the level."""
+    if level_extent < read_size:
+        return np.zeros(0, dtype=np.int64)
+    n = math.floor((level_extent - read_size) / stride_level + 1e-9) + 1
+    starts = np.round(np.arange(n) * stride_level).astype(np.int64)
+    return starts[starts + read_size <= level_extent]
+
+
+def _tissue_fractions(mask: np.ndarray, coords: np.ndarray, side: float, scale: tuple[float, float]) -> np.ndarray:
+    """Mean of the mask under each tile, through a summed-area table (one pass however many tiles)."""
+    if len(coords) == 0:
+        return np.zeros(0, dtype=np.float32)
+    mh, mw = mask.shape
+    sat = np.zeros((mh + 1, mw + 1), dtype=np.int64)
+    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    sx, sy = scale
+    x0 = np.clip(np.round(coords[:, 0] / sx), 0, mw - 1).astype(np.int64)
+    y0 = np.clip(np.round(coords[:, 1] / sy), 0, mh - 1).astype(np.int64)
+    x1 = np.clip(np.round((coords[:, 0] + side) / sx), x0 + 1, mw).astype(np.int64)
+    y1 = np.clip(np.round((coords[:, 1] + side) / sy), y0 + 1, mh).astype(np.int64)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
+def plan_tiles(
+    reader: SlideReader,
+    cfg: TilingConfig | None = None,
+    mask: np.ndarray | None = None,
+    tissue: TissueConfig | None = None,
+) -> TilePlan:
+    """Grid the slide at ``cfg.target_mpp`` and keep tiles with enough tissue.
+
+    ``mask`` is a boolean tissue mask covering the whole slide at any scale (e.g. from an earlier run or a
+    manual annotation); without one it is computed from a ``cfg.mask_size`` thumbnail with ``tissue``.
+    """
+    cfg = cfg or TilingConfig()
+    width, height = reader.dimensions
+    slide_mpp = reader.mpp
+    if cfg.target_mpp is None:
+        scale = 1.0
+    else:
+        slide_mpp = require_mpp(reader)
+        scale = cfg.target_mpp / slide_mpp
+        if scale < 1.0 - LEVEL_TOLERANCE:
+            raise DataError(
+                f"target mpp {cfg.target_mpp:g} is finer than slide {reader.path}'s level 0 ({slide_mpp:g} mpp) "
+                f"and would need upsampling; use a target mpp of {slide_mpp:g} or more (or none for native)"
+            )
+    level = reader.best_level_for_downsample(scale)
+    ds = reader.level_downsamples[level]
+    read_size = max(1, round(cfg.tile_size * scale / ds))
+    stride = cfg.tile_size - cfg.overlap
+    stride_level = stride * scale / ds
+    lw, lh = reader.level_dimensions[level]
+    xs, ys = _grid(lw, read_size, stride_level), _grid(lh, read_size, stride_level)
+    if len(xs) == 0 or len(ys) == 0:
+        raise DataError(
+            f"slide {reader.path} ({width}x{height} px at level 0) is smaller than one {cfg.tile_size} px tile "
+            f"({cfg.tile_size * scale:.0f} level-0 px); lower tile_size or target_mpp"
+        )
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major order: tiles run left to right, then down
+    level_xy = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    coords = np.round(level_xy * ds).astype(np.int64)
+
+    if mask is None:
+        mask = tissue_mask(reader.thumbnail(cfg.mask_size), **asdict(tissue or TissueConfig()))
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"tissue mask must be a non-empty 2-D array, got shape {mask.shape}")
+    mask = mask.astype(bool, copy=False)
+    mask_scale = (width / mask.shape[1], height / mask.shape[0])
+    fractions = _tissue_fractions(mask, coords, cfg.tile_size * scale, mask_scale)
+    keep = fractions >= cfg.min_tissue
+    return TilePlan(
+        slide=str(reader.path),
+        dimensions=(width, height),
+        level=level,
+        downsample=ds,
+        scale=scale,
+        read_size=read_size,
+        tile_size=cfg.tile_size,
+        stride=stride,
+        target_mpp=cfg.target_mpp,
+        slide_mpp=slide_mpp,
+        coords=coords[keep],
+        tissue=fractions[keep],
+        mask=mask,
+        mask_scale=mask_scale,
+        min_tissue=cfg.min_tissue,
+        n_candidates=int(len(coords)),
+    )
+
+
+def read_tile(reader: SlideReader, plan: TilePlan, i: int) -> Image.Image:
+    """Tile ``i`` of the plan as a ``tile_size`` RGB image."""
+    if reader.dimensions != plan.dimensions:
+        raise ValueError(f"plan was made for a {plan.dimensions} slide ({plan.slide}), not {reader.dimensions}")
+    x, y = (int(v) for v in plan.coords[i])
+    img = reader.read_region((x, y), plan.level, (plan.read_size, plan.read_size))
+    if plan.needs_resize:
+        img = img.resize((plan.tile_size, plan.tile_size), Image.Resampling.LANCZOS)
+    return img
+
+
+def iter_tiles(reader: SlideReader, plan: TilePlan) -> Iterator[tuple[tuple[int, int], Image.Image]]:
+    """(level-0 (x, y), tile) for every kept tile, in plan order."""
+    for i in range(len(plan)):
+        x, y = (int(v) for v in plan.coords[i])
+        yield (x, y), read_tile(reader, plan, i)
