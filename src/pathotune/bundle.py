@@ -100,10 +100,12 @@ def load_bundle(
     weights: str | Path | None = None,
     instance_weights: str | Path | None = None,
     backbone: str | None = None,
+    backbone_module=None,
 ) -> PathoTuneModel:
     """Rebuild the model and load the bundle's tensors, refusing other backbones or weights.
 
     ``weights`` defaults to what the bundle was trained with (a file path or ``"bundled"``).
+    ``backbone_module`` shares an already loaded frozen backbone (its fingerprint is still checked).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -142,6 +144,7 @@ def load_bundle(
             img_size=prov.img_size,
             text_features=text_features,
             backbone_kwargs=prov.backbone_kwargs,
+            backbone_module=backbone_module,
             **switches,
         )
     except PathoTuneError as e:

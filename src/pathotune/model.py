@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,14 +65,10 @@ class PathoTuneModel(nn.Module):
         if s.tvp_tokens:
             n = (s.tvp_depth or depth) if s.tvp_deep else 1
             self.tvp_layers = list(range(s.tvp_layer, min(depth, s.tvp_layer + n)))
-            self.tvp = VisualPrompts(
-                s.tvp_tokens, dim, len(self.tvp_layers), backbone.patch_size, s.tvp_dropout
-            )
+            self.tvp = VisualPrompts(s.tvp_tokens, dim, len(self.tvp_layers), backbone.patch_size, s.tvp_dropout)
         if s.ttp_tokens:
             if text_features is None:
-                raise ConfigError(
-                    "textual prompts need the encoded task text; build the model with create_model"
-                )
+                raise ConfigError("textual prompts need the encoded task text; build the model with create_model")
             pooled, tokens = text_features
             self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, s.ttp_hidden, s.ttp_mode)
         self.instance_encoder = instance_encoder
@@ -80,9 +77,7 @@ class PathoTuneModel(nn.Module):
             self.ivp = InstancePrompts(s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_hidden)
 
         self.schedule: dict[int, list[str]] = {}
-        for layer, group in [(s.ttp_layer, "ttp"), (s.ivp_layer, "ivp")] + [
-            (i, "tvp") for i in self.tvp_layers
-        ]:
+        for layer, group in [(s.ttp_layer, "ttp"), (s.ivp_layer, "ivp")] + [(i, "tvp") for i in self.tvp_layers]:
             if getattr(self, group) is not None:
                 self.schedule.setdefault(layer, []).append(group)
 
@@ -140,9 +135,7 @@ class PathoTuneModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         t = self.trainable_parameters()
-        print(
-            f"trainable params: {t['trainable']:,} || all params: {t['total']:,} || trainable%: {t['percent']:.4f}"
-        )
+        print(f"trainable params: {t['trainable']:,} || all params: {t['total']:,} || trainable%: {t['percent']:.4f}")
 
     # forward
     def _instance_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -153,30 +146,47 @@ class PathoTuneModel(nn.Module):
         with torch.no_grad():
             return self.backbone.forward_tokens(x)
 
+    def instance_input(self, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int) -> torch.Tensor:
+        """What the VRM reads: the instance encoder's tokens or, for "early", this depth's tokens minus prompts."""
+        if inst is not None:
+            return inst
+        p = self.backbone.num_prefix_tokens
+        return torch.cat([h[:, :p], h[:, p + n_prompts :]], dim=1)
+
     def _group_tokens(
         self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int
-    ):
+    ) -> torch.Tensor:
         batch = h.shape[0]
         if group == "tvp":
             return self.tvp(self.tvp_layers.index(layer), batch)
         if group == "ttp":
             return self.ttp(batch).to(h.dtype)
-        if inst is None:  # "early": the backbone's own tokens at this depth, without any prompts
-            p = self.backbone.num_prefix_tokens
-            inst = torch.cat([h[:, :p], h[:, p + n_prompts :]], dim=1)
-        return self.ivp(inst, self.backbone.num_prefix_tokens).to(h.dtype)
+        return self.ivp(self.instance_input(h, inst, n_prompts), self.backbone.num_prefix_tokens).to(h.dtype)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, feature_dim). With every prompt off this is exactly the frozen backbone's."""
+    @property
+    def layout(self) -> tuple:
+        """Everything that fixes the token sequence; models with equal layouts can share one batched forward."""
+        s = self.switches
+        counts = tuple(getattr(s, f"{g}_tokens") for g in GROUP_ORDER)
+        sched = tuple(sorted((k, tuple(v)) for k, v in self.schedule.items()))
+        return (counts, sched, s.ivp_source, s.pool_prompts, self.provenance.instance_fingerprint)
+
+    def forward_features(self, x: torch.Tensor, prompt_tokens: Callable | None = None) -> torch.Tensor:
+        """Pooled features (B, feature_dim). With every prompt off this is exactly the frozen backbone's.
+
+        ``prompt_tokens(group, layer, h, instance_tokens, n_prompts)`` replaces this model's own prompt
+        modules as the source of tokens; MultiTaskModel uses it to give each sample its own task's prompts.
+        """
         bb = self.backbone
         p = bb.num_prefix_tokens
         inst = self._instance_tokens(x)
         h = bb.embed(x)
         lengths: dict[str, int] = {}
         use_ckpt = self.switches.grad_checkpointing and self.training and torch.is_grad_enabled()
+        source = prompt_tokens or self._group_tokens
         for i, blk in enumerate(bb.blocks):
             for group in self.schedule.get(i, ()):
-                tokens = self._group_tokens(group, i, h, inst, sum(lengths.values()))
+                tokens = source(group, i, h, inst, sum(lengths.values()))
                 h = _place(h, group, tokens, lengths, p)
             h = checkpoint(blk, h, use_reentrant=False) if use_ckpt else blk(h)
         n = sum(lengths.values())
@@ -192,14 +202,10 @@ class PathoTuneModel(nn.Module):
 
     @property
     def class_names(self) -> list[str]:
-        return (
-            list(self.task.classes) if self.task.classes else [f"class_{i}" for i in range(self.num_classes)]
-        )
+        return list(self.task.classes) if self.task.classes else [f"class_{i}" for i in range(self.num_classes)]
 
 
-def _place(
-    h: torch.Tensor, group: str, tokens: torch.Tensor, lengths: dict[str, int], p: int
-) -> torch.Tensor:
+def _place(h: torch.Tensor, group: str, tokens: torch.Tensor, lengths: dict[str, int], p: int) -> torch.Tensor:
     """Insert a prompt group at its slot in [prefix][TTP][IVP][TVP][patches], or replace its previous tokens."""
     offset = p + sum(lengths.get(g, 0) for g in GROUP_ORDER[: GROUP_ORDER.index(group)])
     old = lengths.get(group, 0)
@@ -207,9 +213,7 @@ def _place(
     return torch.cat([h[:, :offset], tokens, h[:, offset + old :]], dim=1)
 
 
-def build_instance_encoder(
-    name: str, weights: str | Path | None, backbone: TokenViT
-) -> tuple[InstanceEncoder, str]:
+def build_instance_encoder(name: str, weights: str | Path | None, backbone: TokenViT) -> tuple[InstanceEncoder, str]:
     """A frozen encoder for IVP: any registered ViT, or any timm model (CNNs give their feature map)."""
     spec = get_backbone_spec(name)
     import timm
@@ -246,6 +250,7 @@ def create_model(
     img_size: int | None = None,
     text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     backbone_kwargs: dict | None = None,
+    backbone_module: TokenViT | None = None,
     **switches,
 ) -> PathoTuneModel:
     """Build a prompt-tuned model: a frozen backbone by id, a method preset, and switch overrides.
@@ -253,19 +258,25 @@ def create_model(
     ``weights``: None (random init, for tests), ``"bundled"`` (weights shipped in a package), or a local file.
     ``text_features``: a precomputed (pooled, tokens) task-text encoding, which skips the text encoder.
     ``backbone_kwargs``: architecture overrides passed to timm (tiny test models, drop-path rates...).
+    ``backbone_module``: an already built frozen backbone to share (serving many tasks on one backbone).
     """
     s = get_method(method).resolve(**switches)
     task = task or Task()
     if task.classes and len(task.classes) != num_classes:
-        raise ConfigError(
-            f"task has {len(task.classes)} classes {list(task.classes)} but num_classes={num_classes}"
-        )
+        raise ConfigError(f"task has {len(task.classes)} classes {list(task.classes)} but num_classes={num_classes}")
     backbone_kwargs = dict(backbone_kwargs or {})
-    bb = create_backbone(backbone, weights=weights, img_size=img_size, pool=s.pool, **backbone_kwargs)
+    if backbone_module is not None:
+        if s.train in ("all", "lora"):
+            raise ConfigError(f"method '{method}' changes the backbone, so it cannot share one")
+        bb = backbone_module
+    else:
+        bb = create_backbone(backbone, weights=weights, img_size=img_size, pool=s.pool, **backbone_kwargs)
+    if getattr(bb, "fingerprint", None) is None:
+        bb.fingerprint = fingerprint(bb.vit)
     prov = Provenance(
         backbone=backbone,
         weights=None if weights is None else str(weights),
-        fingerprint=fingerprint(bb.vit),
+        fingerprint=bb.fingerprint,
         img_size=bb.img_size,
         backbone_kwargs=backbone_kwargs,
     )

@@ -37,6 +37,7 @@ class TokenViT(nn.Module):
         self.vit = vit
         self.spec = spec
         self.pool_mode = pool
+        self.fingerprint: str | None = None  # of the weights as loaded; set once by create_model
 
     @property
     def embed_dim(self) -> int:

@@ -69,11 +69,30 @@ def train(
     dev = None if devices is None else (int(devices) if devices.isdigit() else devices)
     cfg = load_config(
         config,
-        data=data, backbone=backbone, method=method, weights=weights, epochs=epochs, batch_size=batch_size,
-        image_size=image_size, lr=lr, head_lr=head_lr, seed=seed, val_fraction=val_fraction,
-        test_fraction=test_fraction, augment=augment, switches=parse_switches(switch) or None,
-        task=task or None, skip_bad=skip_bad, num_workers=num_workers, devices=dev, accelerator=accelerator,
-        strategy=strategy, num_nodes=num_nodes, precision=precision, out=out, resume=resume,
+        data=data,
+        backbone=backbone,
+        method=method,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        image_size=image_size,
+        lr=lr,
+        head_lr=head_lr,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        augment=augment,
+        switches=parse_switches(switch) or None,
+        task=task or None,
+        skip_bad=skip_bad,
+        num_workers=num_workers,
+        devices=dev,
+        accelerator=accelerator,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        precision=precision,
+        out=out,
+        resume=resume,
     )
     result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
@@ -97,8 +116,10 @@ def evaluate(
 
     m = run_eval(bundle, data, split=split, weights=weights, batch_size=batch_size)
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc"]
-    print_table([{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in keys],
-                title=f"{bundle} on {data} ({m['split']}, n={m['n']})")
+    print_table(
+        [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in keys],
+        title=f"{bundle} on {data} ({m['split']}, n={m['n']})",
+    )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "metrics.json", m)
@@ -109,24 +130,40 @@ def evaluate(
 
 @app.command()
 def predict(
-    bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
-    inputs: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    inputs: Annotated[list[str], typer.Argument(help="[BUNDLE] then image files or folders.")],
+    bundle: Annotated[
+        list[str] | None, typer.Option("--bundle", help="A bundle or run folder; repeat to serve several tasks.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities.")] = Path("predictions.csv"),
     weights: Annotated[str | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
 ) -> None:
-    """Per-class probabilities for images, as CSV."""
+    """Per-class probabilities for images, as CSV. Several --bundle share one backbone forward."""
     from ..engine.infer import predict_files
+    from ..errors import ConfigError
     from ..report import atomic_write_text
 
-    files, probs, names = predict_files(bundle, inputs, weights=weights, batch_size=batch_size)
+    bundles = list(bundle or [])
+    if not bundles:
+        if len(inputs) < 2:
+            raise ConfigError("predict needs a bundle and images: `pathotune predict BUNDLE IMAGES...`")
+        bundles, inputs = [inputs[0]], inputs[1:]
+    files, results = predict_files(bundles, inputs, weights=weights, batch_size=batch_size)
+    single = len(results) == 1
+    header = ["path"]
+    for name, (classes, _) in results.items():
+        prefix = "" if single else f"{name}:"
+        header += [f"{prefix}pred", *[f"{prefix}prob_{c}" for c in classes]]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "pred", *[f"prob_{c}" for c in names]])
-    for f, row in zip(files, probs, strict=True):
-        w.writerow([str(f), names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+    w.writerow(header)
+    for i, f in enumerate(files):
+        row = [str(f)]
+        for classes, probs in results.values():
+            row += [classes[int(probs[i].argmax())], *[f"{p:.6f}" for p in probs[i]]]
+        w.writerow(row)
     atomic_write_text(out, buf.getvalue())
-    console.print(f"{len(files)} predictions written to {out}")
+    console.print(f"{len(files)} images x {len(results)} task(s) written to {out}")
 
 
 @app.command()
@@ -137,8 +174,16 @@ def backbones() -> None:
     rows = []
     for name in list_backbones():
         s = get_backbone_spec(name)
-        rows.append({"id": name, "family": s.family, "timm arch": s.timm_name, "px": s.img_size, "pool": s.pool,
-                     "weights": "bundled" if s.bundled else s.weights_hint})
+        rows.append(
+            {
+                "id": name,
+                "family": s.family,
+                "timm arch": s.timm_name,
+                "px": s.img_size,
+                "pool": s.pool,
+                "weights": "bundled" if s.bundled else s.weights_hint,
+            }
+        )
     print_table(rows, title="backbones")
 
 
@@ -147,9 +192,17 @@ def methods() -> None:
     """Methods: presets of prompt modules and what trains."""
     from ..methods import METHODS
 
-    rows = [{"method": m.name, "switches": ", ".join(f"{k}={v}" for k, v in m.switches.items()) or "–",
-             "lr": m.recipe.lr, "head lr": m.recipe.head_lr, "epochs": m.recipe.epochs,
-             "description": m.description} for m in METHODS.values()]
+    rows = [
+        {
+            "method": m.name,
+            "switches": ", ".join(f"{k}={v}" for k, v in m.switches.items()) or "–",
+            "lr": m.recipe.lr,
+            "head lr": m.recipe.head_lr,
+            "epochs": m.recipe.epochs,
+            "description": m.description,
+        }
+        for m in METHODS.values()
+    ]
     print_table(rows, title="methods")
 
 

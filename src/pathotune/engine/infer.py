@@ -74,12 +74,9 @@ def evaluate(
     return metrics
 
 
-def predict_files(
-    bundle: str | Path, inputs: list[str | Path], weights: str | None = None, batch_size: int = 32, workers: int = 0,
-    progress: bool = True,
-) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Per-class probabilities for image files and folders (searched recursively)."""
-    from ..data import IMAGE_EXTENSIONS, PatchDataset, Sample
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files from files and folders (searched recursively), in a stable order."""
+    from ..data import IMAGE_EXTENSIONS
 
     files: list[Path] = []
     for item in inputs:
@@ -92,7 +89,39 @@ def predict_files(
             raise DataError(f"input {p} does not exist; pass image files or folders")
     if not files:
         raise DataError(f"no images found in {[str(i) for i in inputs]}")
-    model = load_bundle(resolve_bundle(bundle), weights=weights)
-    samples = [Sample(f, 0, "test") for f in files]
-    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress)
-    return files, probs, model.class_names
+    return files
+
+
+@torch.inference_mode()
+def predict_files(
+    bundles: list[str | Path],
+    inputs: list[str | Path],
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
+    """Per-class probabilities of every image for every bundle; all bundles share one backbone forward."""
+    from tqdm.auto import tqdm
+
+    from ..data import PatchDataset, Sample
+    from ..multitask import MultiTaskModel
+
+    files = list_images(inputs)
+    multi = MultiTaskModel.from_bundles([resolve_bundle(b) for b in bundles], weights=weights)
+    n_tasks = len(multi.tasks)
+    dataset = PatchDataset([Sample(f, 0, "test") for f in files], eval_transform(multi.tasks[0]))
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // n_tasks), num_workers=workers)
+    probs: list[list[torch.Tensor]] = [[] for _ in range(n_tasks)]
+    for x, _, _ in tqdm(loader, desc="predict", disable=not progress):
+        # Every image once per task, in one batch: each sample carries its own task's prompts and head.
+        xs = x.repeat(n_tasks, 1, 1, 1)
+        task_ids = torch.arange(n_tasks).repeat_interleave(x.shape[0])
+        logits = multi(xs, task_ids)
+        for t in range(n_tasks):
+            probs[t] += [logits[t * x.shape[0] + i].float().softmax(-1) for i in range(x.shape[0])]
+    out = {
+        name: (task.class_names, torch.stack(p).numpy())
+        for name, task, p in zip(multi.names, multi.tasks, probs, strict=True)
+    }
+    return files, out
