@@ -232,6 +232,20 @@ def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run fo
     print_table(rows, title=str(path))
 
 
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Option(help="A benchmark grid, e.g. benchmarks/slide_qc.yaml.")],
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Run (or resume) a grid of methods x datasets x seeds; writes its section of BENCHMARKS.md."""
+    from ..engine.bench import load_bench_config, run_bench
+
+    cfg = load_bench_config(config)
+    summary = run_bench(cfg, str(config), progress=not quiet)
+    console.print(summary.read_text())
+    console.print(f"summary: {summary}; merged into {cfg.output}")
+
+
 def _register_groups() -> None:
     from . import demo
 

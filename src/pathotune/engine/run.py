@@ -117,6 +117,15 @@ def extract_features(
     return torch.cat(feats)
 
 
+def peak_memory_mb(fabric) -> float:
+    """Peak CUDA allocation on GPU; else this process's peak resident set (a cell runs in its own process)."""
+    if fabric.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(fabric.device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _history_csv(history: list[dict]) -> str:
     if not history:
         return ""
@@ -257,6 +266,7 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
             "inference_images_per_second": (len(eval_set) / max(infer_seconds, 1e-9)) if not cached else None,
             "world_size": fabric.world_size,
             "skipped_files": skipped,
+            "peak_memory_mb": peak_memory_mb(fabric),
         }
     )
     if fabric.is_global_zero:
