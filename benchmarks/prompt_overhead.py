@@ -23,6 +23,7 @@ CONFIGS = {
     "plain backbone": ("linear", {}),
     "vpt-deep (10 tokens x 12 layers)": ("vpt-deep", {}),
     "pathotune, IVP second pass": ("pathotune", {"ivp_source": "backbone"}),
+    "pathotune, IVP from cache (seen images)": ("pathotune", {"ivp_cache": 4096}),
     "pathotune, IVP from first 4 blocks": (
         "pathotune",
         {"ivp_source": "early", "ivp_layer": 4, "ttp_layer": 4, "tvp_layer": 4},
@@ -58,14 +59,17 @@ def main() -> None:
     rows = []
     base = None
     for name, (method, switches) in CONFIGS.items():
-        model = create_model(args.backbone, method, 3, weights=weights, img_size=args.image_size,
-                             text_features=text, **switches).eval()
+        model = create_model(
+            args.backbone, method, 3, weights=weights, img_size=args.image_size, text_features=text, **switches
+        ).eval()
         rates = throughput(model, x, args.repeats)
         med = statistics.median(rates)
         base = base or med
         rows.append({"config": name, "img_per_s": med, "min": min(rates), "max": max(rates), "ratio": med / base})
-    print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(
+        f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {args.threads} threads, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
     print(f"{'config':40s} {'img/s (median)':>15s} {'[min, max]':>16s} {'vs plain':>9s}")
     for r in rows:
         print(f"{r['config']:40s} {r['img_per_s']:15.2f} [{r['min']:6.2f}, {r['max']:6.2f}] {r['ratio']:8.2f}x")

@@ -183,3 +183,22 @@ def test_bad_switches_are_refused(tiny_kwargs):
         create_model(NAME, "vpt-deep", 3, tvp_layer=7, **tiny_kwargs)
     with pytest.raises(ConfigError, match="unknown method"):
         create_model(NAME, "prompt-magic", 3, **tiny_kwargs)
+
+
+def test_instance_cache_skips_the_second_pass_for_seen_images(tiny_kwargs, images):
+    torch.manual_seed(0)
+    plain = create_model(NAME, "instance", 3, **tiny_kwargs).eval()
+    cached = create_model(NAME, "instance", 3, ivp_cache=16, **tiny_kwargs).eval()
+    cached.load_state_dict(plain.state_dict())
+    passes = []
+    cached.backbone.vit.patch_embed.register_forward_hook(lambda m, a, o: passes.append(o.shape[0]))
+    with torch.no_grad():
+        first = cached(images)
+        second = cached(images[[2, 0]])
+        torch.testing.assert_close(first, plain(images))
+        torch.testing.assert_close(second, plain(images[[2, 0]]))
+    # first call: instance pass (4) + prompted pass (4); second: prompted pass only (2)
+    assert passes == [4, 4, 2]
+    assert (cached.instance_cache.hits, cached.instance_cache.misses) == (2, 4)
+    with pytest.raises(ConfigError, match="ivp_cache needs a frozen backbone"):
+        create_model(NAME, "full", 3, ivp_cache=8, ivp_tokens=2, **tiny_kwargs)

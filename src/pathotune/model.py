@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,7 @@ class PathoTuneModel(nn.Module):
             if getattr(self, group) is not None:
                 self.schedule.setdefault(layer, []).append(group)
 
+        self.instance_cache = InstanceCache(s.ivp_cache) if s.ivp_cache and self.ivp is not None else None
         self.head_drop = nn.Dropout(s.head_dropout)
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         self._set_trainable()
@@ -138,13 +141,18 @@ class PathoTuneModel(nn.Module):
         print(f"trainable params: {t['trainable']:,} || all params: {t['total']:,} || trainable%: {t['percent']:.4f}")
 
     # forward
-    def _instance_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.ivp is None or self.switches.ivp_source == "early":
-            return None
+    def _encode_instances(self, x: torch.Tensor) -> torch.Tensor:
         if self.instance_encoder is not None:
             return self.instance_encoder(x)
         with torch.no_grad():
             return self.backbone.forward_tokens(x)
+
+    def _instance_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.ivp is None or self.switches.ivp_source == "early":
+            return None
+        if self.instance_cache is None:
+            return self._encode_instances(x)
+        return self.instance_cache.lookup(x, self._encode_instances)
 
     def instance_input(self, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int) -> torch.Tensor:
         """What the VRM reads: the instance encoder's tokens or, for "early", this depth's tokens minus prompts."""
@@ -203,6 +211,39 @@ class PathoTuneModel(nn.Module):
     @property
     def class_names(self) -> list[str]:
         return list(self.task.classes) if self.task.classes else [f"class_{i}" for i in range(self.num_classes)]
+
+
+class InstanceCache:
+    """Instance tokens keyed by image content (an LRU of ``size`` images).
+
+    The instance encoder is frozen, so an image seen again (un-augmented training epochs, repeated inference,
+    several tasks on one image) needs no second encoder pass.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(img: torch.Tensor) -> bytes:
+        return hashlib.blake2b(img.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def lookup(self, x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        keys = [self.key(img) for img in x]
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            fresh = encode(x[missing]).detach()
+            for i, tok in zip(missing, fresh, strict=True):
+                self.store[keys[i]] = tok.cpu()
+        out = torch.stack([self.store[k] for k in keys]).to(x.device)
+        for k in keys:
+            self.store.move_to_end(k)
+        while len(self.store) > self.size:
+            self.store.popitem(last=False)
+        return out
 
 
 def _place(h: torch.Tensor, group: str, tokens: torch.Tensor, lengths: dict[str, int], p: int) -> torch.Tensor:

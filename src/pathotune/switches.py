@@ -37,6 +37,7 @@ class Switches:
     )
     ivp_encoder: str | None = None  # backbone id or timm name when ivp_source == "encoder"
     ivp_encoder_weights: str | None = None
+    ivp_cache: int = 0  # cache instance tokens of up to this many distinct images (un-augmented inputs)
     # What trains.
     train: str = "prompts"  # "head", "prompts", "all" or "lora"
     lora_r: int = 8
@@ -71,6 +72,10 @@ class Switches:
             raise ConfigError(
                 "switch ivp_source='early' needs ivp_layer >= 1: the blocks run before IVP enters"
             )
+        if self.ivp_cache and self.train in ("all", "lora"):
+            raise ConfigError("switch ivp_cache needs a frozen backbone; it cannot be used with train='all' or 'lora'")
+        if self.ivp_cache < 0:
+            raise ConfigError(f"switch ivp_cache must be >= 0 (a number of images), got {self.ivp_cache}")
         if self.tvp_depth is not None and self.tvp_depth < 1:
             raise ConfigError(f"switch tvp_depth must be >= 1 or None, got {self.tvp_depth}")
 
