@@ -75,11 +75,15 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def sharded_loader(fabric, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
-    """Each rank reads its share. With shuffle, global batch k is the same set of samples at any world size."""
+    """Each rank reads its share. With shuffle, global batch k is the same set of samples at any world size.
+
+    The loader is not wrapped by Fabric, so ``sampler.set_epoch`` stays under our control (a resumed run must
+    replay epoch e's order); batches are moved with ``fabric.to_device``.
+    """
     sampler = DistributedSampler(
         dataset, num_replicas=fabric.world_size, rank=fabric.global_rank, shuffle=shuffle, seed=seed
     )
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -87,29 +91,37 @@ def sharded_loader(fabric, dataset: Dataset, batch_size: int, shuffle: bool, see
         persistent_workers=False,
         pin_memory=fabric.device.type == "cuda",
     )
-    return fabric.setup_dataloaders(loader, use_distributed_sampler=False)
 
 
 @torch.no_grad()
 def predict(fabric, model: nn.Module, loader: DataLoader, n: int) -> tuple[np.ndarray, float]:
     """Probabilities for all ``n`` samples, gathered across ranks and ordered by dataset index."""
     model.eval()
-    idx_parts, prob_parts, loss_sum = [], [], 0.0
-    for x, y, idx in loader:
+    idx_parts, prob_parts, loss_parts = [], [], []
+    for batch in loader:
+        x, y, idx = fabric.to_device(batch)
         with fabric.autocast():
             logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        loss_parts.append(F.cross_entropy(logits, y, reduction="none"))
         idx_parts.append(idx)
         prob_parts.append(logits.softmax(-1))
-    idx = torch.cat(idx_parts)
-    probs = torch.cat(prob_parts)
+    idx, probs, losses = torch.cat(idx_parts), torch.cat(prob_parts), torch.cat(loss_parts)
     if fabric.world_size > 1:
         idx = fabric.all_gather(idx).reshape(-1)
         probs = fabric.all_gather(probs).reshape(-1, probs.shape[-1])
-        loss_sum = float(fabric.all_reduce(torch.tensor(loss_sum, device=fabric.device), reduce_op="sum"))
+        losses = fabric.all_gather(losses).reshape(-1)
+    # DistributedSampler pads with repeats: they land on the same rows, so each sample counts once.
     out = torch.zeros(n, probs.shape[-1])
-    out[idx.cpu()] = probs.cpu()  # DistributedSampler pads with repeats: they land on the same rows
-    return out.numpy(), loss_sum / max(n, 1)
+    out[idx.cpu()] = probs.cpu()
+    per_sample = torch.zeros(n)
+    per_sample[idx.cpu()] = losses.float().cpu()
+    return out.numpy(), float(per_sample.sum()) / max(n, 1)
+
+
+def _kept(ckpt_path: Path) -> str:
+    if ckpt_path.is_file():
+        return f"the last good checkpoint is kept at {ckpt_path}"
+    return "no epoch had finished, so there is no checkpoint yet"
 
 
 def fit(
@@ -164,16 +176,20 @@ def fit(
         train_loader.sampler.set_epoch(epoch)
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
-        for step, (x, y, _) in enumerate(train_loader):
+        for step, batch in enumerate(train_loader):
+            x, y, _ = fabric.to_device(batch)
             is_update = (step + 1) % grad_accum == 0 or step + 1 == len(train_loader)
+            # Weight by samples, so a short last accumulation group counts like one big batch of its size.
+            group_start = (step // grad_accum) * grad_accum * per_rank
+            group_size = min(grad_accum * per_rank, len(train_loader.sampler) - group_start)
             with fabric.no_backward_sync(ddp_model, enabled=not is_update):
                 loss = F.cross_entropy(ddp_model(x).float(), y)
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; the last good "
-                        f"checkpoint is kept at {ckpt_path}; lower --lr or check the data"
+                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
+                        f"{_kept(ckpt_path)}; lower --lr or check the data"
                     )
-                fabric.backward(loss / grad_accum)
+                fabric.backward(loss * (len(y) / group_size))
             if is_update:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -188,6 +204,11 @@ def fit(
         train_loss = float(fabric.all_reduce(torch.tensor(loss_sum / max(seen, 1), device=fabric.device)))
 
         probs, val_loss = predict(fabric, model, val_loader, len(val_set))
+        if not (np.isfinite(probs).all() and math.isfinite(val_loss)):
+            raise TrainingError(
+                f"non-finite validation outputs after epoch {epoch + 1} (the weights overflowed); "
+                f"{_kept(ckpt_path)}; lower --lr or check the data"
+            )
         labels = np.asarray(val_set.labels)
         m = classification_metrics(labels, probs, class_names)
         row = {
