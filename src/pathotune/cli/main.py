@@ -247,9 +247,10 @@ def bench(
 
 
 def _register_groups() -> None:
-    from . import demo
+    from . import demo, slides
 
     app.command(name="demo")(demo.demo)
+    app.add_typer(slides.app, name="slides")
 
 
 _register_groups()

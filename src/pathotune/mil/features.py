@@ -112,25 +112,18 @@ def read_feature_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_slide_features(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
-    """``(features float32 (N, D), coords int64 (N, 2), attrs)`` of one slide, checked for shape and NaNs."""
-    import h5py
+    """``(features float32 (N, D), coords int64 (N, 2), attrs)`` of one slide, checked for shape and NaNs.
+
+    The file format belongs to ``slides.extract``; this adds what a MIL bag needs (tiles, finite values).
+    """
+    from ..slides.extract import read_slide_features as read_h5
 
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"slide feature file {p} not found; extract features for this slide first")
-    try:
-        with h5py.File(p, "r") as f:
-            attrs, _ = _header(f, p)
-            feats = np.asarray(f["features"][()], dtype=np.float32)
-            coords = np.asarray(f["coords"][()], dtype=np.int64)
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise _open_error(p, e) from None
-    if not np.isfinite(feats).all():
+    attrs = read_feature_attrs(p)
+    sf = read_h5(p)
+    if not np.isfinite(sf.features).all():
         raise DataError(f"slide feature file {p}: 'features' contains NaN or infinite values; re-extract this slide")
-    attrs["n_tiles"] = int(feats.shape[0])
-    return torch.from_numpy(feats), coords, attrs
+    return torch.from_numpy(sf.features), sf.coords, attrs
 
 
 def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
