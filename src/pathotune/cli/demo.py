@@ -11,6 +11,28 @@ import typer
 from .common import console, print_table
 
 DEMO_METHODS = ("linear", "pathotune")
+# The slide-QC tiles are 32 px crops of slide thumbnails; tiling the CMU slide coarsely keeps that scale roughly.
+SLIDE_MPP = 4.0
+SLIDE_TILE = 32
+
+
+def slide_step(out: Path, progress: bool = True) -> dict:
+    """Tile the bundled CC0 slide, extract features with the demo's PathoTune bundle, paint heatmaps + GeoJSON."""
+    from ..slides import TilingConfig, sample_slide
+    from ..slides.extract import extract_slides, load_extractor
+    from ..slides.heatmap import bundle_heatmaps
+
+    bundle = out / "pathotune" / "bundle"
+    extractor = load_extractor(bundle=bundle)
+    tiling = TilingConfig(target_mpp=SLIDE_MPP, tile_size=SLIDE_TILE, min_tissue=0.0)
+    features = out / "slide" / "features"
+    extract_slides(extractor, [sample_slide()], features, tiling, num_workers=0, overwrite=True, progress=progress)
+    result = bundle_heatmaps(bundle, features, out / "slide" / "heatmaps", slides=sample_slide().parent)[0]
+    console.print(
+        f"{result['n_tiles']} tiles scored; heatmaps and GeoJSON in {out / 'slide' / 'heatmaps'}; "
+        + ", ".join(f"{c} {v:.0%}" for c, v in result["class_share"].items())
+    )
+    return result
 
 
 def demo(
@@ -29,32 +51,59 @@ def demo(
     t0 = time.perf_counter()
     counts = build_slide_qc_tiles(out / "data", seed=seed)
     console.print(f"slide-QC tiles from HistoQC pen images: {counts}")
-    task = TaskConfig(name=DEMO_TASK["name"], organ=DEMO_TASK["organ"], stain=DEMO_TASK["stain"],
-                      description=DEMO_TASK["description"])
-    common = dict(data=str(out / "data"), backbone="dinov2_vits14", weights="bundled", image_size=image_size,
-                  task=task, seed=seed, batch_size=16, bootstrap=1000)
+    task = TaskConfig(
+        name=DEMO_TASK["name"], organ=DEMO_TASK["organ"], stain=DEMO_TASK["stain"], description=DEMO_TASK["description"]
+    )
+    common = dict(
+        data=str(out / "data"),
+        backbone="dinov2_vits14",
+        weights="bundled",
+        image_size=image_size,
+        task=task,
+        seed=seed,
+        batch_size=16,
+        bootstrap=1000,
+    )
     plans = {
         # The probe trains on cached frozen features, to convergence, with early stopping on validation.
-        "linear": TrainConfig(**common, method="linear", augment="none", epochs=200, patience=30, lr=1e-3,
-                              head_lr=1e-3, out=str(out / "linear")),
-        "pathotune": TrainConfig(**common, method="pathotune", augment="pathology", epochs=epochs, patience=epochs,
-                                 out=str(out / "pathotune")),
+        "linear": TrainConfig(
+            **common,
+            method="linear",
+            augment="none",
+            epochs=200,
+            patience=30,
+            lr=1e-3,
+            head_lr=1e-3,
+            out=str(out / "linear"),
+        ),
+        "pathotune": TrainConfig(
+            **common,
+            method="pathotune",
+            augment="pathology",
+            epochs=epochs,
+            patience=epochs,
+            out=str(out / "pathotune"),
+        ),
     }
     rows = []
     for name, cfg in plans.items():
         console.rule(f"{name}")
         m = train_run(cfg, progress=not quiet)
-        rows.append({
-            "method": name,
-            "balanced_accuracy": m["balanced_accuracy"],
-            "macro_f1": m["macro_f1"],
-            "auroc": m["auroc"],
-            "accuracy": m["accuracy"],
-            "trainable_params": m["trainable_params"],
-            "train_s": round(m["train_seconds"], 1),
-            "recipe": f"lr {m['recipe']['lr']:g}, {m['epochs_run']} ep, best {m['best_epoch']}",
-        })
+        rows.append(
+            {
+                "method": name,
+                "balanced_accuracy": m["balanced_accuracy"],
+                "macro_f1": m["macro_f1"],
+                "auroc": m["auroc"],
+                "accuracy": m["accuracy"],
+                "trainable_params": m["trainable_params"],
+                "train_s": round(m["train_seconds"], 1),
+                "recipe": f"lr {m['recipe']['lr']:g}, {m['epochs_run']} ep, best {m['best_epoch']}",
+            }
+        )
     print_table(rows, title=f"slide QC test split (n={m['n_test']}), dinov2_vits14 at {image_size} px")
+    console.rule("whole slide")
+    slide = slide_step(out, progress=not quiet)
     wall = time.perf_counter() - t0
     report = (
         "# PathoTune demo: slide quality control\n\n"
@@ -63,6 +112,13 @@ def demo(
         + markdown_table(rows)
         + "\n\n"
         + "".join(f"- [{n} run report]({n}/report.md)\n" for n in plans)
+        + "\n## Whole slide\n\n"
+        + f"The PathoTune bundle tiled `cmu_small_region.svs` (CC0) at {SLIDE_MPP} mpp in {SLIDE_TILE} px tiles "
+        + f"({slide['n_tiles']} tiles), extracted features through the prompt-tuned model and scored every tile. "
+        + "Share of tiles per predicted class: "
+        + ", ".join(f"{c} {v:.0%}" for c, v in slide["class_share"].items())
+        + f". GeoJSON for QuPath: `{slide['geojson']}`.\n\n"
+        + "".join(f"![{Path(p).stem}](slide/heatmaps/{Path(p).name})\n" for p in slide["heatmaps"])
         + f"\nWall time: {wall:.0f} s. Reproduce: `pathotune demo --out {out} --seed {seed}`.\n"
     )
     atomic_write_text(out / "report.md", report)
