@@ -92,13 +92,12 @@ def demo(
         rows.append(
             {
                 "method": name,
-                "balanced_accuracy": m["balanced_accuracy"],
-                "macro_f1": m["macro_f1"],
-                "auroc": m["auroc"],
-                "accuracy": m["accuracy"],
-                "trainable_params": m["trainable_params"],
-                "train_s": round(m["train_seconds"], 1),
-                "recipe": f"lr {m['recipe']['lr']:g}, {m['epochs_run']} ep, best {m['best_epoch']}",
+                "bal. acc": m["balanced_accuracy"],
+                "macro F1": m["macro_f1"],
+                "AUROC": m["auroc"],
+                "params": m["trainable_params"],
+                "train s": f"{m['train_seconds']:.0f}",
+                "recipe": f"lr {m['recipe']['lr']:g}, {m['epochs_run']} ep (best {m['best_epoch']})",
             }
         )
     print_table(rows, title=f"slide QC test split (n={m['n_test']}), dinov2_vits14 at {image_size} px")
