@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
 from ..switches import check_keys
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class TaskConfig(BaseModel):
@@ -73,19 +75,18 @@ class TrainConfig(BaseModel):
         return v
 
 
-def _one_line(e: ValidationError, source: str) -> str:
+def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(root)"
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_at(err["loc"][:-1])
+        allowed = _allowed_at(model, err["loc"][:-1])
         return f"{source}: unknown key '{key}'; allowed keys are {allowed}"
     if err["type"] == "missing":
         return f"{source}: missing required key '{key}'"
     return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
 
 
-def _allowed_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] = TrainConfig
+def _allowed_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
@@ -94,34 +95,41 @@ def _allowed_at(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
-    """A config from YAML (optional) with flag overrides on top; None-valued overrides are ignored."""
-    data: dict = {}
-    source = "flags"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+def read_yaml_mapping(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(model: type[M], path: str | Path | None = None, **overrides) -> M:
+    """A typed config from YAML (optional) with flag overrides on top; None-valued overrides are ignored.
+
+    Nested mappings merge key by key. Any bad key fails on one line naming the file (or "flags") and the key.
+    """
+    data = read_yaml_mapping(path) if path is not None else {}
+    source = str(path) if path is not None else "flags"
     for k, v in overrides.items():
         if v is None:
             continue
-        if isinstance(v, dict) and isinstance(data.get(k), dict):
-            data[k] = {**data[k], **v}
-        else:
-            data[k] = v
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     try:
-        return TrainConfig(**data)
+        return model(**data)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, source)) from None
+        raise ConfigError(_one_line(e, source, model)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """The training config: YAML (optional) plus flags."""
+    return build_config(TrainConfig, path, **overrides)
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -127,31 +127,9 @@ class MILConfig(BaseModel):
 
 def load_mil_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> MILConfig:
     """A config from YAML (optional) with non-None overrides on top; bad keys fail on one line."""
-    data: dict = {}
-    source = "flags"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return MILConfig(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "(root)"
-        if err["type"] == "extra_forbidden":
-            allowed = sorted(MILConfig.model_fields)
-            raise ConfigError(f"{source}: unknown key '{key}'; allowed keys are {allowed}") from None
-        if err["type"] == "missing":
-            raise ConfigError(f"{source}: missing required key '{key}'") from None
-        raise ConfigError(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})") from None
+    from ..engine.config import build_config
+
+    return build_config(MILConfig, path, **overrides)
 
 
 @dataclass
