@@ -178,6 +178,8 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
         backbone_kwargs=cfg.backbone_kwargs,
         **cfg.switches,
     )
+    if model.provenance.weights is None and fabric.is_global_zero:
+        print(f"note: backbone '{cfg.backbone}' is randomly initialised (no --weights); fine for smoke tests only")
     spec = model.backbone.spec
     size = model.backbone.img_size
     train_tf = build_transforms(spec.mean, spec.std, size, train=True, augment=cfg.augment)
