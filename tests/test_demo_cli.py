@@ -1,0 +1,48 @@
+"""`pathotune demo` end to end on the real bundled weights and images, at a tiny input size to stay fast."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pathotune.cli.main",
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "28",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for method in ("linear", "pathotune"):
+        m = json.loads((out / method / "metrics.json").read_text())
+        assert m["method"] == method and m["backbone"] == "dinov2_vits14" and m["n_test"] == 90
+        assert (out / method / "bundle" / "manifest.json").is_file()
+    # The frozen features separate pen / tissue / background even at 28 px: the probe must be far above chance.
+    assert json.loads((out / "linear" / "metrics.json").read_text())["balanced_accuracy"] > 0.6
+    report = (out / "report.md").read_text()
+    assert "| linear |" in report and "| pathotune |" in report and "Whole slide" in report
+    heat = out / "slide" / "heatmaps"
+    assert {p.name for p in heat.glob("*.png")} == {
+        f"cmu_small_region_{c}.png" for c in ("background", "pen", "tissue")
+    }
+    geo = json.loads((heat / "cmu_small_region.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) > 10
