@@ -34,12 +34,7 @@ from pathotune.methods import list_methods
 EVAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

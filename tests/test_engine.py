@@ -41,13 +41,7 @@ METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auro
 SPLITS = {"train": 8, "val": 3, "test": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded torch: on 2 shared cores the default thread count makes tiny steps ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ DIM = 16
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_slide(path: Path, feats: np.ndarray, coords: np.ndarray | None = None, **attrs) -> Path:
