@@ -22,11 +22,12 @@ from pathotune.backbones import get_backbone_spec
 CONFIGS = {
     "plain backbone": ("linear", {}),
     "vpt-deep (10 tokens x 12 layers)": ("vpt-deep", {}),
-    "pathotune, IVP second pass": ("pathotune", {"ivp_source": "backbone"}),
-    "pathotune, IVP from cache (seen images)": ("pathotune", {"ivp_cache": 4096}),
-    "pathotune, IVP from first 4 blocks": (
+    "vpt-deep, joint softmax (VPT as published)": ("vpt-deep", {"prompt_attn": "joint"}),
+    "pathotune (default preset)": ("pathotune", {}),
+    "pathotune, IVP second pass": ("pathotune", {"ivp_source": "backbone", "ivp_layer": 0}),
+    "pathotune, IVP from cache (seen images)": (
         "pathotune",
-        {"ivp_source": "early", "ivp_layer": 4, "ttp_layer": 4, "tvp_layer": 4},
+        {"ivp_source": "backbone", "ivp_layer": 0, "ivp_cache": 4096},
     ),
 }
 

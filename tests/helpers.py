@@ -126,7 +126,8 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
 
 
 def numeric_rows(rows: Sequence[Mapping[str, str]], drop: Sequence[str] = ("seconds",)) -> list[dict[str, float]]:
-    return [{k: float(v) for k, v in r.items() if k not in drop} for r in rows]
+    """CSV rows as floats; an empty cell (no train loss at step 0) becomes NaN."""
+    return [{k: float(v) if v != "" else float("nan") for k, v in r.items() if k not in drop} for r in rows]
 
 
 def assert_rows_close(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], tol: float) -> None:
@@ -134,4 +135,5 @@ def assert_rows_close(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str,
     for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
         assert ra.keys() == rb.keys()
         for k in ra:
-            assert abs(ra[k] - rb[k]) <= tol, f"row {i} column {k}: {ra[k]} vs {rb[k]}"
+            both_nan = ra[k] != ra[k] and rb[k] != rb[k]
+            assert both_nan or abs(ra[k] - rb[k]) <= tol, f"row {i} column {k}: {ra[k]} vs {rb[k]}"

@@ -81,9 +81,7 @@ def test_all_entries_are_listed_with_family() -> None:
     assert pathology <= set(list_backbones("pathology"))
     for name in natural | pathology:
         spec = get_backbone_spec(name)
-        assert (
-            spec.description and spec.weights_hint and spec.pool in ("default", "token", "avg", "token+avg")
-        )
+        assert spec.description and spec.weights_hint and spec.pool in ("default", "token", "avg", "token+avg")
     assert get_backbone_spec("dinov2_vits14").bundled
 
 
@@ -167,21 +165,15 @@ def _timm_vendor_case(name: str) -> tuple[nn.Module, Callable[[torch.Tensor], to
     img = TINY_IMG[name]
     swiglu = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
     if name == "uni":
-        ref = timm.create_model(
-            "vit_large_patch16_224", img_size=img, init_values=1e-5, num_classes=0, **TINY
-        )
+        ref = timm.create_model("vit_large_patch16_224", img_size=img, init_values=1e-5, num_classes=0, **TINY)
         return ref, ref
     if name == "uni2_h":
         kw = {"patch_size": 14, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, **swiglu}
-        ref = timm.create_model(
-            "vit_giant_patch14_224", img_size=img, init_values=1e-5, num_classes=0, **kw, **TINY
-        )
+        ref = timm.create_model("vit_giant_patch14_224", img_size=img, init_values=1e-5, num_classes=0, **kw, **TINY)
         return ref, ref
     if name == "virchow2":
         kw = {"mlp_ratio": 5.3375, "reg_tokens": 4, "global_pool": "", **swiglu}
-        ref = timm.create_model(
-            "vit_huge_patch14_224", img_size=img, init_values=1e-5, num_classes=0, **kw, **TINY
-        )
+        ref = timm.create_model("vit_huge_patch14_224", img_size=img, init_values=1e-5, num_classes=0, **kw, **TINY)
 
         def virchow_embedding(x: torch.Tensor) -> torch.Tensor:
             out = ref(x)  # [cls][4 registers][patches]
@@ -263,9 +255,7 @@ def _expected_from_hf_vit(sd: dict[str, torch.Tensor], prefix: str = "") -> dict
         e, b = f"encoder.layer.{i}.", f"blocks.{i}."
         for t in ("weight", "bias"):
             a = e + "attention.attention."
-            out[b + "attn.qkv." + t] = torch.cat(
-                [g[a + "query." + t], g[a + "key." + t], g[a + "value." + t]]
-            )
+            out[b + "attn.qkv." + t] = torch.cat([g[a + "query." + t], g[a + "key." + t], g[a + "value." + t]])
             out[b + "attn.proj." + t] = g[e + "attention.output.dense." + t]
             out[b + "mlp.fc1." + t] = g[e + "intermediate.dense." + t]
             out[b + "mlp.fc2." + t] = g[e + "output.dense." + t]
@@ -300,9 +290,7 @@ def test_vit_b16_imagenet_reads_hf_classifier_and_timm_files(tmp_path: Path) -> 
     bb = tiny("vit_b16_imagenet", weights=tmp_path / "model.safetensors")
     assert_landed(bb, {k: v for k, v in timm_ref.state_dict().items() if not k.startswith("head.")})
     with torch.no_grad():
-        torch.testing.assert_close(
-            bb(x), timm_ref.forward_head(timm_ref.forward_features(x), pre_logits=True)
-        )
+        torch.testing.assert_close(bb(x), timm_ref.forward_head(timm_ref.forward_features(x), pre_logits=True))
 
 
 # ------------------------------------------------------------------------------ HF DINOv2 layouts
@@ -385,9 +373,7 @@ def test_clip_open_clip_layout(tmp_path: Path) -> None:
     bb = tiny("clip_vitb16", weights=tmp_path)
     got = bb.vit.state_dict()
     assert torch.equal(got["cls_token"].flatten(), sd["visual.class_embedding"])
-    assert torch.equal(
-        got["blocks.1.attn.qkv.weight"], sd["visual.transformer.resblocks.1.attn.in_proj_weight"]
-    )
+    assert torch.equal(got["blocks.1.attn.qkv.weight"], sd["visual.transformer.resblocks.1.attn.in_proj_weight"])
     assert torch.equal(got["norm_pre.weight"], sd["visual.ln_pre.weight"])
     x = pixels(32)
     with torch.no_grad():  # open_clip's embedding is ln_post(cls) @ proj; ours stops before the projection
@@ -449,9 +435,7 @@ class _CoCaLike(nn.Module):
 
 
 def test_conch_trunk_under_visual_prefix(tmp_path: Path) -> None:
-    trunk = randomize(
-        timm.create_model("vit_base_patch16_224", img_size=32, num_classes=0, global_pool="", **TINY)
-    )
+    trunk = randomize(timm.create_model("vit_base_patch16_224", img_size=32, num_classes=0, global_pool="", **TINY))
     torch.save(_CoCaLike(trunk).state_dict(), tmp_path / "pytorch_model.bin")
     bb = tiny("conch", weights=tmp_path / "pytorch_model.bin")
     assert_landed(bb, trunk.state_dict())
@@ -480,9 +464,7 @@ def _pathoduet_file(img: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     vit = randomize(timm.create_model("vit_base_patch16_224", img_size=img, num_classes=0, **TINY))
     grid = img // 16
     sd = {k: v for k, v in vit.state_dict().items() if k != "pos_embed"}
-    sd["pos_embed"] = torch.cat([torch.zeros(2, 32), _moco_sincos(grid, 32)]).unsqueeze(
-        0
-    )  # [pretext][cls][...]
+    sd["pos_embed"] = torch.cat([torch.zeros(2, 32), _moco_sincos(grid, 32)]).unsqueeze(0)  # [pretext][cls][...]
     sd["pretext_token"] = torch.randn(1, 1, 32)
     sd["head.0.weight"] = torch.randn(64, 32)  # MoCo projector left in the file
     return vit, sd

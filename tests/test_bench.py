@@ -43,11 +43,12 @@ def grid(tmp_path_factory):
                 "common": {
                     "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
                     "batch_size": 8,
-                    "epochs": 2,
+                    "steps": 2,
                     "bootstrap": 0,
                     "augment": "none",
                 },
-                "overrides": {"linear": {"epochs": 5}},
+                "overrides": {"vpt-deep": {"lr": 0.01}},
+                "comparisons": [["vpt-deep", "linear"]],
                 "runs_dir": str(tmp / "runs"),
                 "output": str(tmp / "BENCHMARKS.md"),
             }
@@ -83,6 +84,20 @@ def test_grid_runs_every_cell_and_summarises(grid):
     assert f"pathotune bench --config {tmp / 'grid.yaml'}" in text
     assert (tmp / "benchmarks" / "figures" / "tiny_colours_accuracy_vs_params.png").is_file()
     assert summary.is_file()
+    assert "L-BFGS logistic-regression probe, C=" in text and "head from the probe" in text
+    assert "Model selection" in text and "validation data only" in text and "Machine: " in text
+    # The paired comparison is computed from the cells' predictions over both seeds.
+    assert "#### Paired comparisons" in text and "| vpt-deep | linear |" in text
+    (row,) = json.loads((tmp / "runs" / "tiny" / "comparisons.json").read_text())
+    assert row["n_seeds"] == 2 and row["n_images"] == 8
+    assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    assert row["verdict"] in ("better", "worse", "inconclusive")
+    per_seed = [
+        results[("colours", "vpt-deep")][i]["balanced_accuracy"]
+        - results[("colours", "linear")][i]["balanced_accuracy"]
+        for i in (0, 1)
+    ]
+    assert row["per_seed"] == pytest.approx(per_seed)
 
 
 def test_rerun_recomputes_nothing_and_replaces_its_section(grid, monkeypatch):
@@ -102,10 +117,202 @@ def test_config_errors(tmp_path):
     p.write_text(yaml.safe_dump({"name": "x", "datasets": {"d": {"data": "x"}}, "methods": ["vpt-huge"]}))
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['vpt-huge'\]"):
         bench.load_bench_config(p)
-    p.write_text(yaml.safe_dump({"name": "x", "datasets": {"d": {"data": "x"}}, "methods": ["linear"],
-                                 "overrides": {"full": {"lr": 1}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {"name": "x", "datasets": {"d": {"data": "x"}}, "methods": ["linear"], "overrides": {"full": {"lr": 1}}}
+        )
+    )
     with pytest.raises(ConfigError, match="overrides for methods not in the grid"):
         bench.load_bench_config(p)
     p.write_text(yaml.safe_dump({"name": "x", "datasets": {}, "methods": ["linear"], "sedes": [1]}))
     with pytest.raises(ConfigError, match="sedes"):
         bench.load_bench_config(p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variants, paired comparisons and the few-shot protocol. Cells here train in-process (same YAML path as the
+# CLI, no interpreter start-up per cell) to keep the file fast; the grid fixture above covers child processes.
+
+TINY = {
+    "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+    "batch_size": 8,
+    "steps": 2,
+    "bootstrap": 0,
+    "augment": "none",
+}
+
+
+def in_process(cell: dict, cell_dir):
+    """Stand-in for ``run_cell``: the same cell.yaml, read by the CLI's loader, trained in this process."""
+    from pathotune.engine.config import load_config
+    from pathotune.engine.run import train_run
+
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    path = cell_dir / "cell.yaml"
+    path.write_text(yaml.safe_dump(cell, sort_keys=False))
+    return train_run(load_config(path), progress=False)
+
+
+def write_config(tmp, **keys):
+    base = {
+        "name": "tiny",
+        "backbone": "vit_small_patch16_224",
+        "image_size": 32,
+        "seeds": [0],
+        "common": TINY,
+        "runs_dir": str(tmp / "runs"),
+        "output": str(tmp / "BENCHMARKS.md"),
+    }
+    p = tmp / "grid.yaml"
+    p.write_text(yaml.safe_dump({**base, **keys}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("colours") / "data")
+
+
+def test_variant_cell_runs_with_its_keys(colours, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_cell", in_process)
+    name = "linear (refit on train+val)"
+    p = write_config(
+        tmp_path,
+        datasets={"colours": {"data": str(colours), "task": {"name": "colour swatches", "organ": "paint"}}},
+        methods=[name],
+        variants={name: {"method": "linear", "probe_refit": True, "task": {"organ": "ink"}}},
+    )
+    cfg = bench.load_bench_config(p)
+    bench.run_bench(cfg, str(p), progress=False)
+    cell_dir = tmp_path / "runs" / "tiny" / "colours" / "linear-refit-on-train+val" / "seed_0"
+    cell = yaml.safe_load((cell_dir / "cell.yaml").read_text())
+    assert cell["method"] == "linear" and cell["probe_refit"] is True
+    assert cell["task"] == {"name": "colour swatches", "organ": "ink"}  # merged key by key, the variant's wins
+    assert cell["batch_size"] == 8  # common still applies
+    m = json.loads((cell_dir / "metrics.json").read_text())
+    assert m["method"] == "linear" and m["probe"]["refit"] is True
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert f"| {name} |" in text and "refit on train+val" in text
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        ({"methods": ["ctl"], "variants": {"ctl": {"method": "vpt-huge"}}}, r"variants\.ctl\.method.*vpt-huge"),
+        ({"methods": ["ctl"], "variants": {"ctl": {"lr": 0.1}}}, r"variants\.ctl\.method' is missing"),
+        (
+            {"methods": ["ctl"], "variants": {"ctl": {"method": "linear", "probe_refitt": True}}},
+            r"variants\.ctl\.probe_refitt",
+        ),
+        (
+            {"methods": ["ctl"], "variants": {"ctl": {"method": "text", "task": {"txt": ""}}}},
+            r"variants\.ctl\.task\.txt",
+        ),
+        ({"methods": ["ctl"], "variants": {"ctl": {"method": "linear", "seed": 3}}}, r"variants\.ctl\.seed"),
+        ({"methods": ["linear"], "variants": {"linear": {"method": "text"}}}, "has a method's name"),
+        ({"methods": ["ctrl"], "variants": {"ctl": {"method": "linear"}}}, r"unknown method\(s\) \['ctrl'\]"),
+        ({"methods": ["linear"], "common": {"lrr": 1}}, r"common\.lrr"),
+        ({"methods": ["linear"], "comparisons": [["linear", "text"]]}, r"comparisons\.0.*'text' is not in methods"),
+        ({"methods": ["a b", "a-b"], "variants": {n: {"method": "linear"} for n in ("a b", "a-b")}}, "run folder"),
+        ({"methods": [], "fewshot": {"methods": ["linear"], "shots": [0]}}, r"fewshot\.shots"),
+        ({"methods": []}, "at least one method"),
+    ],
+)
+def test_variant_and_section_config_errors(tmp_path, keys, match):
+    p = write_config(tmp_path, datasets={"d": {"data": "x"}}, **keys)
+    with pytest.raises(ConfigError, match=match) as info:
+        bench.load_bench_config(p)
+    assert str(p) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_paired_bootstrap_known_cases():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from pathotune.engine.compare import compare_runs, paired_bootstrap
+
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 0, 1, 2])
+    pred = np.array([0, 1, 1, 0, 2, 2, 0, 1, 1, 0])
+    same = paired_bootstrap(y, np.stack([pred, pred]), np.stack([pred, pred]), n_resamples=200)
+    assert same.mean == 0 and (same.ci_low, same.ci_high) == (0, 0) and same.verdict == "inconclusive"
+    wrong = (y + 1) % 3
+    better = paired_bootstrap(y, np.stack([y, y]), np.stack([wrong, wrong]), n_resamples=200)
+    assert better.mean == pytest.approx(1.0) and better.ci_low > 0 and better.verdict == "better"
+    assert paired_bootstrap(y, wrong, y, n_resamples=200).verdict == "worse"
+    rng = np.random.default_rng(0)
+    m = np.where(rng.random((3, 10)) < 0.7, y, rng.integers(0, 3, (3, 10)))
+    b = np.where(rng.random((3, 10)) < 0.7, y, rng.integers(0, 3, (3, 10)))
+    r = paired_bootstrap(y, m, b)
+    expected = [balanced_accuracy_score(y, m[i]) - balanced_accuracy_score(y, b[i]) for i in range(3)]
+    assert r.per_seed == pytest.approx(expected) and r.mean == pytest.approx(np.mean(expected))
+    assert r.ci_low <= r.mean <= r.ci_high and r.n_resamples == 2000
+    assert paired_bootstrap(y, m, b) == r  # fixed bootstrap seed: reproducible
+    # Rows are matched by path, whatever their order in each predictions.csv.
+    names = ["a", "b", "c"]
+    runs_m = {0: {f"t{i}": (names[y[i]], names[m[0, i]]) for i in range(10)}}
+    runs_b = {0: {f"t{i}": (names[y[i]], names[b[0, i]]) for i in reversed(range(10))}}
+    diff, note = compare_runs(runs_m, runs_b)
+    assert diff.per_seed == pytest.approx(expected[:1]) and note["seeds"] == [0]
+
+
+def test_fewshot_sampling(colours, tmp_path):
+    from pathotune.data import load_source
+    from pathotune.engine.fewshot import manifest_csv, sample_episode, t_interval
+
+    source = load_source(colours)
+    ep = sample_episode(source, 2, 0, seed=0)
+    for split in ("train", "val"):
+        labels = [s.label for s in ep.split(split)]
+        assert sorted(labels) == [0, 0, 1, 1]
+        assert {s.path_or_key for s in ep.split(split)} <= {s.path_or_key for s in source.split(split)}
+    assert not {s.path_or_key for s in ep.split("train")} & {s.path_or_key for s in ep.split("val")}
+    assert ep.split("test") == source.split("test") and not ep.notes
+    assert sample_episode(source, 2, 0, seed=0) == ep  # deterministic
+    draws = {tuple(s.path_or_key for s in sample_episode(source, 2, e).split("train")) for e in range(4)}
+    assert len(draws) > 1  # episodes differ
+    big = sample_episode(source, 5, 0)  # val has 4 per class: all taken, and said so
+    assert len(big.split("train")) == 10 and len(big.split("val")) == 8
+    assert len(big.notes) == 2 and all("val" in n and "took all" in n for n in big.notes)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(manifest_csv(ep, source.classes))
+    back = load_source(manifest, val_fraction=0.0, test_fraction=0.0)
+    assert back.classes == source.classes
+    assert {n: len(back.split(n)) for n in ("train", "val", "test")} == {"train": 4, "val": 4, "test": 8}
+    assert all(s.path_or_key.is_absolute() for s in back.all_samples())
+    ci = t_interval([0.5, 0.7, 0.6])
+    assert ci["mean"] == pytest.approx(0.6) and ci["n"] == 3
+    assert ci["high"] - ci["mean"] == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
+    assert t_interval([0.5])["low"] is None
+
+
+def test_fewshot_grid_end_to_end(colours, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_cell", in_process)
+    p = write_config(
+        tmp_path,
+        datasets={"colours": {"data": str(colours)}},
+        methods=[],
+        fewshot={"shots": [1, 2], "episodes": 2, "methods": ["linear"], "seed": 0},
+    )
+    cfg = bench.load_bench_config(p)
+    bench.run_bench(cfg, str(p), progress=False)
+    root = tmp_path / "runs" / "tiny" / "colours" / "_fewshot"
+    for k in (1, 2):
+        for e in (0, 1):
+            folder = root / f"k{k}" / f"episode_{e}"
+            rows = (folder / "manifest.csv").read_text().splitlines()
+            assert rows[0] == "path,label,split" and len(rows) == 1 + 4 * k + 8
+            cell = yaml.safe_load((folder / "linear" / "cell.yaml").read_text())
+            assert cell["data"] == str(folder / "manifest.csv") and cell["seed"] == e
+            assert cell["val_fraction"] == 0 and cell["test_fraction"] == 0
+            m = json.loads((folder / "linear" / "metrics.json").read_text())
+            assert m["n_train"] == 2 * k and m["n_val"] == 2 * k and m["n_test"] == 8
+    summary = json.loads((tmp_path / "runs" / "tiny" / "fewshot.json").read_text())["colours"]
+    assert {(r["method"], r["shots"], r["n"]) for r in summary["rows"]} == {("linear", 1, 2), ("linear", 2, 2)}
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "#### Few-shot" in text and "| method | k=1 | k=2 | episodes |" in text and "t-interval" in text
+    assert (tmp_path / "benchmarks" / "figures" / "tiny_colours_fewshot.png").is_file()
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished few-shot cell was recomputed")
+
+    monkeypatch.setattr(bench, "run_cell", refuse)
+    bench.run_bench(cfg, str(p), progress=False)

@@ -60,7 +60,7 @@ def test_round_trip_gives_identical_logits(method, weights, tmp_path, images, te
     assert manifest["provenance"]["fingerprint"] == model.provenance.fingerprint
     assert "pen-mark QC" in manifest["task_text"]
     saved = set(load_file(str(out / TENSORS)))
-    assert all(k.startswith(("head.", "tvp.", "ttp.", "ivp.", "backbone.")) for k in saved)
+    assert all(k.startswith(("head.", "tvp.", "ttp.", "ivp.", "gates.", "backbone.")) for k in saved)
     if method != "full":
         assert not any(k.startswith("backbone.") and "lora_" not in k for k in saved)
 
@@ -93,9 +93,7 @@ def test_default_pathotune_bundle_is_under_5_percent_of_vit_s(tmp_path, text_fea
 
 def test_refuses_other_backbone_id(weights, tmp_path, text_features):
     out = save_bundle(trained("vpt-deep", weights), tmp_path / "b")
-    with pytest.raises(
-        BundleError, match="trained on backbone 'vit_small_patch16_224', not 'vit_base_patch16_224'"
-    ):
+    with pytest.raises(BundleError, match="trained on backbone 'vit_small_patch16_224', not 'vit_base_patch16_224'"):
         load_bundle(out, backbone="vit_base_patch16_224")
 
 
@@ -135,9 +133,7 @@ def test_refuses_wrong_shapes(weights, tmp_path):
 
     manifest["sha256"] = hashlib.sha256((out / TENSORS).read_bytes()).hexdigest()
     (out / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(
-        BundleError, match=r"tensor 'tvp.tokens' has shape \(3, 7, 32\), model wants \(3, 10, 32\)"
-    ):
+    with pytest.raises(BundleError, match=r"tensor 'tvp.tokens' has shape \(3, 7, 32\), model wants \(3, 10, 32\)"):
         load_bundle(out)
 
 

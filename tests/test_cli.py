@@ -45,23 +45,50 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli_run") / "run"
-    cfg = TrainConfig(**{**TINY_CONFIG, "data": str(data), "out": str(out), "method": "pathotune", "epochs": 2,
-                         "augment": "none", "accelerator": "cpu", "bootstrap": 0})
+    cfg = TrainConfig(
+        **{
+            **TINY_CONFIG,
+            "data": str(data),
+            "out": str(out),
+            "method": "pathotune",
+            "steps": 4,
+            "augment": "none",
+            "accelerator": "cpu",
+            "bootstrap": 0,
+        }
+    )
     train_run(cfg, progress=False)
     return out
 
 
 def table_rows(text: str) -> list[list[str]]:
     """Body cells of the rich tables printed to ``text``."""
-    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in text.splitlines()
-            if line.strip().startswith("│")]
+    return [
+        [c.strip() for c in line.strip().strip("│").split("│")]
+        for line in text.splitlines()
+        if line.strip().startswith("│")
+    ]
 
 
 def train_args(data: Path | str, cfg: Path, out: Path, *extra: str) -> list:
-    """Train arguments for a 1-epoch run, unless ``extra`` passes its own --epochs."""
-    epochs = [] if "--epochs" in extra else ["--epochs", "1"]
-    return ["train", "--data", data, "--config", cfg, "--out", out, *epochs, "--quiet", "--augment", "none",
-            "--accelerator", "cpu", *extra]
+    """Train arguments for a 2-step run, unless ``extra`` passes its own --steps or --epochs."""
+    epochs = [] if {"--epochs", "--steps"} & set(extra) else ["--steps", "2"]
+    return [
+        "train",
+        "--data",
+        data,
+        "--config",
+        cfg,
+        "--out",
+        out,
+        *epochs,
+        "--quiet",
+        "--augment",
+        "none",
+        "--accelerator",
+        "cpu",
+        *extra,
+    ]
 
 
 # Config errors ----------------------------------------------------------------------------------------------
@@ -73,8 +100,13 @@ def unknown_key_runs(data, tmp_path_factory) -> tuple[subprocess.CompletedProces
     root = tmp_path_factory.mktemp("bad_key")
     cfg = write_config(root / "cfg.yaml", colour="red")
     procs = [
-        subprocess.Popen(cli_cmd(*prefix, *train_args(data, cfg, root / "run")), env=cli_env(), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            cli_cmd(*prefix, *train_args(data, cfg, root / "run")),
+            env=cli_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for prefix in ((), ("--debug",))
     ]
     results = []
@@ -90,7 +122,7 @@ def test_unknown_yaml_key_is_one_line_exit_2(unknown_key_runs):
     line = one_line_error(plain.stderr)
     assert "unknown key 'colour'" in line
     assert "allowed keys are" in line
-    for key in ("epochs", "batch_size", "backbone_kwargs", "augment"):
+    for key in ("steps", "batch_size", "backbone_kwargs", "augment"):
         assert f"'{key}'" in line
     assert "Traceback" not in plain.stdout
 
@@ -112,7 +144,7 @@ def test_debug_shows_traceback(unknown_key_runs):
     ],
 )
 def test_bad_config_values_name_the_key(data, tmp_path, monkeypatch, capsys, overrides, expected):
-    cfg = write_config(tmp_path / "cfg.yaml", **{"epochs": 1, **overrides})
+    cfg = write_config(tmp_path / "cfg.yaml", **{"steps": 2, **overrides})
     args = ["train", "--data", data, "--config", cfg, "--out", tmp_path / "run", "--quiet", "--accelerator", "cpu"]
     code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 2
@@ -153,8 +185,7 @@ def corrupt_data(data, tmp_path_factory) -> Path:
 
 def test_corrupt_images_fail_with_a_count(corrupt_data, tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
-    code, _, err = run_main(monkeypatch, capsys, *train_args(corrupt_data, cfg, tmp_path / "run", "--method",
-                                                             "linear"))
+    code, _, err = run_main(monkeypatch, capsys, *train_args(corrupt_data, cfg, tmp_path / "run", "--method", "linear"))
     assert code == 2
     line = one_line_error(err)
     total = sum(count_images(corrupt_data, s) for s in ("train", "val", "test"))
@@ -165,8 +196,9 @@ def test_corrupt_images_fail_with_a_count(corrupt_data, tmp_path, monkeypatch, c
 def test_skip_bad_trains_without_them(corrupt_data, tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
     out = tmp_path / "run"
-    code, stdout, err = run_main(monkeypatch, capsys, *train_args(corrupt_data, cfg, out, "--method", "linear",
-                                                                  "--skip-bad"))
+    code, stdout, err = run_main(
+        monkeypatch, capsys, *train_args(corrupt_data, cfg, out, "--method", "linear", "--skip-bad")
+    )
     assert code == 0, err
     m = read_metrics(out)
     assert m["skipped_files"] == 2
@@ -189,7 +221,7 @@ def test_methods_lists_all_methods(monkeypatch, capsys):
     assert code == 0
     names = [row[0] for row in table_rows(out)]
     assert sorted(names) == sorted(list_methods())
-    assert len(names) == 11
+    assert len(names) == 13
 
 
 def test_info_shows_method_and_classes(trained_run, monkeypatch, capsys):
@@ -237,15 +269,15 @@ def test_predict_writes_probabilities_matching_the_run(trained_run, data, tmp_pa
 def test_second_train_into_same_out_overwrites(data, tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
     out = tmp_path / "run"
-    code, _, err = run_main(monkeypatch, capsys, *train_args(data, cfg, out, "--method", "pathotune", "--epochs",
-                                                             "2"))
+    code, _, err = run_main(monkeypatch, capsys, *train_args(data, cfg, out, "--method", "pathotune", "--steps", "2"))
     assert code == 0, err
-    code, _, err = run_main(monkeypatch, capsys, *train_args(data, cfg, out, "--method", "linear"))
+    args = train_args(data, cfg, out, "--method", "linear-adamw", "--steps", "2")
+    code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
-    assert read_metrics(out)["method"] == "linear"
-    assert json.loads((out / "bundle" / "manifest.json").read_text())["method"] == "linear"
-    assert "method: linear" in (out / "config.yaml").read_text()
-    assert len(read_log(out)) == 1
+    assert read_metrics(out)["method"] == "linear-adamw"
+    assert json.loads((out / "bundle" / "manifest.json").read_text())["method"] == "linear-adamw"
+    assert "method: linear-adamw" in (out / "config.yaml").read_text()
+    assert len(read_log(out)) == 3  # steps 0, 1 and 2
     ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert all(k.startswith("model.head.") for k in ck["trainable"]), sorted(ck["trainable"])
     assert not any(p.name.startswith(".") for p in out.rglob("*")), "temporary files left behind"

@@ -32,9 +32,7 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 
 
-def write_img(
-    path: Path, color: tuple[int, int, int] = (200, 100, 50), size: tuple[int, int] = (8, 8)
-) -> Path:
+def write_img(path: Path, color: tuple[int, int, int] = (200, 100, 50), size: tuple[int, int] = (8, 8)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
     return path
@@ -64,9 +62,7 @@ def test_split_folders_keep_their_splits_and_sorted_classes(tmp_path: Path) -> N
         for cls in ("tumor", "adipose"):
             for i in range(n):
                 write_img(tmp_path / split / cls / f"{i}.png")
-    write_img(
-        tmp_path / "train" / "tumor" / "nested" / "deep.JPG"
-    )  # subfolders and upper-case suffixes count
+    write_img(tmp_path / "train" / "tumor" / "nested" / "deep.JPG")  # subfolders and upper-case suffixes count
     (tmp_path / "train" / "tumor" / "notes.txt").write_text("not an image")
     write_img(tmp_path / "train" / "tumor" / ".hidden.png")
 
@@ -182,7 +178,7 @@ def test_labels_unseen_in_train_are_reported(tmp_path: Path) -> None:
 
 
 def test_layout_prefix_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="known layouts: bach, breakhis, mhist, nct-crc-he, pcam"):
+    with pytest.raises(ConfigError, match="known layouts: bach, breakhis, histolytics-hgsc, mhist, nct-crc-he, pcam"):
         load_source(f"layout:imagenet:{tmp_path}")
     with pytest.raises(ConfigError, match="layout:<name>:<path>"):
         load_source("layout:pcam")
@@ -202,9 +198,7 @@ def _damaged_source(tmp_path: Path) -> tuple[PatchSource, dict[str, Path]]:
     files["trunc_png"].write_bytes(full[: len(full) * 3 // 4])  # header intact, pixel data cut short
     random_img(1, (16, 16)).save(tmp_path / "whole.tif")
     tif = (tmp_path / "whole.tif").read_bytes()
-    files["trunc_tif"].write_bytes(
-        tif[: len(tif) // 2]
-    )  # verify() passes on this one; only a full load fails
+    files["trunc_tif"].write_bytes(tif[: len(tif) // 2])  # verify() passes on this one; only a full load fails
     files["garbage"] = tmp_path / "garbage.jpg"
     files["garbage"].write_bytes(b"\x00" * 64)
     files["missing"] = tmp_path / "missing.png"

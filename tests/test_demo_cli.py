@@ -20,8 +20,8 @@ def test_demo_runs_end_to_end(tmp_path):
             "demo",
             "--out",
             str(out),
-            "--epochs",
-            "1",
+            "--steps",
+            "2",
             "--image-size",
             "28",
             "--quiet",
@@ -40,6 +40,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert json.loads((out / "linear" / "metrics.json").read_text())["balanced_accuracy"] > 0.6
     report = (out / "report.md").read_text()
     assert "| linear |" in report and "| pathotune |" in report and "Whole slide" in report
+    assert "PathoTune minus the probe:" in report and "paired bootstrap" in report
+    pt = json.loads((out / "pathotune" / "metrics.json").read_text())
+    assert pt["recipe"]["head_init"] == "probe" and pt["steps_run"] == 2
     heat = out / "slide" / "heatmaps"
     assert {p.name for p in heat.glob("*.png")} == {
         f"cmu_small_region_{c}.png" for c in ("background", "pen", "tissue")

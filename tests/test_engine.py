@@ -1,5 +1,6 @@
-"""The training engine end to end on tiny data: DDP equivalence, resume after SIGKILL, non-finite losses,
-gradient accumulation, early stopping, feature caching, seed repeats and what a run folder holds."""
+"""The training engine end to end on tiny data: DDP equivalence, resume after SIGKILL and mid-epoch, non-finite
+losses, gradient accumulation, step budgets and early stopping, the probe start (LP-FT), prompt-group selection,
+feature caching, seed repeats and what a run folder holds."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from helpers import (
 
 from pathotune.engine import loop as loop_mod
 from pathotune.engine import run as run_mod
+from pathotune.engine.budget import plan_budget
 from pathotune.engine.config import TrainConfig, load_config
 from pathotune.engine.loop import TrainingError
 from pathotune.engine.run import SUMMARY_KEYS, train_run
+from pathotune.errors import ConfigError
 
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc", "eval_loss")
 # 8 train images per class = 24: divisible by batch_size (8) and by the 2 DDP ranks, so DistributedSampler
@@ -73,19 +76,30 @@ def assert_metrics_close(a: dict, b: dict, tol: float) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_runs(data, tmp_path_factory) -> tuple[Path, Path]:
-    """The same 2-epoch pathotune run with 1 process and with 2 gloo processes, run side by side."""
+    """The same 6-step pathotune run with 1 process and with 2 gloo processes, run side by side.
+
+    Augmentation is on: it is seeded per (seed, epoch, sample), so both world sizes see the same batches.
+    """
     root = tmp_path_factory.mktemp("ddp")
     cfg = write_config(root / "cfg.yaml")
-    # --augment none: augmentation draws from each rank's own RNG, so augmented batches differ between
-    # world sizes by design.
-    common = ["train", "--data", data, "--method", "pathotune", "--config", cfg, "--epochs", "2", "--quiet",
-              "--augment", "none", "--accelerator", "cpu"]
+    common = ["train", "--data", data, "--method", "pathotune", "--config", cfg, "--steps", "6", "--eval-every", "3"]
+    common += ["--quiet", "--augment", "pathology", "--accelerator", "cpu"]
     one, two = root / "one", root / "two"
     procs = [
-        subprocess.Popen(cli_cmd(*common, "--out", one, "--devices", "1"), env=cli_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        subprocess.Popen(cli_cmd(*common, "--out", two, "--devices", "2", "--strategy", "ddp"), env=cli_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            cli_cmd(*common, "--out", one, "--devices", "1"),
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            cli_cmd(*common, "--out", two, "--devices", "2", "--strategy", "ddp"),
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
     ]
     for p in procs:
         out, err = p.communicate(timeout=240)
@@ -102,10 +116,10 @@ def test_ddp_two_processes_match_one(ddp_runs):
     assert m2["eval_loss"] == pytest.approx(m1["eval_loss"], abs=1e-5)
     assert m2["n_test"] == m1["n_test"] == 3 * SPLITS["test"]
     assert m2["confusion_matrix"] == m1["confusion_matrix"]
-    # every global batch holds the same samples, so the training losses agree as well
+    # every global batch holds the same (augmented) samples, so the training losses agree as well
     l1, l2 = read_log(one), read_log(two)
-    assert len(l1) == len(l2) == 2
-    for r1, r2 in zip(l1, l2, strict=True):
+    assert [int(r["step"]) for r in l1] == [int(r["step"]) for r in l2] == [0, 3, 6]
+    for r1, r2 in zip(l1[1:], l2[1:], strict=True):
         assert float(r2["train_loss"]) == pytest.approx(float(r1["train_loss"]), abs=1e-5)
         assert float(r2["val_balanced_accuracy"]) == pytest.approx(float(r1["val_balanced_accuracy"]), abs=1e-9)
     p1, p2 = read_predictions(one / "predictions.csv"), read_predictions(two / "predictions.csv")
@@ -123,7 +137,7 @@ def test_ddp_validation_loss_ignores_sampler_padding(ddp_runs):
         assert float(r2["val_loss"]) == pytest.approx(float(r1["val_loss"]), abs=1e-5), (r1, r2)
 
 
-# 2. Resume after SIGKILL ------------------------------------------------------------------------------------
+# 2. Resume ---------------------------------------------------------------------------------------------------
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -137,97 +151,96 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None
         time.sleep(0.005)
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert_metrics_close(ma, mb, 1e-6)
+    assert (ma["steps_run"], ma["selected_step"]) == (mb["steps_run"], mb["selected_step"])
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
+    assert_rows_close(numeric_rows(read_log(a)), numeric_rows(read_log(b)), 1e-6)
+    pa = numeric_rows(read_predictions(a / "predictions.csv"), drop=("path", "label", "pred"))
+    pb = numeric_rows(read_predictions(b / "predictions.csv"), drop=("path", "label", "pred"))
+    assert_rows_close(pa, pb, 1e-6)
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(data, tmp_path):
-    # batch 2: 12 steps per epoch; 4 epochs; pathology augmentation, so the restored RNG states matter
+    # batch 2: 12 steps per epoch; 30 steps with a checkpoint every 5, most of them mid-epoch; augmentation on
     cfg = write_config(tmp_path / "cfg.yaml", batch_size=2, bootstrap=0)
-    args = ["train", "--data", data, "--method", "pathotune", "--config", cfg, "--epochs", "4", "--quiet",
-            "--augment", "pathology", "--accelerator", "cpu", "--seed", "3"]
+    args = ["train", "--data", data, "--method", "pathotune", "--config", cfg, "--steps", "30", "--eval-every", "5"]
+    args += ["--quiet", "--augment", "pathology", "--accelerator", "cpu", "--seed", "3"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    ref_proc = subprocess.Popen(cli_cmd(*args, "--out", ref), env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(cli_cmd(*args, "--out", killed), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref_proc = subprocess.Popen(
+        cli_cmd(*args, "--out", ref), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    proc = subprocess.Popen(
+        cli_cmd(*args, "--out", killed), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = killed / "checkpoints" / "last.pt"
-    wait_for(ckpt, proc)  # epoch 1 is done (the checkpoint appears by an atomic rename)
-    proc.send_signal(signal.SIGKILL)  # within milliseconds: epoch 2 is running
+    wait_for(ckpt, proc)  # step 0 is judged (the checkpoint appears by an atomic rename)
+    proc.send_signal(signal.SIGKILL)  # within milliseconds: training steps are running
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # a kill leaves a loadable checkpoint
-    assert 0 <= state["fit"]["epoch"] < 3
+    assert 0 <= state["fit"]["step"] < 30
 
-    resumed = subprocess.run(cli_cmd(*args, "--out", killed, "--resume"), env=cli_env(), capture_output=True,
-                             text=True, timeout=240, check=False)
+    resumed = subprocess.run(
+        cli_cmd(*args, "--out", killed, "--resume"),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stderr
     _, ref_err = ref_proc.communicate(timeout=240)
     assert ref_proc.returncode == 0, ref_err
-
-    m_ref, m_res = read_metrics(ref), read_metrics(killed)
-    assert_metrics_close(m_res, m_ref, 1e-6)
-    assert (m_res["epochs_run"], m_res["best_epoch"]) == (m_ref["epochs_run"], m_ref["best_epoch"])
-    assert m_res["confusion_matrix"] == m_ref["confusion_matrix"]
-    assert_rows_close(numeric_rows(read_log(killed)), numeric_rows(read_log(ref)), 1e-6)
-    assert len(read_log(ref)) == 4
-    preds_ref = numeric_rows(read_predictions(ref / "predictions.csv"), drop=("path", "label", "pred"))
-    preds_res = numeric_rows(read_predictions(killed / "predictions.csv"), drop=("path", "label", "pred"))
-    assert_rows_close(preds_res, preds_ref, 1e-6)
+    assert_same_run(killed, ref)
+    assert [int(r["step"]) for r in read_log(ref)] == [0, 5, 10, 15, 20, 25, 30]
 
 
-def test_resume_continues_the_shuffle_order(data, tmp_path, monkeypatch):
-    """A resumed run draws epoch e's shuffle for epoch e, not the order of the first epoch it runs (a loader
-    wrapper that counts its own iter() calls would restart at 0 in the resumed process)."""
-    orders: list[list[int]] = []
-
-    class RecordingSampler(loop_mod.DistributedSampler):
-        def __iter__(self):
-            order = list(super().__iter__())
-            if self.shuffle:
-                orders.append(order)
-            return iter(order)
-
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_replays_the_same_batches(data, tmp_path, monkeypatch, workers):
+    """A checkpoint at step 5 of a 12-step epoch: the resumed run starts at batch 6 of that epoch's shuffle, with
+    the same augmentation draws, whatever the number of loader workers."""
     real_save = loop_mod.save_checkpoint
     resume_dir = tmp_path / "resumed"
 
-    def save_and_keep_epoch_1(path, state):
+    def save_and_keep_step_5(path, state):
         real_save(path, state)
-        if state["fit"]["epoch"] == 0:
+        if state["fit"]["step"] == 5:
             real_save(resume_dir / "checkpoints" / "last.pt", state)
 
-    monkeypatch.setattr(loop_mod, "DistributedSampler", RecordingSampler)
-    monkeypatch.setattr(loop_mod, "save_checkpoint", save_and_keep_epoch_1)
-    train_run(tiny_cfg(data, tmp_path / "ref", method="linear", epochs=3), progress=False)
-    ref_orders, ref_log = list(orders), read_log(tmp_path / "ref")
-    assert len(ref_orders) == 3 and ref_orders[0] != ref_orders[1]
-    orders.clear()
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_and_keep_step_5)
+    kw = dict(method="vpt-deep", steps=15, eval_every=5, batch_size=2, augment="pathology", num_workers=workers)
+    train_run(tiny_cfg(data, tmp_path / "ref", **kw), progress=False)
     monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
-    train_run(tiny_cfg(data, resume_dir, method="linear", epochs=3, resume=True), progress=False)
-    assert orders == ref_orders[1:], "the resumed epochs 2-3 did not draw the shuffles of epochs 2-3"
-    assert_rows_close(numeric_rows(read_log(resume_dir)), numeric_rows(ref_log), 1e-6)
+    train_run(tiny_cfg(data, resume_dir, resume=True, **kw), progress=False)
+    assert_same_run(resume_dir, tmp_path / "ref")
 
 
 # 3. Non-finite losses ------------------------------------------------------------------------------------
 
 
-def test_huge_lr_in_epoch_1_raises_training_error_saying_no_checkpoint(data, tmp_path):
+def test_huge_lr_raises_training_error_keeping_the_step_0_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="non-finite loss") as exc:
-        train_run(tiny_cfg(data, out, method="pathotune", epochs=2, lr=1e30, head_lr=1e30), progress=False)
-    assert "no epoch had finished, so there is no checkpoint yet" in str(exc.value)
-    assert not (out / "checkpoints" / "last.pt").exists()
+        cfg = tiny_cfg(data, out, method="pathotune", steps=4, eval_every=4, lr=1e30, head_lr=1e30)
+        train_run(cfg, progress=False)
+    assert f"the last good checkpoint is kept at {out / 'checkpoints' / 'last.pt'}" in str(exc.value)
     assert "\n" not in str(exc.value)
+    ck = load_ckpt(out)  # the probe, judged at step 0, before any update
+    assert ck["fit"]["step"] == 0 and all(torch.isfinite(t).all() for t in ck["trainable"].values())
 
 
-def test_non_finite_parameters_after_last_step_of_epoch_raise_training_error(data, tmp_path):
-    """When the update that blows the weights up is the last step of an epoch, the NaNs first appear in
-    validation; that must stop the run with TrainingError too (linear probe at lr 1e10: the 3rd and last
-    update of epoch 1 overflows)."""
+def test_non_finite_parameters_after_an_update_raise_training_error(data, tmp_path):
+    """When the update that blows the weights up is the last one before an evaluation, the NaNs first appear in
+    validation; that must stop the run with TrainingError too (an AdamW head at lr 1e10)."""
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="non-finite"):
-        train_run(tiny_cfg(data, out, method="linear", epochs=2, lr=1e10, head_lr=1e10), progress=False)
+        train_run(tiny_cfg(data, out, method="linear-adamw", steps=6, lr=1e10, head_lr=1e10), progress=False)
 
 
-def test_non_finite_loss_in_epoch_2_keeps_loadable_checkpoint(data, tmp_path, monkeypatch):
-    steps_per_epoch = 3 * SPLITS["train"] // TINY_CONFIG["batch_size"]
+def test_non_finite_loss_mid_run_keeps_loadable_checkpoint(data, tmp_path, monkeypatch):
     calls = {"train": 0}
     real_forward = run_mod.HeadOnly.forward
 
@@ -235,32 +248,32 @@ def test_non_finite_loss_in_epoch_2_keeps_loadable_checkpoint(data, tmp_path, mo
         logits = real_forward(self, features)
         if self.training:
             calls["train"] += 1
-            if calls["train"] > steps_per_epoch:  # the first training step of epoch 2
+            if calls["train"] > 4:  # the 5th training step
                 return logits * float("nan")
         return logits
 
     monkeypatch.setattr(run_mod.HeadOnly, "forward", forward)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="non-finite loss") as exc:
-        train_run(tiny_cfg(data, out, method="linear", epochs=3), progress=False)
-    assert "epoch 2 step 1" in str(exc.value)
+        train_run(tiny_cfg(data, out, method="linear-adamw", steps=9, eval_every=3), progress=False)
+    assert "at step 5 (epoch 2)" in str(exc.value)
     assert str(out / "checkpoints" / "last.pt") in str(exc.value)
     ck = load_ckpt(out)
-    assert ck["fit"]["epoch"] == 0 and len(ck["fit"]["history"]) == 1
+    assert ck["fit"]["step"] == 3 and len(ck["fit"]["history"]) == 2  # steps 0 and 3
     assert all(torch.isfinite(t).all() for t in ck["trainable"].values())
 
 
 def test_cli_non_finite_loss_is_one_line_exit_2(data, tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
     out = tmp_path / "run"
-    code, _, err = run_main(
-        monkeypatch, capsys, "train", "--data", data, "--method", "pathotune", "--config", cfg, "--epochs", "2",
-        "--lr", "1e30", "--head-lr", "1e30", "--out", out, "--quiet", "--augment", "none", "--accelerator", "cpu",
-    )
+    args = ["train", "--data", data, "--method", "pathotune", "--config", cfg, "--steps", "3", "--lr", "1e30"]
+    args += ["--eval-every", "3"]
+    args += ["--head-lr", "1e30", "--out", out, "--quiet", "--augment", "none", "--accelerator", "cpu"]
+    code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 2
     line = one_line_error(err)
     assert "non-finite loss" in line
-    assert "no checkpoint yet" in line
+    assert "the last good checkpoint is kept" in line
 
 
 # 4. Gradient accumulation ------------------------------------------------------------------------------------
@@ -268,19 +281,18 @@ def test_cli_non_finite_loss_is_one_line_exit_2(data, tmp_path, monkeypatch, cap
 
 def accum_pair(data: Path, tmp_path: Path) -> tuple[Path, Path]:
     """batch 8 x accum 1 against batch 4 x accum 2: same shuffled order (DistributedSampler seeds by seed and
-    epoch only), so each update sees the same sample set, and ceil(len(loader) / accum) gives both the same
-    number of scheduler steps."""
+    epoch only), so each update sees the same sample set, and both count the same optimizer steps."""
     runs = []
     for name, bs, accum in (("b8", 8, 1), ("b4x2", 4, 2)):
         out = tmp_path / name
-        cfg = tiny_cfg(data, out, method="linear", epochs=3, head_lr=0.05, batch_size=bs, grad_accum=accum)
+        cfg = tiny_cfg(data, out, method="linear-adamw", steps=9, head_lr=0.05, batch_size=bs, grad_accum=accum)
         train_run(cfg, progress=False)
         runs.append(out)
     return runs[0], runs[1]
 
 
 def assert_same_training(a: Path, b: Path) -> None:
-    ca, cb = load_ckpt(a), load_ckpt(b)  # last-epoch parameters, whatever epoch was best
+    ca, cb = load_ckpt(a), load_ckpt(b)  # last-step parameters, whatever step was best
     assert ca["trainable"].keys() == cb["trainable"].keys()
     for k in ca["trainable"]:
         torch.testing.assert_close(cb["trainable"][k], ca["trainable"][k], rtol=0, atol=1e-5, msg=k)
@@ -303,41 +315,101 @@ def test_grad_accum_partial_last_group_matches_larger_batch(tmp_path):
     assert_same_training(b8, b4x2)
 
 
-# 5. Early stopping --------------------------------------------------------------------------------------------
+# 5. Budgets in steps and early stopping ------------------------------------------------------------------------
 
 
-def test_early_stopping_keeps_best_epoch(data, tmp_path, monkeypatch):
+def test_budget_from_steps_epochs_and_the_default():
+    by_steps = plan_budget(62, 32, 1, steps=500, default_steps=300, min_steps=200)
+    assert (by_steps.steps, by_steps.eval_every, by_steps.warmup_steps) == (500, 25, 50)
+    assert by_steps.min_steps == 250  # early stopping never fires in the first half
+    # 62 images at batch 32: 30 epochs are 60 steps, raised to the floor
+    floor = plan_budget(62, 32, 1, epochs=30, default_steps=300, min_steps=200)
+    assert floor.steps == 200 and "raised to the floor of 200 steps" in floor.source
+    big = plan_budget(100_000, 32, 1, epochs=2, default_steps=300, min_steps=200)
+    assert big.steps == 2 * 3125  # a large task is not raised
+    default = plan_budget(62, 32, 1, default_steps=300, min_steps=200)
+    assert default.steps == 300 and "default" in default.source
+    with pytest.raises(ConfigError, match="--steps or --epochs"):
+        plan_budget(62, 32, 1, steps=5, epochs=5, default_steps=300, min_steps=200)
+
+
+def test_early_stopping_waits_for_min_steps_and_keeps_the_best_step(data, tmp_path, monkeypatch):
     real = loop_mod.classification_metrics
     calls = {"n": 0}
 
     def worsening(labels, probs, names):
         m = real(labels, probs, names)
         calls["n"] += 1
-        m["balanced_accuracy"] = 1.0 - 0.1 * calls["n"]  # the monitor gets worse every epoch
+        m["balanced_accuracy"] = 1.0 - 0.1 * calls["n"]  # the monitor gets worse at every evaluation
         return m
 
     monkeypatch.setattr(loop_mod, "classification_metrics", worsening)
     out = tmp_path / "run"
-    m = train_run(tiny_cfg(data, out, method="linear", epochs=6, patience=1, head_lr=0.05), progress=False)
-    assert calls["n"] == 2
-    assert (m["epochs_run"], m["best_epoch"]) == (2, 1)
-    assert read_metrics(out)["epochs_run"] == 2
-    assert len(read_log(out)) == 2
+    cfg = tiny_cfg(data, out, method="linear-adamw", steps=12, eval_every=2, patience=1, head_lr=0.05, min_steps=0)
+    m = train_run(cfg, progress=False)
+    # evaluations at steps 0, 2, 4, 6: the smoothed score falls from step 2, but the first half (6 steps) runs
+    assert calls["n"] == 4
+    assert (m["steps_run"], m["selected_step"], m["stopped_early"]) == (6, 0, True)
+    assert [int(r["step"]) for r in read_log(out)] == [0, 2, 4, 6]
     from safetensors.torch import load_file
 
     bundle = load_file(str(out / "bundle" / "prompts.safetensors"))
     ck = load_ckpt(out)
     best, last = ck["fit"]["best_state"]["model.head.weight"], ck["trainable"]["model.head.weight"]
-    assert not torch.equal(best, last), "epoch 2 did not change the head; the test proves nothing"
+    assert not torch.equal(best, last), "training did not change the head; the test proves nothing"
     assert torch.equal(bundle["head.weight"], best)
-    assert torch.equal(bundle["head.bias"], ck["fit"]["best_state"]["model.head.bias"])
 
 
-# 6. Head-only methods train on cached features ------------------------------------------------------------------
+# 6. Start from the probe (LP-FT), keep prompts only where they help ------------------------------------------
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_head_only_backbone_runs_once_per_image(data, tmp_path, monkeypatch, cache):
+@pytest.mark.parametrize("method", ["vpt-deep", "pathotune", "lora", "full"])
+def test_step_0_reproduces_the_probe(data, tmp_path, method):
+    """Every trained method is judged at step 0 with its head set to the fitted probe: the same validation
+    predictions as the linear method, to float precision."""
+    probe = tmp_path / "probe"
+    train_run(tiny_cfg(data, probe, method="linear"), progress=False)
+    out = tmp_path / method
+    m = train_run(tiny_cfg(data, out, method=method, steps=2, eval_every=2), progress=False)
+    assert m["recipe"]["head_init"] == "probe"
+    assert m["probe"]["C"] == read_metrics(probe)["probe"]["C"]
+    step0 = read_log(out)[0]
+    assert int(step0["step"]) == 0 and step0["train_loss"] == ""
+    probe_val = read_metrics(probe)["probe"]
+    assert float(step0["val_loss"]) == pytest.approx(probe_val["val_loss"], abs=1e-6)
+    assert float(step0["val_balanced_accuracy"]) == pytest.approx(probe_val["val_score"], abs=1e-9)
+
+
+def test_prompt_groups_that_never_open_are_removed_from_the_bundle(data, tmp_path):
+    """With the prompt learning rate at 0 the gates stay shut: every subset of groups scores the same on
+    validation, so selection keeps none, and the bundle holds the probe head only."""
+    from pathotune import load_bundle
+
+    out = tmp_path / "run"
+    m = train_run(tiny_cfg(data, out, method="pathotune", steps=2, lr=0.0, head_lr=0.0), progress=False)
+    assert m["prompt_groups"]["kept"] == [] and set(m["prompt_groups"]["dropped"]) == {"tvp", "ttp", "ivp"}
+    assert len(m["prompt_groups"]["candidates"]) == 8
+    assert m["kept_params"] < m["trainable_params"]
+    bundle = load_bundle(out / "bundle")
+    assert bundle.groups == [] and bundle.switches.tvp_tokens == 0
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(out / "bundle" / "prompts.safetensors"))) == {"head.weight", "head.bias"}
+
+
+def test_selection_keeps_groups_that_help(data, tmp_path):
+    out = tmp_path / "run"
+    m = train_run(tiny_cfg(data, out, method="tvp+ttp", steps=6, eval_every=3, lr=0.05), progress=False)
+    cands = {tuple(c["kept"]): c for c in m["prompt_groups"]["candidates"]}
+    best = cands[tuple(m["prompt_groups"]["kept"])]
+    assert all((best["val_score"], -best["val_loss"]) >= (c["val_score"], -c["val_loss"]) for c in cands.values())
+
+
+# 7. Head-only methods train on cached features ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,cache", [("linear", True), ("linear-adamw", True), ("linear-adamw", False)])
+def test_head_only_backbone_runs_once_per_image(data, tmp_path, monkeypatch, method, cache):
     seen = {"images": 0}
     real_create = run_mod.create_model
 
@@ -349,18 +421,17 @@ def test_head_only_backbone_runs_once_per_image(data, tmp_path, monkeypatch, cac
         return model
 
     monkeypatch.setattr(run_mod, "create_model", create_counting)
-    epochs = 3
-    m = train_run(tiny_cfg(data, tmp_path / "run", method="linear", epochs=epochs, cache_features=cache),
-                  progress=False)
+    cfg = tiny_cfg(data, tmp_path / "run", method=method, steps=6, eval_every=3, cache_features=cache)
+    m = train_run(cfg, progress=False)
     n_train, n_val, n_test = (3 * SPLITS[s] for s in ("train", "val", "test"))
     assert m["recipe"]["cached_features"] is cache
     if cache:
         assert seen["images"] == n_train + n_val + n_test
-    else:  # the control: without the cache the backbone runs every epoch
-        assert seen["images"] == epochs * (n_train + n_val) + n_test
+    else:  # the control: without the cache the backbone runs at every step and evaluation
+        assert seen["images"] == 6 * TINY_CONFIG["batch_size"] + 3 * n_val + n_test
 
 
-# 7. Seeds --------------------------------------------------------------------------------------------------------
+# 8. Seeds --------------------------------------------------------------------------------------------------------
 
 
 def test_seeds_aggregate_mean_and_std(tmp_path, monkeypatch, capsys):
@@ -368,10 +439,9 @@ def test_seeds_aggregate_mean_and_std(tmp_path, monkeypatch, capsys):
     data = write_dataset(tmp_path / "tiles", {"train": 6, "val": 4, "test": 5}, seed=4, noise_sd=160.0)
     cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
     out = tmp_path / "run"
-    code, _, err = run_main(
-        monkeypatch, capsys, "train", "--data", data, "--method", "linear", "--config", cfg, "--epochs", "2",
-        "--seeds", "0", "1", "2", "--out", out, "--quiet", "--augment", "none", "--accelerator", "cpu",
-    )
+    args = ["train", "--data", data, "--method", "linear-adamw", "--config", cfg, "--steps", "4"]
+    args += ["--seeds", "0", "1", "2", "--out", out, "--quiet", "--augment", "none", "--accelerator", "cpu"]
+    code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     summary = read_metrics(out)
     assert summary["seeds"] == [0, 1, 2]
@@ -389,17 +459,28 @@ def test_seeds_aggregate_mean_and_std(tmp_path, monkeypatch, capsys):
     assert [p["seed"] for p in summary["per_seed"]] == [0, 1, 2]
 
 
-# 8. What a run folder holds ----------------------------------------------------------------------------------------
+# 9. What a run folder holds ----------------------------------------------------------------------------------------
 
-RUN_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "trainable_params", "total_params", "method",
-            "backbone", "seed", "n_train", "n_test"}
+RUN_KEYS = {
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "auroc",
+    "trainable_params",
+    "total_params",
+    "method",
+    "backbone",
+    "seed",
+    "n_train",
+    "n_test",
+}
 
 
 @pytest.mark.parametrize("with_test", [True, False])
 def test_run_folder_contents(data, data_no_test, tmp_path, with_test):
     src = data if with_test else data_no_test
     out = tmp_path / "run"
-    cfg = tiny_cfg(src, out, method="pathotune", epochs=2, bootstrap=50)
+    cfg = tiny_cfg(src, out, method="pathotune", steps=4, eval_every=2, bootstrap=50)
     m = train_run(cfg, progress=False)
 
     assert load_config(out / "config.yaml") == cfg
@@ -423,6 +504,8 @@ def test_run_folder_contents(data, data_no_test, tmp_path, with_test):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert (out / "bundle" / "manifest.json").is_file()
     assert (out / "bundle" / "prompts.safetensors").is_file()
-    assert load_ckpt(out)["fit"]["epoch"] == 1
+    assert load_ckpt(out)["fit"]["step"] == 4
     log = read_log(out)
-    assert [int(r["epoch"]) for r in log] == [1, 2] and saved["epochs_run"] == 2
+    assert [int(r["step"]) for r in log] == [0, 2, 4] and saved["steps_run"] == 4
+    assert saved["budget"]["steps"] == 4 and saved["selected_step"] in (0, 2, 4)
+    assert "## Training" in report and f"selected step {saved['selected_step']}" in report

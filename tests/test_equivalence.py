@@ -32,10 +32,12 @@ def test_prompts_off_equals_plain_timm(case, name, extra, method, images):
         assert model.backbone.num_prefix_tokens == 5
 
 
-def test_prompted_features_differ_from_plain(tiny_kwargs, images, text_features):
+def test_prompted_features_differ_from_plain_once_gates_open(tiny_kwargs, images, text_features):
     torch.manual_seed(0)
     model = create_model("vit_small_patch16_224", "pathotune", 3, text_features=text_features, **tiny_kwargs)
     with torch.no_grad():
         plain = model.backbone(images)
-        prompted = model.forward_features(images)
-    assert not torch.allclose(plain, prompted)
+        assert torch.equal(model.forward_features(images), plain)  # zero-initialised gates: step 0 is frozen
+        for g in model.gates.values():
+            g.fill_(0.5)
+        assert not torch.allclose(plain, model.forward_features(images))

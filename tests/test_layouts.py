@@ -30,7 +30,7 @@ def write_img(path: Path, color: tuple[int, int, int] = (190, 90, 160)) -> Path:
 
 
 def test_registry_lists_every_layout() -> None:
-    assert list_layouts() == ["bach", "breakhis", "mhist", "nct-crc-he", "pcam"]
+    assert list_layouts() == ["bach", "breakhis", "histolytics-hgsc", "mhist", "nct-crc-he", "pcam"]
     assert set(LAYOUTS) == set(list_layouts())
     assert get_layout("BreakHis") is LAYOUTS["breakhis"]
     assert LAYOUTS["breakhis"].options == ("subtypes", "magnification")
@@ -249,9 +249,7 @@ def test_breakhis_binary_labels_and_patient_split(tmp_path: Path) -> None:
     assert len(src) == 8 * 4
     for s in src.all_samples():
         assert s.path_or_key.parts[-6] == src.classes[s.label]
-    patients = {
-        split: {_patient_of(s.path_or_key) for s in src.split(split)} for split in ("train", "val", "test")
-    }
+    patients = {split: {_patient_of(s.path_or_key) for s in src.split(split)} for split in ("train", "val", "test")}
     assert all(patients[split] for split in patients)
     assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"])
     assert not patients["val"] & patients["test"]
@@ -260,9 +258,7 @@ def test_breakhis_binary_labels_and_patient_split(tmp_path: Path) -> None:
     again = load_source(f"layout:breakhis:{tmp_path}", val_fraction=0.25, test_fraction=0.25, seed=0)
     assert again.samples == src.samples
     splits = {
-        seed: load_source(
-            tmp_path, layout="breakhis", val_fraction=0.25, test_fraction=0.25, seed=seed
-        ).samples
+        seed: load_source(tmp_path, layout="breakhis", val_fraction=0.25, test_fraction=0.25, seed=seed).samples
         for seed in range(1, 4)
     }
     assert any(v != src.samples for v in splits.values())

@@ -19,7 +19,13 @@ def make_bundles(tmp_path, text_features, specs):
         torch.manual_seed(10 + i)
         task = Task(name=f"task{i}", classes=tuple(f"c{j}" for j in range(n_classes)))
         model = create_model(
-            NAME, method, n_classes, task=task, img_size=32, backbone_kwargs=TINY, text_features=text_features,
+            NAME,
+            method,
+            n_classes,
+            task=task,
+            img_size=32,
+            backbone_kwargs=TINY,
+            text_features=text_features,
             **switches,
         )
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Where prompts enter, what they replace, and what pooling reads."""
+"""Where prompts enter, how image tokens read them, what they replace, and what pooling reads."""
 
 from __future__ import annotations
 
@@ -8,152 +8,206 @@ import pytest
 import torch
 
 from pathotune import ConfigError, create_model
+from pathotune.model import GROUP_ORDER
 
 NAME = "vit_small_patch16_224"
-N_PATCH = 4  # 32 px / 16 px patches -> 2x2
+METHODS_WITH_PROMPTS = ["vpt-shallow", "vpt-deep", "text", "instance", "tvp+ttp", "tvp+ivp", "ttp+ivp", "pathotune"]
 
 
-def capture_block_inputs(model) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    for blk in model.backbone.blocks:
-        blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    return seen
-
-
-def test_shallow_tvp_enters_once_without_position_embedding(tiny_kwargs, images):
-    model = create_model(NAME, "vpt-shallow", 3, tvp_tokens=5, **tiny_kwargs).eval()
-    seen = capture_block_inputs(model)
+def open_gates(model, value: float = 0.7) -> None:
     with torch.no_grad():
-        model(images)
-    p = model.backbone.num_prefix_tokens
-    assert [s.shape[1] for s in seen] == [p + 5 + N_PATCH] * 3
-    # Block 0 sees the raw prompt parameters (no position embedding added) ...
-    torch.testing.assert_close(seen[0][:, p : p + 5], model.tvp.tokens[0].expand(4, -1, -1))
-    # ... and later blocks see the previous block's outputs there, not fresh prompts.
-    assert not torch.allclose(seen[1][:, p : p + 5], model.tvp.tokens[0].expand(4, -1, -1))
-    # Patch tokens and prefix are exactly the unprompted embedding.
-    with torch.no_grad():
-        emb = model.backbone.embed(images)
-    torch.testing.assert_close(seen[0][:, :p], emb[:, :p])
-    torch.testing.assert_close(seen[0][:, p + 5 :], emb[:, p:])
+        for g in model.gates.values():
+            g.fill_(value)
 
 
-def test_deep_tvp_replaces_previous_layer_prompt_outputs(tiny_kwargs, images):
-    model = create_model(NAME, "vpt-deep", 3, tvp_tokens=3, **tiny_kwargs).eval()
-    seen: list[torch.Tensor] = capture_block_inputs(model)
-    outs: list[torch.Tensor] = []
-    for blk in model.backbone.blocks:
-        blk.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+def concatenated_forward(model, images):
+    """VPT as published: prompts concatenated into the sequence, [prefix][TTP][IVP][TVP][patches], timm blocks.
+
+    The reference for ``prompt_attn="joint"``: deep TVP replaces its slice at each of its layers, TTP and IVP
+    enter once and travel on.
+    """
+    bb = model.backbone
+    p = bb.num_prefix_tokens
+    inst = model._instance_tokens(images)
+    h = bb.embed(images)
+    lengths: dict[str, int] = {}
+    for i, blk in enumerate(bb.blocks):
+        for group in model.schedule.get(i, ()):
+            tokens = model.group_tokens(group, i, _image_tokens(h, p, lengths), inst)
+            offset = p + sum(lengths.get(g, 0) for g in GROUP_ORDER[: GROUP_ORDER.index(group)])
+            old = lengths.get(group, 0)
+            lengths[group] = tokens.shape[1]
+            h = torch.cat([h[:, :offset], tokens, h[:, offset + old :]], dim=1)
+        h = blk(h)
+    return bb.pool(_image_tokens(h, p, lengths))
+
+
+def _image_tokens(h, p, lengths):
+    n = sum(lengths.values())
+    return torch.cat([h[:, :p], h[:, p + n :]], dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS_WITH_PROMPTS)
+def test_gated_prompts_start_exactly_at_the_frozen_model(method, tiny_kwargs, images, text_features):
+    """Zero-initialised gates: step 0 of every prompt method gives the frozen backbone's features, bit for bit."""
+    torch.manual_seed(0)
+    model = create_model(NAME, method, 3, text_features=text_features, **tiny_kwargs).eval()
+    assert model.groups and set(model.gates) == set(model.groups)
     with torch.no_grad():
-        model(images)
-    p = model.backbone.num_prefix_tokens
-    assert model.tvp.tokens.shape == (3, 3, 32)
-    for layer in range(3):
-        assert seen[layer].shape[1] == p + 3 + N_PATCH  # replaced, never accumulated
-        torch.testing.assert_close(seen[layer][:, p : p + 3], model.tvp.tokens[layer].expand(4, -1, -1))
-    for layer in (1, 2):
-        # Layer l's prompt slots do not carry layer l-1's prompt outputs ...
-        assert not torch.allclose(seen[layer][:, p : p + 3], outs[layer - 1][:, p : p + 3])
-        # ... while prefix and patch tokens flow on unchanged.
-        torch.testing.assert_close(seen[layer][:, :p], outs[layer - 1][:, :p])
-        torch.testing.assert_close(seen[layer][:, p + 3 :], outs[layer - 1][:, p + 3 :])
+        assert torch.equal(model.forward_features(images), model.backbone(images))
+        open_gates(model)
+        assert not torch.allclose(model.forward_features(images), model.backbone(images))
+
+
+def test_gated_start_is_exact_on_register_and_avg_pooled_backbones(images, text_features):
+    for name, extra in [("vit_small_patch14_reg4_dinov2", {}), (NAME, {"global_pool": "avg"})]:
+        kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, **extra}
+        model = create_model(
+            name, "pathotune", 3, img_size=28, backbone_kwargs=kwargs, text_features=text_features
+        ).eval()
+        x = images[:, :, :28, :28]
+        with torch.no_grad():
+            assert torch.equal(model.forward_features(x), model.backbone(x))
+
+
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep", "pathotune"])
+def test_joint_attention_equals_prompts_concatenated_into_the_sequence(method, tiny_kwargs, images, text_features):
+    torch.manual_seed(0)
+    model = create_model(NAME, method, 3, prompt_attn="joint", text_features=text_features, **tiny_kwargs).eval()
+    assert not model.gates
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images), concatenated_forward(model, images))
+
+
+def test_a_group_with_closed_gates_is_switched_off_exactly(tiny_kwargs, images, text_features):
+    """Groups are independent: closing IVP's gates gives the model without IVP (to float rounding)."""
+    torch.manual_seed(0)
+    full = create_model(NAME, "pathotune", 3, text_features=text_features, **tiny_kwargs).eval()
+    without = create_model(NAME, "tvp+ttp", 3, text_features=text_features, **tiny_kwargs).eval()
+    open_gates(full)
+    with torch.no_grad():
+        full.gates["ivp"].zero_()
+    without.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("ivp.", "gates.ivp"))})
+    with torch.no_grad():
+        torch.testing.assert_close(full.forward_features(images), without.forward_features(images), atol=1e-6, rtol=0)
+
+
+def test_gated_block_matches_the_zero_init_attention_formula(tiny_kwargs):
+    """Image tokens: softmax over themselves plus tanh(g) x a separate softmax over each group's keys."""
+    from pathotune.prompts.attention import prompted_block
+
+    torch.manual_seed(0)
+    model = create_model(NAME, "linear", 3, **tiny_kwargs).eval()
+    blk = model.backbone.blocks[0]
+    h, p1, p2 = torch.randn(2, 5, 32), torch.randn(2, 3, 32), torch.randn(2, 2, 32)
+    g1, g2 = torch.tensor([0.3, -0.5]), torch.tensor([0.8, 0.1])
+    with torch.no_grad():
+        out, _ = prompted_block(blk, h, [p1, p2], [g1, g2], [False, False])
+        a = blk.attn
+        heads, hd = a.num_heads, a.head_dim
+
+        def qkv(t):
+            return a.qkv(blk.norm1(t)).reshape(2, t.shape[1], 3, heads, hd).permute(2, 0, 3, 1, 4)
+
+        q, k, v = qkv(h)
+        o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
+        for pr, g in ((p1, g1), (p2, g2)):
+            _, pk, pv = qkv(pr)
+            o = o + g.view(1, -1, 1, 1) * (torch.softmax(q @ pk.transpose(-1, -2) / math.sqrt(hd), -1) @ pv)
+        x = h + a.proj(o.transpose(1, 2).reshape(2, 5, 32))
+        x = x + blk.mlp(blk.norm2(x))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+
+
+def test_deep_tvp_reads_fresh_tokens_at_each_layer(tiny_kwargs, images):
+    """Deep TVP: each layer's tokens matter; shallow TVP: only layer 0's exist and they travel on."""
+    torch.manual_seed(0)
+    deep = create_model(NAME, "vpt-deep", 3, tvp_tokens=3, **tiny_kwargs).eval()
+    assert deep.tvp.tokens.shape == (3, 3, 32) and deep.tvp_layers == [0, 1, 2]
+    assert deep.keep == {0: set(), 1: set(), 2: set()}  # replaced at the next block: keys and values only
+    open_gates(deep)
+    with torch.no_grad():
+        before = deep.forward_features(images)
+        deep.tvp.tokens[2].add_(torch.randn_like(deep.tvp.tokens[2]))  # a constant shift would vanish in LN
+        assert not torch.allclose(deep.forward_features(images), before)
+    shallow = create_model(NAME, "vpt-shallow", 3, tvp_tokens=3, **tiny_kwargs)
+    assert shallow.tvp.tokens.shape == (1, 3, 32) and shallow.keep == {0: {"tvp"}, 1: {"tvp"}, 2: set()}
 
 
 def test_deep_tvp_depth_and_entry_layer(tiny_kwargs, images):
     model = create_model(NAME, "vpt-deep", 3, tvp_tokens=2, tvp_layer=1, tvp_depth=1, **tiny_kwargs).eval()
-    seen = capture_block_inputs(model)
-    with torch.no_grad():
-        model(images)
-    p = model.backbone.num_prefix_tokens
     assert model.tvp_layers == [1]
-    assert [s.shape[1] for s in seen] == [p + N_PATCH, p + 2 + N_PATCH, p + 2 + N_PATCH]
-
-
-def test_token_order_prefix_ttp_ivp_tvp_patches(tiny_kwargs, images, text_features):
-    model = create_model(
-        NAME,
-        "pathotune",
-        3,
-        tvp_tokens=2,
-        ttp_tokens=3,
-        ivp_tokens=4,
-        text_features=text_features,
-        **tiny_kwargs,
-    ).eval()
-    seen = capture_block_inputs(model)
+    assert model.gates["tvp"].shape == (2, 2)  # blocks 1 and 2, two heads each
+    entered: list[int] = []
+    model.backbone.blocks[0].register_forward_pre_hook(lambda m, a: entered.append(0))
     with torch.no_grad():
         model(images)
-        inst = model.backbone.forward_tokens(images)
-        ttp = model.ttp(4)
-        ivp = model.ivp(inst, model.backbone.num_prefix_tokens)
-        emb = model.backbone.embed(images)
-    p = model.backbone.num_prefix_tokens
-    x = seen[3]  # the instance pass (plain backbone) ran first
-    assert [s.shape[1] for s in seen[:3]] == [p + N_PATCH] * 3
-    assert x.shape[1] == p + 3 + 4 + 2 + N_PATCH
-    torch.testing.assert_close(x[:, :p], emb[:, :p])
-    torch.testing.assert_close(x[:, p : p + 3], ttp)
-    torch.testing.assert_close(x[:, p + 3 : p + 7], ivp)
-    torch.testing.assert_close(x[:, p + 7 : p + 9], model.tvp.tokens[0].expand(4, -1, -1))
-    torch.testing.assert_close(x[:, p + 9 :], emb[:, p:])
+    assert entered == [0]  # block 0 has no prompts: it runs as the plain timm block
 
 
 def test_ivp_is_per_image_and_ttp_per_task(tiny_kwargs, images, text_features):
+    torch.manual_seed(0)
     model = create_model(NAME, "ttp+ivp", 3, text_features=text_features, **tiny_kwargs).eval()
-    seen = capture_block_inputs(model)
     with torch.no_grad():
-        model(images)
-    p = model.backbone.num_prefix_tokens
-    ttp, ivp = seen[-3][:, p : p + 4], seen[-3][:, p + 4 : p + 8]
+        for p in model.ivp.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        h = model.backbone.embed(images)
+        inst = model._instance_tokens(images)
+        ttp = model.group_tokens("ttp", 0, h, inst)
+        ivp = model.group_tokens("ivp", 0, h, inst)
+    assert ttp.shape == (4, 4, 32) and ivp.shape == (4, 4, 32)
     assert torch.equal(ttp[0], ttp[1])  # constant per task
     assert not torch.allclose(ivp[0], ivp[1])  # differs per image
 
 
-def test_pooling_ignores_prompts(images):
+def test_vrm_starts_as_plain_learnable_tokens(tiny_kwargs, images):
+    """The VRM's output layer is zero-initialised: IVP starts as its base tokens, whatever the image."""
+    model = create_model(NAME, "instance", 3, **tiny_kwargs).eval()
+    with torch.no_grad():
+        tokens = model.group_tokens("ivp", 0, model.backbone.embed(images), model._instance_tokens(images))
+    torch.testing.assert_close(tokens, model.ivp.base.expand(4, -1, -1))
+    assert model.switches.ivp_hidden == 64 and model.switches.ivp_dropout == 0.1
+
+
+def test_pooling_ignores_prompts_unless_switched(images):
     kwargs = {
         "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"},
         "img_size": 32,
     }
     torch.manual_seed(0)
     model = create_model(NAME, "vpt-shallow", 3, tvp_tokens=4, **kwargs).eval()
+    open_gates(model)
     normed: list[torch.Tensor] = []
     model.backbone.vit.norm.register_forward_hook(lambda m, a, o: normed.append(o.detach().clone()))
     with torch.no_grad():
         feats = model.forward_features(images)
     p = model.backbone.num_prefix_tokens
-    assert normed[0].shape[1] == p + N_PATCH
+    assert normed[0].shape[1] == p + 4  # 2x2 patches, no prompts
     torch.testing.assert_close(feats, model.backbone.vit.fc_norm(normed[0][:, p:].mean(1)))
     switched = create_model(NAME, "vpt-shallow", 3, tvp_tokens=4, pool_prompts=True, **kwargs).eval()
     switched.load_state_dict(model.state_dict())
+    switched.backbone.vit.norm.register_forward_hook(lambda m, a, o: normed.append(o.detach().clone()))
     with torch.no_grad():
         assert not torch.allclose(switched.forward_features(images), feats)
+    assert normed[-1].shape[1] == p + 4 + 4
 
 
 def test_early_ivp_costs_no_second_pass(tiny_kwargs, images, text_features):
     model = create_model(
-        NAME,
-        "pathotune",
-        3,
-        ivp_source="early",
-        ivp_layer=1,
-        ttp_layer=1,
-        tvp_layer=1,
-        text_features=text_features,
-        **tiny_kwargs,
+        NAME, "pathotune", 3, ivp_source="early", ivp_layer=1, text_features=text_features, **tiny_kwargs
     ).eval()
     calls = []
     model.backbone.vit.patch_embed.register_forward_hook(lambda m, a, o: calls.append(1))
-    seen = capture_block_inputs(model)
-    outs: list[torch.Tensor] = []
-    model.backbone.blocks[0].register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    read: list[torch.Tensor] = []
+    model.ivp.vrm.register_forward_pre_hook(lambda m, a: read.append(a[0].detach().clone()))
     with torch.no_grad():
         model(images)
     assert len(calls) == 1  # one patch embedding: no second encoder pass
-    p = model.backbone.num_prefix_tokens
-    assert seen[0].shape[1] == p + N_PATCH  # block 0 runs unprompted
+    assert model.first_layer == {"ttp": 0, "ivp": 1, "tvp": 0}
+    # The VRM reads the image tokens after block 0 (gates at 0: exactly the frozen block's output).
     with torch.no_grad():
-        expected_ivp = model.ivp(outs[0], p)
-    torch.testing.assert_close(seen[1][:, p + 4 : p + 8], expected_ivp)
+        expected = model.backbone.blocks[0](model.backbone.embed(images))
+    torch.testing.assert_close(read[0], expected)
 
 
 def test_vpt_initialisation_range(tiny_kwargs):
@@ -163,7 +217,7 @@ def test_vpt_initialisation_range(tiny_kwargs):
     assert t.abs().max() <= bound and t.abs().max() > 0.8 * bound
 
 
-def test_separate_instance_encoder_cnn(tiny_kwargs, images):
+def test_separate_instance_encoder_cnn_pools_the_whole_feature_map(tiny_kwargs, images):
     model = create_model(
         NAME, "instance", 3, ivp_source="encoder", ivp_encoder="resnet18", ivp_vrm="mlp", **tiny_kwargs
     ).eval()
@@ -172,6 +226,14 @@ def test_separate_instance_encoder_cnn(tiny_kwargs, images):
     assert out.shape == (4, 3)
     assert model.instance_encoder.dim == 512
     assert model.provenance.instance_fingerprint
+    # A CNN has no prefix token: the MLP VRM must read the mean of the map, not its top-left cell.
+    assert model.instance_prefix_tokens == 0
+    seen: list[torch.Tensor] = []
+    model.ivp.vrm.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(images)
+        fmap = model.instance_encoder(images)
+    torch.testing.assert_close(seen[0], fmap.mean(1))
 
 
 def test_bad_switches_are_refused(tiny_kwargs):
@@ -179,16 +241,23 @@ def test_bad_switches_are_refused(tiny_kwargs):
         create_model(NAME, "vpt-deep", 3, tvp_tokenz=3, **tiny_kwargs)
     with pytest.raises(ConfigError, match="ivp_vrm"):
         create_model(NAME, "instance", 3, ivp_vrm="conv", **tiny_kwargs)
+    with pytest.raises(ConfigError, match="prompt_attn"):
+        create_model(NAME, "instance", 3, prompt_attn="sideways", **tiny_kwargs)
+    with pytest.raises(ConfigError, match="ivp_dropout must be in"):
+        create_model(NAME, "instance", 3, ivp_dropout=1.5, **tiny_kwargs)
     with pytest.raises(ConfigError, match="tvp_layer=7 must be < the backbone depth 3"):
         create_model(NAME, "vpt-deep", 3, tvp_layer=7, **tiny_kwargs)
     with pytest.raises(ConfigError, match="unknown method"):
         create_model(NAME, "prompt-magic", 3, **tiny_kwargs)
+    with pytest.raises(ConfigError, match="needs ivp_encoder"):
+        create_model(NAME, "pathotune-fm", 3, **tiny_kwargs)
 
 
 def test_instance_cache_skips_the_second_pass_for_seen_images(tiny_kwargs, images):
     torch.manual_seed(0)
-    plain = create_model(NAME, "instance", 3, **tiny_kwargs).eval()
-    cached = create_model(NAME, "instance", 3, ivp_cache=16, **tiny_kwargs).eval()
+    plain = create_model(NAME, "instance", 3, ivp_source="backbone", **tiny_kwargs).eval()
+    cached = create_model(NAME, "instance", 3, ivp_source="backbone", ivp_cache=16, **tiny_kwargs).eval()
+    open_gates(plain)
     cached.load_state_dict(plain.state_dict())
     passes = []
     cached.backbone.vit.patch_embed.register_forward_hook(lambda m, a, o: passes.append(o.shape[0]))

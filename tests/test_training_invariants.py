@@ -12,15 +12,17 @@ NAME = "vit_small_patch16_224"
 # The top-level modules whose parameters each method trains (besides anything not listed: frozen).
 EXPECTED = {
     "linear": {"head"},
+    "linear-adamw": {"head"},
     "full": {"head", "backbone"},
-    "vpt-shallow": {"head", "tvp"},
-    "vpt-deep": {"head", "tvp"},
-    "text": {"head", "ttp"},
-    "instance": {"head", "ivp"},
-    "pathotune": {"head", "tvp", "ttp", "ivp"},
-    "tvp+ttp": {"head", "tvp", "ttp"},
-    "tvp+ivp": {"head", "tvp", "ivp"},
-    "ttp+ivp": {"head", "ttp", "ivp"},
+    "vpt-shallow": {"head", "tvp", "gates"},
+    "vpt-deep": {"head", "tvp", "gates"},
+    "text": {"head", "ttp", "gates"},
+    "instance": {"head", "ivp", "gates"},
+    "pathotune": {"head", "tvp", "ttp", "ivp", "gates"},
+    "pathotune-fm": {"head", "tvp", "ttp", "ivp", "gates"},
+    "tvp+ttp": {"head", "tvp", "ttp", "gates"},
+    "tvp+ivp": {"head", "tvp", "ivp", "gates"},
+    "ttp+ivp": {"head", "ttp", "ivp", "gates"},
     "lora": {"head", "backbone"},
 }
 
@@ -32,7 +34,8 @@ def test_every_method_is_covered():
 @pytest.mark.parametrize("method", sorted(EXPECTED))
 def test_trainable_set_and_frozen_weights(method, tiny_kwargs, images, text_features):
     torch.manual_seed(0)
-    extra = {"ivp_source": "encoder", "ivp_encoder": "vit_tiny_patch16_224"} if method == "instance" else {}
+    encoder = {"ivp_source": "encoder", "ivp_encoder": "vit_tiny_patch16_224"}
+    extra = encoder if method in ("instance", "pathotune-fm") else {}
     model = create_model(NAME, method, 3, text_features=text_features, **extra, **tiny_kwargs)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in trainable} == EXPECTED[method]
@@ -48,7 +51,9 @@ def test_trainable_set_and_frozen_weights(method, tiny_kwargs, images, text_feat
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     model.train()
-    for _ in range(2):  # two steps: LoRA's A only gets a gradient once B has left zero
+    # Three steps: zero-initialised parts (prompt gates, the VRM's output layer, LoRA's B) open the way one step
+    # at a time, so everything behind them has moved by step 3.
+    for _ in range(3):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2, 0])).backward()
         opt.step()

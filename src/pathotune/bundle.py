@@ -73,17 +73,13 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
-        raise BundleError(
-            f"bundle {path} not found; pass the folder written by `pathotune train` or save_bundle"
-        )
+        raise BundleError(f"bundle {path} not found; pass the folder written by `pathotune train` or save_bundle")
     if not mf.is_file():
         raise BundleError(f"bundle {path} has no {MANIFEST}; it is incomplete, re-export it with save_bundle")
     try:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(
-            f"bundle manifest {mf} is corrupt ({e.msg if hasattr(e, 'msg') else e}); re-export it"
-        ) from e
+        raise BundleError(f"bundle manifest {mf} is corrupt ({e.msg if hasattr(e, 'msg') else e}); re-export it") from e
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise BundleError(f"bundle manifest {mf} has no format_version; it was not written by pathotune")
@@ -115,8 +111,7 @@ def load_bundle(
     prov = Provenance(**manifest["provenance"])
     if backbone is not None and backbone != prov.backbone:
         raise BundleError(
-            f"bundle {path} was trained on backbone '{prov.backbone}', not '{backbone}'; "
-            f"use it with '{prov.backbone}'"
+            f"bundle {path} was trained on backbone '{prov.backbone}', not '{backbone}'; use it with '{prov.backbone}'"
         )
     tensor_file = path / TENSORS
     if not tensor_file.is_file():

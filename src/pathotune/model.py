@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -17,11 +18,20 @@ from .backbones.loading import fingerprint
 from .errors import ConfigError
 from .methods import get_method
 from .prompts import InstanceEncoder, InstancePrompts, TextualPrompts, VisualPrompts
+from .prompts.attention import check_block, prompted_block
 from .switches import Switches
 from .task import Task
 
 # Prompt groups in sequence order: [prefix][TTP][IVP][TVP][patches].
 GROUP_ORDER = ("ttp", "ivp", "tvp")
+
+
+class PromptSource(Protocol):
+    """Where a forward takes prompt tokens and gates from: a model itself, or MultiTaskModel's per-sample mix."""
+
+    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor: ...
+
+    def group_gate(self, group: str, layer: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -58,9 +68,10 @@ class PathoTuneModel(nn.Module):
         self.num_classes = num_classes
         self.backbone = backbone
         dim, depth = backbone.embed_dim, backbone.depth
-        for name in ("tvp_layer", "ttp_layer", "ivp_layer"):
-            if getattr(s, name) >= depth:
-                raise ConfigError(f"switch {name}={getattr(s, name)} must be < the backbone depth {depth}")
+        entries = {"tvp_layer": s.tvp_layer, "ttp_layer": s.ttp_layer, "ivp_layer": s.ivp_entry(depth)}
+        for name, layer in entries.items():
+            if getattr(s, f"{name[:3]}_tokens") and layer >= depth:
+                raise ConfigError(f"switch {name}={layer} must be < the backbone depth {depth}")
 
         self.tvp_layers: list[int] = []
         self.tvp = self.ttp = self.ivp = None
@@ -76,24 +87,62 @@ class PathoTuneModel(nn.Module):
         self.instance_encoder = instance_encoder
         if s.ivp_tokens:
             in_dim = instance_encoder.dim if instance_encoder is not None else dim
-            self.ivp = InstancePrompts(s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_hidden)
+            self.ivp = InstancePrompts(
+                s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_hidden, s.ivp_dropout, backbone.patch_size
+            )
 
-        self.schedule: dict[int, list[str]] = {}
-        for layer, group in [(s.ttp_layer, "ttp"), (s.ivp_layer, "ivp")] + [(i, "tvp") for i in self.tvp_layers]:
-            if getattr(self, group) is not None:
-                self.schedule.setdefault(layer, []).append(group)
+        self._plan_layers()
+        if self.groups:
+            check_block(backbone.blocks[0])
+        heads = int(backbone.blocks[0].attn.num_heads)
+        # Zero-initialised per-layer, per-head gates: at step 0 every prompt group is exactly a no-op.
+        self.gates = nn.ParameterDict(
+            {g: nn.Parameter(torch.zeros(depth - self.first_layer[g], heads)) for g in self.groups}
+            if s.prompt_attn == "gated"
+            else {}
+        )
 
         self.instance_cache = InstanceCache(s.ivp_cache) if s.ivp_cache and self.ivp is not None else None
         self.head_drop = nn.Dropout(s.head_dropout)
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         self._set_trainable()
 
+    def _plan_layers(self) -> None:
+        """Where each group (re)enters, and after which blocks a group's output tokens are still read."""
+        s, depth = self.switches, self.backbone.depth
+        self.schedule: dict[int, list[str]] = {}
+        entries = [(s.ttp_layer, "ttp"), (s.ivp_entry(depth), "ivp")] + [(i, "tvp") for i in self.tvp_layers]
+        for layer, group in entries:
+            if getattr(self, group) is not None:
+                self.schedule.setdefault(layer, []).append(group)
+        self.first_layer = {g: min(i for i, gs in self.schedule.items() if g in gs) for g in self.groups}
+        self.keep: dict[int, set[str]] = {}
+        for i in range(depth):
+            present = {g for g in self.groups if self.first_layer[g] <= i}
+            after = present - set(self.schedule.get(i + 1, ())) if i + 1 < depth else set()
+            self.keep[i] = present if i + 1 == depth and s.pool_prompts else after
+
+    def drop_groups(self, names: list[str]) -> None:
+        """Remove prompt groups for good (validation found they do not help): no tensors, no inference cost."""
+        for g in names:
+            setattr(self, g, None)
+            if g in self.gates:
+                del self.gates[g]
+            if g == "tvp":
+                self.tvp_layers = []
+            if g == "ivp":
+                self.instance_encoder = self.instance_cache = None
+                prov = self.provenance
+                prov.instance_encoder = prov.instance_weights = prov.instance_fingerprint = None
+        self.switches = self.switches.update(**{f"{g}_tokens": 0 for g in names})
+        self._plan_layers()
+
     # training set-up
     def _set_trainable(self) -> None:
         self.requires_grad_(False)
         self.head.requires_grad_(True)
         if self.switches.train in ("prompts", "all", "lora"):
-            for m in (self.tvp, self.ttp, self.ivp):
+            for m in (self.tvp, self.ttp, self.ivp, self.gates):
                 if m is not None:
                     m.requires_grad_(True)
         if self.switches.train == "all":
@@ -154,22 +203,29 @@ class PathoTuneModel(nn.Module):
             return self._encode_instances(x)
         return self.instance_cache.lookup(x, self._encode_instances)
 
-    def instance_input(self, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int) -> torch.Tensor:
-        """What the VRM reads: the instance encoder's tokens or, for "early", this depth's tokens minus prompts."""
-        if inst is not None:
-            return inst
-        p = self.backbone.num_prefix_tokens
-        return torch.cat([h[:, :p], h[:, p + n_prompts :]], dim=1)
+    @property
+    def groups(self) -> list[str]:
+        """The prompt groups this model has, in sequence order."""
+        return [g for g in GROUP_ORDER if getattr(self, g, None) is not None]
 
-    def _group_tokens(
-        self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int
-    ) -> torch.Tensor:
+    @property
+    def instance_prefix_tokens(self) -> int:
+        """Prefix tokens of whatever the VRM reads: the instance encoder's, else the backbone's."""
+        enc = self.instance_encoder
+        return enc.num_prefix_tokens if enc is not None else self.backbone.num_prefix_tokens
+
+    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
+        """Tokens of ``group`` entering before block ``layer``. IVP reads ``inst``, else this depth's tokens."""
         batch = h.shape[0]
         if group == "tvp":
-            return self.tvp(self.tvp_layers.index(layer), batch)
+            return self.tvp(self.tvp_layers.index(layer), batch).to(h.dtype)
         if group == "ttp":
             return self.ttp(batch).to(h.dtype)
-        return self.ivp(self.instance_input(h, inst, n_prompts), self.backbone.num_prefix_tokens).to(h.dtype)
+        return self.ivp(h if inst is None else inst, self.instance_prefix_tokens).to(h.dtype)
+
+    def group_gate(self, group: str, layer: int) -> torch.Tensor:
+        """The (H,) gate of ``group`` in block ``layer``, through tanh."""
+        return torch.tanh(self.gates[group][layer - self.first_layer[group]])
 
     @property
     def layout(self) -> tuple:
@@ -177,29 +233,36 @@ class PathoTuneModel(nn.Module):
         s = self.switches
         counts = tuple(getattr(s, f"{g}_tokens") for g in GROUP_ORDER)
         sched = tuple(sorted((k, tuple(v)) for k, v in self.schedule.items()))
-        return (counts, sched, s.ivp_source, s.pool_prompts, self.provenance.instance_fingerprint)
+        return (counts, sched, s.ivp_source, s.pool_prompts, s.prompt_attn, self.provenance.instance_fingerprint)
 
-    def forward_features(self, x: torch.Tensor, prompt_tokens: Callable | None = None) -> torch.Tensor:
-        """Pooled features (B, feature_dim). With every prompt off this is exactly the frozen backbone's.
+    def forward_features(self, x: torch.Tensor, prompts: PromptSource | None = None) -> torch.Tensor:
+        """Pooled features (B, feature_dim). With every prompt off (or gated to 0) this is the frozen backbone's.
 
-        ``prompt_tokens(group, layer, h, instance_tokens, n_prompts)`` replaces this model's own prompt
-        modules as the source of tokens; MultiTaskModel uses it to give each sample its own task's prompts.
+        ``prompts`` replaces this model as the source of prompt tokens and gates; MultiTaskModel uses it to give
+        each sample its own task's prompts.
         """
         bb = self.backbone
-        p = bb.num_prefix_tokens
+        src = prompts or self
         inst = self._instance_tokens(x)
         h = bb.embed(x)
-        lengths: dict[str, int] = {}
+        carried: dict[str, torch.Tensor] = {}
         use_ckpt = self.switches.grad_checkpointing and self.training and torch.is_grad_enabled()
-        source = prompt_tokens or self._group_tokens
+        gated = self.switches.prompt_attn == "gated"
         for i, blk in enumerate(bb.blocks):
             for group in self.schedule.get(i, ()):
-                tokens = source(group, i, h, inst, sum(lengths.values()))
-                h = _place(h, group, tokens, lengths, p)
-            h = checkpoint(blk, h, use_reentrant=False) if use_ckpt else blk(h)
-        n = sum(lengths.values())
-        if n and not self.switches.pool_prompts:
-            h = torch.cat([h[:, :p], h[:, p + n :]], dim=1)
+                carried[group] = src.group_tokens(group, i, h, inst)
+            if not carried:
+                h = checkpoint(blk, h, use_reentrant=False) if use_ckpt else blk(h)
+                continue
+            names = [g for g in GROUP_ORDER if g in carried]
+            gates = [src.group_gate(g, i) for g in names] if gated else None
+            keep = [g in self.keep[i] for g in names]
+            args = (blk, h, [carried[g] for g in names], gates, keep)
+            h, outs = checkpoint(prompted_block, *args, use_reentrant=False) if use_ckpt else prompted_block(*args)
+            carried = {g: o for g, o in zip(names, outs, strict=True) if o is not None}
+        if carried:  # only when pool_prompts: avg pooling may read the prompt outputs
+            p = bb.num_prefix_tokens
+            h = torch.cat([h[:, :p], *carried.values(), h[:, p:]], dim=1)
         return bb.pool(h)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -246,21 +309,14 @@ class InstanceCache:
         return out
 
 
-def _place(h: torch.Tensor, group: str, tokens: torch.Tensor, lengths: dict[str, int], p: int) -> torch.Tensor:
-    """Insert a prompt group at its slot in [prefix][TTP][IVP][TVP][patches], or replace its previous tokens."""
-    offset = p + sum(lengths.get(g, 0) for g in GROUP_ORDER[: GROUP_ORDER.index(group)])
-    old = lengths.get(group, 0)
-    lengths[group] = tokens.shape[1]
-    return torch.cat([h[:, :offset], tokens, h[:, offset + old :]], dim=1)
-
-
 def build_instance_encoder(name: str, weights: str | Path | None, backbone: TokenViT) -> tuple[InstanceEncoder, str]:
     """A frozen encoder for IVP: any registered ViT, or any timm model (CNNs give their feature map)."""
     spec = get_backbone_spec(name)
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    probe = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
+    with torch.device("meta"):  # only the class is needed: a ViT-g probe must not cost gigabytes
+        probe = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
     if isinstance(probe, VisionTransformer):
         enc = create_backbone(name, weights=weights)
         n_prefix, dim = enc.num_prefix_tokens, enc.embed_dim
@@ -268,7 +324,7 @@ def build_instance_encoder(name: str, weights: str | Path | None, backbone: Toke
     else:
         from .backbones.loading import read_state_dict
 
-        enc = probe
+        enc = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
         if weights is not None:
             sd = read_state_dict(weights, spec)
             sd = spec.key_map(sd) if spec.key_map else sd

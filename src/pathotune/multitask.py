@@ -57,31 +57,6 @@ class MultiTaskModel(nn.Module):
         models = [first] + [load_bundle(p, weights=weights, backbone_module=first.backbone) for p in paths[1:]]
         return cls(models, names=[Path(p).name if Path(p).name != "bundle" else Path(p).parent.name for p in paths])
 
-    def _tokens_for(self, members: list[int], task_ids: torch.Tensor):
-        """A prompt-token source that gathers each sample's tokens from its own task."""
-        models = [self.tasks[i] for i in members]
-        local = torch.as_tensor([members.index(int(t)) for t in task_ids], device=task_ids.device)
-
-        def source(group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None, n_prompts: int):
-            if group == "tvp":
-                stacked = torch.stack([m.tvp.tokens[m.tvp_layers.index(layer)] for m in models])
-                return stacked[local].to(h.dtype)
-            if group == "ttp":
-                return torch.stack([m.ttp(1)[0] for m in models])[local].to(h.dtype)
-            vrm_in = models[0].instance_input(h, inst, n_prompts)
-            out = None
-            for j, m in enumerate(models):
-                rows = (local == j).nonzero(as_tuple=True)[0]
-                if rows.numel() == 0:
-                    continue
-                tok = m.ivp(vrm_in[rows], self.backbone.num_prefix_tokens).to(h.dtype)
-                if out is None:
-                    out = h.new_zeros(h.shape[0], *tok.shape[1:])
-                out[rows] = tok
-            return out
-
-        return source
-
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> list[torch.Tensor]:
         """Per-sample logits (each over its own task's classes)."""
         task_ids = torch.as_tensor(task_ids, device=x.device)
@@ -92,10 +67,37 @@ class MultiTaskModel(nn.Module):
             if rows.numel() == 0:
                 continue
             lead = self.tasks[members[0]]
-            feats = lead.forward_features(x[rows], prompt_tokens=self._tokens_for(members, task_ids[rows]))
+            feats = lead.forward_features(
+                x[rows], prompts=MixedPrompts([self.tasks[i] for i in members], members, task_ids[rows])
+            )
             for t in members:
                 sel = (task_ids[rows] == t).nonzero(as_tuple=True)[0]
                 if sel.numel():
                     for r, logit in zip(rows[sel].tolist(), self.tasks[t].forward_head(feats[sel]), strict=True):
                         out[r] = logit
         return out  # type: ignore[return-value]
+
+
+class MixedPrompts:
+    """A prompt source for one batch of mixed tasks: each sample gets its own task's tokens, VRM and gates."""
+
+    def __init__(self, models: list[PathoTuneModel], members: list[int], task_ids: torch.Tensor) -> None:
+        self.models = models
+        self.local = torch.as_tensor([members.index(int(t)) for t in task_ids], device=task_ids.device)
+
+    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
+        if group != "ivp":  # task-level tokens: one row per task, gathered per sample
+            return torch.cat([m.group_tokens(group, layer, h[:1], inst) for m in self.models])[self.local]
+        out = None
+        for j, m in enumerate(self.models):
+            rows = (self.local == j).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            tok = m.group_tokens(group, layer, h[rows], None if inst is None else inst[rows])
+            if out is None:
+                out = h.new_zeros(h.shape[0], *tok.shape[1:])
+            out[rows] = tok
+        return out
+
+    def group_gate(self, group: str, layer: int) -> torch.Tensor:
+        return torch.stack([m.group_gate(group, layer) for m in self.models])[self.local]

@@ -30,14 +30,18 @@ class Switches:
     # Instance-specific visual prompts.
     ivp_tokens: int = 0
     ivp_vrm: str = "attn"  # "attn" or "mlp"
-    ivp_hidden: int = 128
-    ivp_layer: int = 0
-    ivp_source: str = (
-        "backbone"  # "backbone" (second frozen pass), "early" (first ivp_layer blocks), "encoder"
-    )
+    ivp_hidden: int = 64  # small on purpose: the VRM must not memorise a few dozen images
+    ivp_dropout: float = 0.1
+    ivp_layer: int | None = None  # None: depth // 3 for the "early" source, else 0
+    # "early" (image tokens after the first ivp_layer blocks: no second pass), "backbone" (a second frozen pass
+    # of the whole backbone), "encoder" (a separate frozen ivp_encoder, e.g. a pathology FM or a CNN)
+    ivp_source: str = "early"
     ivp_encoder: str | None = None  # backbone id or timm name when ivp_source == "encoder"
     ivp_encoder_weights: str | None = None
     ivp_cache: int = 0  # cache instance tokens of up to this many distinct images (un-augmented inputs)
+    # How image tokens read prompts: "gated" (zero-init per-group gates: step 0 is the frozen model) or
+    # "joint" (one softmax over image and prompt tokens, as VPT concatenates them).
+    prompt_attn: str = "gated"
     # What trains.
     train: str = "prompts"  # "head", "prompts", "all" or "lora"
     lora_r: int = 8
@@ -52,16 +56,18 @@ class Switches:
 
     def __post_init__(self) -> None:
         from .prompts import VRM_KINDS
+        from .prompts.attention import PROMPT_ATTENTION
         from .prompts.textual import TTP_MODES
 
         for name in ("tvp_tokens", "ttp_tokens", "ivp_tokens", "tvp_layer", "ttp_layer", "ivp_layer"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"switch {name} must be >= 0, got {getattr(self, name)}")
         choices = {
             "ttp_mode": TTP_MODES,
             "ivp_vrm": VRM_KINDS,
             "ivp_source": IVP_SOURCES,
             "train": TRAIN_MODES,
+            "prompt_attn": PROMPT_ATTENTION,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -69,19 +75,26 @@ class Switches:
         if self.ivp_tokens and self.ivp_source == "encoder" and not self.ivp_encoder:
             raise ConfigError("switch ivp_source='encoder' needs ivp_encoder (a backbone id or timm name)")
         if self.ivp_tokens and self.ivp_source == "early" and self.ivp_layer == 0:
-            raise ConfigError(
-                "switch ivp_source='early' needs ivp_layer >= 1: the blocks run before IVP enters"
-            )
+            raise ConfigError("switch ivp_source='early' needs ivp_layer >= 1: the blocks run before IVP enters")
         if self.ivp_cache and self.train in ("all", "lora"):
             raise ConfigError("switch ivp_cache needs a frozen backbone; it cannot be used with train='all' or 'lora'")
         if self.ivp_cache < 0:
             raise ConfigError(f"switch ivp_cache must be >= 0 (a number of images), got {self.ivp_cache}")
+        for name in ("tvp_dropout", "ivp_dropout", "lora_dropout", "head_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"switch {name} must be in [0, 1), got {getattr(self, name)}")
         if self.tvp_depth is not None and self.tvp_depth < 1:
             raise ConfigError(f"switch tvp_depth must be >= 1 or None, got {self.tvp_depth}")
 
     @property
     def num_prompts(self) -> int:
         return self.tvp_tokens + self.ttp_tokens + self.ivp_tokens
+
+    def ivp_entry(self, depth: int) -> int:
+        """The block before which IVP enters; by default a third of the way in when IVP reads early tokens."""
+        if self.ivp_layer is not None:
+            return self.ivp_layer
+        return max(1, depth // 3) if self.ivp_source == "early" else 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,9 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
 
-DEFAULT_TEMPLATE = (
-    "A {task} task on {stain} stained {organ} histopathology images. Classes: {classes}. {description}"
-)
+DEFAULT_TEMPLATE = "A {task} task on {stain} stained {organ} histopathology images. Classes: {classes}. {description}"
 
 
 @dataclass(frozen=True)
@@ -22,9 +20,11 @@ class Task:
     classes: tuple[str, ...] = field(default_factory=tuple)
     description: str = ""
     template: str = DEFAULT_TEMPLATE
+    text_classes: tuple[str, ...] = ()  # names the text uses instead of ``classes`` (the shuffled control)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "text_classes", tuple(str(c) for c in self.text_classes))
         allowed = {"task", "organ", "stain", "classes", "description"}
         used = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
         unknown = used - allowed
@@ -35,11 +35,12 @@ class Task:
 
     def render(self) -> str:
         """The exact text sent to the text encoder (saved in bundles for provenance)."""
+        names = self.text_classes or self.classes
         text = self.template.format(
             task=self.name,
             organ=self.organ,
             stain=self.stain,
-            classes=", ".join(self.classes) if self.classes else "unspecified",
+            classes=", ".join(names) if names else "unspecified",
             description=self.description,
         )
         return " ".join(text.split())
@@ -47,6 +48,7 @@ class Task:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["classes"] = list(self.classes)
+        d["text_classes"] = list(self.text_classes)
         return d
 
     @classmethod
@@ -55,4 +57,4 @@ class Task:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown task key(s) {sorted(unknown)}; allowed keys are {sorted(known)}")
-        return cls(**{**d, "classes": tuple(d.get("classes", ()))})
+        return cls(**{**d, "classes": tuple(d.get("classes", ())), "text_classes": tuple(d.get("text_classes", ()))})

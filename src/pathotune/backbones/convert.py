@@ -172,11 +172,7 @@ def pathoduet_to_timm(sd: StateDict, grid: int = 14) -> StateDict:
     square (14 = 224 px / 16), again with zero rows for both prefix tokens.
     """
     sd = strip_prefix(sd, "base_encoder.")
-    out = {
-        k: v
-        for k, v in sd.items()
-        if k not in ("pretext_token", "pos_embed") and not k.startswith("fc_norm.")
-    }
+    out = {k: v for k, v in sd.items() if k not in ("pretext_token", "pos_embed") and not k.startswith("fc_norm.")}
     out["reg_token"] = sd["pretext_token"]
     pe = sd.get("pos_embed")
     if pe is None:

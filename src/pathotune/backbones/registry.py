@@ -74,6 +74,5 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         size = int(cfg.input_size[-1]) if cfg is not None else 224
         return BackboneSpec(name=name, timm_name=timm_name, family="timm", img_size=size, mean=mean, std=std)
     raise ConfigError(
-        f"unknown backbone '{name}'; use one of {list_backbones()} or a timm ViT model name "
-        "(see `pathotune backbones`)"
+        f"unknown backbone '{name}'; use one of {list_backbones()} or a timm ViT model name (see `pathotune backbones`)"
     )

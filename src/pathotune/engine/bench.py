@@ -2,26 +2,37 @@
 
 Each cell runs in its own process (`pathotune train --config cell.yaml`), so its peak memory is its own and a
 crash of one cell never takes the grid down. A cell whose metrics.json exists is never recomputed.
+
+Besides plain methods a grid can hold named variants (a method plus config keys, e.g. a control with empty task
+text), paired comparisons with a bootstrap interval (engine/compare.py) and a few-shot protocol
+(engine/fewshot.py) whose episode cells resume like grid cells.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError, PathoTuneError
 from ..methods import list_methods
+from .config import TrainConfig
 from .metrics import aggregate_seeds
 
 BENCH_KEYS = ("balanced_accuracy", "macro_f1", "auroc")
 BUILTIN_DATA = ("slide_qc",)
+RESERVED_VARIANT_KEYS = ("data", "out", "seed")  # the grid sets these per cell
+FEWSHOT_DIR = "_fewshot"  # under a dataset's folder; no method slug starts with "_", so it never collides
 
 
 class DatasetEntry(BaseModel):
@@ -32,6 +43,38 @@ class DatasetEntry(BaseModel):
     test_fraction: float = 0.0
 
 
+class FewShotConfig(BaseModel):
+    """k tiles per class for train and for val, several seeded episodes per k, the full test split."""
+
+    model_config = ConfigDict(extra="forbid")
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    episodes: int = 5
+    methods: list[str]  # method or variant names
+    seed: int = 0  # seeds the episode draws (with k and the episode number) and the dataset's own split
+    datasets: list[str] | None = None  # None: every dataset of the grid
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v) or len(set(v)) != len(v):
+            raise ValueError("must be distinct integers >= 1")
+        return sorted(v)
+
+    @field_validator("episodes")
+    @classmethod
+    def _episodes(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one method")
+        return v
+
+
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -39,13 +82,27 @@ class BenchConfig(BaseModel):
     weights: str | None = None
     image_size: int | None = None
     datasets: dict[str, DatasetEntry]
-    methods: list[str]
+    methods: list[str] = Field(default_factory=list)  # method or variant names; may be empty with fewshot
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     common: dict = Field(default_factory=dict)  # TrainConfig keys for every cell
     overrides: dict[str, dict] = Field(default_factory=dict)  # method -> TrainConfig keys (its recipe)
+    variants: dict[str, dict] = Field(default_factory=dict)  # display name -> {method: ..., **TrainConfig keys}
+    comparisons: list[list[str]] = Field(default_factory=list)  # [method_or_variant, baseline] pairs
+    fewshot: FewShotConfig | None = None
     runs_dir: str = "runs/bench"
     output: str = "BENCHMARKS.md"
     note: str = ""
+
+
+def slug(name: str) -> str:
+    """A folder name for a method or variant; plain method names map to themselves, so old grids resume."""
+    s = re.sub(r"[^a-z0-9.+-]+", "-", name.lower()).strip("-.")
+    return s or "method"
+
+
+def base_method(cfg: BenchConfig, name: str) -> str:
+    """The engine method behind a grid entry (a variant's ``method``, else the name itself)."""
+    return cfg.variants[name]["method"] if name in cfg.variants else name
 
 
 def load_bench_config(path: str | Path) -> BenchConfig:
@@ -57,13 +114,71 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"{p}: key '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
-    unknown = sorted(set(cfg.methods) - set(list_methods()))
+    known = list_methods()
+    for name, keys in cfg.variants.items():
+        if name in known:
+            raise ConfigError(f"{p}: variant '{name}' has a method's name; give the variant its own name")
+        if "method" not in keys:
+            raise ConfigError(f"{p}: key 'variants.{name}.method' is missing; a variant names the method it runs")
+        if keys["method"] not in known:
+            raise ConfigError(f"{p}: key 'variants.{name}.method': unknown method '{keys['method']}'; use {known}")
+        reserved = sorted(set(keys) & set(RESERVED_VARIANT_KEYS))
+        if reserved:
+            raise ConfigError(f"{p}: key 'variants.{name}.{reserved[0]}': set by the benchmark for each cell")
+    names = list(dict.fromkeys([*cfg.methods, *(cfg.fewshot.methods if cfg.fewshot else [])]))
+    unknown = sorted(n for n in names if n not in known and n not in cfg.variants)
     if unknown:
-        raise ConfigError(f"{p}: unknown method(s) {unknown}; use {list_methods()}")
-    stray = sorted(set(cfg.overrides) - set(cfg.methods))
+        extra = f" or variants {sorted(cfg.variants)}" if cfg.variants else ""
+        raise ConfigError(f"{p}: unknown method(s) {unknown}; use {known}{extra}")
+    if not cfg.methods and not cfg.fewshot:
+        raise ConfigError(f"{p}: key 'methods': name at least one method (or add a fewshot section)")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"{p}: key 'methods': a name is listed twice")
+    slugs: dict[str, str] = {}
+    for n in names:
+        if slugs.setdefault(slug(n), n) != n:
+            raise ConfigError(f"{p}: '{n}' and '{slugs[slug(n)]}' would share the run folder '{slug(n)}'; rename one")
+    used = {base_method(cfg, n) for n in names}
+    stray = sorted(set(cfg.overrides) - used)
     if stray:
         raise ConfigError(f"{p}: overrides for methods not in the grid: {stray}")
+    for i, pair in enumerate(cfg.comparisons):
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ConfigError(f"{p}: key 'comparisons.{i}': give two different names, [method, baseline]")
+        missing = [n for n in pair if n not in cfg.methods]
+        if missing:
+            raise ConfigError(f"{p}: key 'comparisons.{i}': {missing[0]!r} is not in methods")
+    if cfg.fewshot and cfg.fewshot.datasets:
+        missing = [d for d in cfg.fewshot.datasets if d not in cfg.datasets]
+        if missing:
+            raise ConfigError(f"{p}: key 'fewshot.datasets': {missing[0]!r} is not in datasets")
+    for dataset in cfg.datasets:
+        for n in names:
+            _check_cell(p, cfg, dataset, n)
     return cfg
+
+
+def _check_cell(p: Path, cfg: BenchConfig, dataset: str, name: str) -> None:
+    """Build the cell's TrainConfig now, so a bad key fails before any cell trains, naming where it came from."""
+    cell = cell_config(cfg, dataset, "<data>", name, 0, Path("<out>"))
+    try:
+        TrainConfig(**cell)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"]]
+        top = loc[0] if loc else ""
+        if top in cfg.variants.get(name, {}):
+            origin = f"variants.{name}."
+        elif top == "task" and cfg.datasets[dataset].task:
+            origin = f"datasets.{dataset}."
+        elif top in cfg.overrides.get(base_method(cfg, name), {}):
+            origin = f"overrides.{base_method(cfg, name)}."
+        elif top in cfg.common:
+            origin = "common."
+        else:
+            origin = ""
+        what = "unknown training key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{p}: key '{origin}{'.'.join(loc)}': {what}") from None
 
 
 def resolve_data(entry: DatasetEntry, root: Path) -> str:
@@ -80,29 +195,48 @@ def resolve_data(entry: DatasetEntry, root: Path) -> str:
 
 
 def cell_config(cfg: BenchConfig, dataset: str, data: str, method: str, seed: int, out: Path) -> dict:
+    """A cell's TrainConfig keys: grid defaults < common < the method's overrides < the variant's own keys.
+
+    ``method`` may be a variant name. ``task`` mappings merge key by key in the same order, with the dataset's
+    task between the overrides and the variant (a variant can change one task key and keep the dataset's rest).
+    """
     entry = cfg.datasets[dataset]
+    base = base_method(cfg, method)
+    variant = {k: v for k, v in cfg.variants.get(method, {}).items() if k != "method"}
+    layers = [cfg.common, cfg.overrides.get(base, {}), variant]
     cell = {
         "data": data,
         "backbone": cfg.backbone,
         "weights": cfg.weights,
         "image_size": cfg.image_size,
-        "method": method,
+        "method": base,
         "seed": seed,
         "val_fraction": entry.val_fraction,
         "test_fraction": entry.test_fraction,
         "out": str(out),
-        **cfg.common,
-        **cfg.overrides.get(method, {}),
     }
-    if entry.task:
-        cell["task"] = entry.task
+    for layer in layers:
+        cell.update(layer)
+    task: dict = {}
+    for part in (cfg.common.get("task"), cfg.overrides.get(base, {}).get("task"), entry.task, variant.get("task")):
+        if isinstance(part, dict):
+            task.update(part)
+        elif part is not None:
+            task = part  # not a mapping: let TrainConfig reject it with the key's name
+    if task:
+        cell["task"] = task
     return {k: v for k, v in cell.items() if v is not None}
+
+
+def fewshot_cell_config(cfg: BenchConfig, dataset: str, manifest: Path, method: str, episode: int, out: Path) -> dict:
+    """A few-shot cell: the episode's manifest holds every split, so nothing is carved and the seed is the episode."""
+    cell = cell_config(cfg, dataset, str(manifest), method, episode, out)
+    cell.update({"data": str(manifest), "val_fraction": 0.0, "test_fraction": 0.0, "seed": episode, "out": str(out)})
+    return cell
 
 
 def run_cell(cell: dict, cell_dir: Path) -> dict:
     """Train one cell in a child process; record its own peak resident memory."""
-    import json
-
     cell_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = cell_dir / "cell.yaml"
     cfg_path.write_text(yaml.safe_dump(cell, sort_keys=False))
@@ -122,32 +256,138 @@ def run_cell(cell: dict, cell_dir: Path) -> dict:
     return metrics
 
 
-def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path:
-    """Run (or resume) every cell, then write the markdown summary and the plot."""
-    import json
+def _run_or_load(make_cell: Callable[[], dict], cell_dir: Path) -> dict:
+    """A finished cell's metrics, else train it (through the module's ``run_cell``) and record them."""
+    from ..report import atomic_write_json
 
+    done = cell_dir / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    metrics = run_cell(make_cell(), cell_dir)
+    atomic_write_json(done, metrics)
+    return metrics
+
+
+def grid_cell_dir(root: Path, dataset: str, name: str, seed: int) -> Path:
+    return root / dataset / slug(name) / f"seed_{seed}"
+
+
+def episode_dir(root: Path, dataset: str, k: int, episode: int) -> Path:
+    return root / dataset / FEWSHOT_DIR / f"k{k}" / f"episode_{episode}"
+
+
+def prepare_fewshot(cfg: BenchConfig, root: Path, data_paths: dict[str, str]) -> dict[tuple[str, int, int], dict]:
+    """Draw every episode and write its manifest once (kept on reruns, so finished cells keep their data).
+
+    Returns (dataset, k, episode) -> {manifest, notes}; draws are deterministic, so notes are the same on reruns.
+    """
+    from ..data import load_source
+    from ..report import atomic_write_json, atomic_write_text
+    from .fewshot import manifest_csv, sample_episode
+
+    fs = cfg.fewshot
+    if fs is None:
+        return {}
+    out: dict[tuple[str, int, int], dict] = {}
+    for dataset in fs.datasets or list(cfg.datasets):
+        entry = cfg.datasets[dataset]
+        source = load_source(
+            data_paths[dataset], val_fraction=entry.val_fraction, test_fraction=entry.test_fraction, seed=fs.seed
+        )
+        for k in fs.shots:
+            for e in range(fs.episodes):
+                ep = sample_episode(source, k, e, seed=fs.seed)
+                folder = episode_dir(root, dataset, k, e)
+                manifest = folder / "manifest.csv"
+                if not manifest.is_file():
+                    atomic_write_text(manifest, manifest_csv(ep, source.classes))
+                    counts = {s: len(ep.split(s)) for s in ("train", "val", "test")}
+                    atomic_write_json(folder / "episode.json", {"k": k, "episode": e, "seed": fs.seed, **counts})
+                out[(dataset, k, e)] = {"manifest": manifest, "notes": ep.notes}
+    return out
+
+
+def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path:
+    """Run (or resume) every grid and few-shot cell, then write the markdown summary and the plots."""
     from tqdm.auto import tqdm
 
-    root = Path(cfg.runs_dir) / cfg.name
-    cells = [(d, m, s) for d in cfg.datasets for m in cfg.methods for s in cfg.seeds]
-    results: dict[tuple[str, str], list[dict]] = {}
-    data_paths = {d: resolve_data(e, root) for d, e in cfg.datasets.items()}
-    bar = tqdm(cells, desc="benchmark cells", disable=not progress)
-    for dataset, method, seed in bar:
-        cell_dir = root / dataset / method / f"seed_{seed}"
-        bar.set_postfix_str(f"{dataset}/{method}/seed {seed}")
-        done = cell_dir / "metrics.json"
-        if done.is_file():
-            metrics = json.loads(done.read_text())
-        else:
-            cell = cell_config(cfg, dataset, data_paths[dataset], method, seed, cell_dir)
-            metrics = run_cell(cell, cell_dir)
-            from ..report import atomic_write_json
+    from ..report import atomic_write_json
 
-            atomic_write_json(done, metrics)
-        results.setdefault((dataset, method), []).append(metrics)
-    seconds = sum(r.get("cell_seconds") or r["train_seconds"] for runs in results.values() for r in runs)
-    return write_summary(cfg, config_path, results, seconds)
+    root = Path(cfg.runs_dir) / cfg.name
+    data_paths = {d: resolve_data(e, root) for d, e in cfg.datasets.items()}
+    episodes = prepare_fewshot(cfg, root, data_paths)
+    jobs: list[tuple[tuple, str, Path, Callable[[], dict]]] = []
+    for dataset in cfg.datasets:
+        for name in cfg.methods:
+            for seed in cfg.seeds:
+                d = grid_cell_dir(root, dataset, name, seed)
+                make = partial(cell_config, cfg, dataset, data_paths[dataset], name, seed, d)
+                jobs.append((("grid", dataset, name, seed), f"{dataset}/{name}/seed {seed}", d, make))
+    for (dataset, k, e), ep in episodes.items():
+        for name in cfg.fewshot.methods if cfg.fewshot else []:
+            d = episode_dir(root, dataset, k, e) / slug(name)
+            make = partial(fewshot_cell_config, cfg, dataset, ep["manifest"], name, e, d)
+            jobs.append((("fewshot", dataset, name, k), f"{dataset}/{name}/{k}-shot/episode {e}", d, make))
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    shots: dict[str, dict[tuple[str, int], list[dict]]] = {}
+    seconds = 0.0
+    bar = tqdm(jobs, desc="benchmark cells", disable=not progress)
+    for key, label, cell_dir, make in bar:
+        bar.set_postfix_str(label)
+        metrics = _run_or_load(make, cell_dir)
+        seconds += metrics.get("cell_seconds") or metrics.get("train_seconds") or 0.0
+        if key[0] == "grid":
+            results.setdefault((key[1], key[2]), []).append(metrics)
+        else:
+            shots.setdefault(key[1], {}).setdefault((key[2], key[3]), []).append(metrics)
+
+    comparisons = run_comparisons(cfg, root)
+    fewshot = summarise_fewshot_results(cfg, shots, episodes)
+    if comparisons:
+        atomic_write_json(root / "comparisons.json", comparisons)
+    if fewshot:
+        atomic_write_json(root / "fewshot.json", fewshot)
+    return write_summary(cfg, config_path, results, seconds, comparisons=comparisons, fewshot=fewshot)
+
+
+def run_comparisons(cfg: BenchConfig, root: Path) -> list[dict]:
+    """Every configured pair on every dataset, from the cells' predictions.csv over the seeds both finished."""
+    from .compare import compare_runs, read_predictions
+
+    rows = []
+    for dataset in cfg.datasets:
+        for method, baseline in cfg.comparisons:
+            preds: list[dict[int, dict]] = []
+            for name in (method, baseline):
+                files = {s: grid_cell_dir(root, dataset, name, s) / "predictions.csv" for s in cfg.seeds}
+                preds.append({s: read_predictions(f) for s, f in files.items() if f.is_file()})
+            row: dict = {"dataset": dataset, "method": method, "baseline": baseline}
+            try:
+                diff, note = compare_runs(preds[0], preds[1])
+            except PathoTuneError as e:
+                row.update({"verdict": "n/a", "error": str(e)})
+            else:
+                row.update({**diff.to_dict(), **note})
+            rows.append(row)
+    return rows
+
+
+def summarise_fewshot_results(
+    cfg: BenchConfig, shots: dict[str, dict[tuple[str, int], list[dict]]], episodes: dict
+) -> dict[str, dict]:
+    """Per dataset: t-interval rows per (method, k), the notes about short classes, and one recipe per method."""
+    from .fewshot import summarise_fewshot
+
+    out: dict[str, dict] = {}
+    for dataset, cells in shots.items():
+        scores = {key: [m["balanced_accuracy"] for m in runs] for key, runs in cells.items()}
+        notes = list(dict.fromkeys(n for (d, _, _), ep in episodes.items() if d == dataset for n in ep["notes"]))
+        recipes = {}
+        for (method, _), runs in sorted(cells.items(), key=lambda kv: -kv[0][1]):
+            recipes.setdefault(method, _recipe(runs[0]))
+        out[dataset] = {"rows": summarise_fewshot(scores), "notes": notes, "recipes": recipes}
+    return out
 
 
 def summarise(results: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -162,13 +402,14 @@ def summarise(results: dict[tuple[str, str], list[dict]]) -> list[dict]:
                 **{k: agg[k] for k in BENCH_KEYS},
                 "trainable_params": first["trainable_params"],
                 "pct_of_backbone": first["trainable_percent_of_backbone"],
-                # Head-only cells train on cached features: their epochs never touch the backbone.
+                # Head-only cells train on cached features: their steps never touch the backbone.
                 "train_img_s": None
                 if first["recipe"].get("cached_features")
-                else sum(r["train_images_per_second"] for r in runs) / len(runs),
+                else _mean([r.get("train_images_per_second") for r in runs]),
                 "infer_img_s": _mean([r.get("inference_images_per_second") for r in runs]),
                 "peak_mem_mb": max(r.get("peak_memory_mb") or 0.0 for r in runs),
                 "recipe": _recipe(first),
+                "per_seed": _per_seed(runs),
                 "seeds": len(runs),
             }
         )
@@ -181,12 +422,42 @@ def _mean(values: list) -> float | None:
 
 
 def _recipe(m: dict) -> str:
+    """How the cell trained, from its metrics: the probe's C, or the AdamW step budget and head start."""
     r = m["recipe"]
     extra = ", cached features" if r.get("cached_features") else ""
+    if "epochs" in r:  # a cell finished before budgets were counted in steps
+        return (
+            f"lr {r['lr']:g}/head {r['head_lr']:g}, wd {r['weight_decay']:g}, ≤{r['epochs']} ep "
+            f"(early stop on val {r['monitor']}, patience {r['patience']}){extra}"
+        )
+    if r.get("trainer") == "probe":
+        probe = m.get("probe") or {}
+        parts = ["L-BFGS logistic-regression probe"]
+        if probe.get("C") is not None:
+            parts.append(f"C={probe['C']:.3g} chosen on val {r.get('monitor', '')}".rstrip())
+        if probe.get("refit"):
+            parts.append("refit on train+val")
+        if probe.get("converged") is False:
+            parts.append("not converged")
+        return ", ".join(parts) + extra
+    head = {"probe": "head from the probe", "random": "random head"}.get(r.get("head_init") or "", "")
     return (
-        f"lr {r['lr']:g}/head {r['head_lr']:g}, wd {r['weight_decay']:g}, ≤{r['epochs']} ep "
-        f"(early stop on val {r['monitor']}, patience {r['patience']}){extra}"
+        f"AdamW lr {r['lr']:g}/head {r['head_lr']:g}, wd {r['weight_decay']:g}, {r.get('steps')} steps, {head}, "
+        f"early stop on val {r['monitor']} (patience {r['patience']} evals), batch {r.get('batch_size')}, "
+        f"augment {r.get('augment')}{extra}"
     )
+
+
+def _per_seed(runs: list[dict]) -> str:
+    """What varies by seed: the probe's C, or steps run / step kept by validation."""
+    parts = []
+    for r in runs:
+        trainer = r["recipe"].get("trainer")
+        if trainer == "probe" and (r.get("probe") or {}).get("C") is not None:
+            parts.append(f"C={r['probe']['C']:.3g}")
+        elif trainer == "steps" and r.get("steps_run") is not None:
+            parts.append(f"{r['steps_run']} run/{r.get('selected_step')} kept")
+    return "; ".join(parts) or "—"
 
 
 def machine_line() -> str:
@@ -200,43 +471,134 @@ def machine_line() -> str:
     )
 
 
-def write_summary(cfg: BenchConfig, config_path: str, results: dict, seconds: float) -> Path:
-    from ..report import atomic_write_text, markdown_table, plot_metric_vs_params
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.3f}"
 
+
+def comparison_table(rows: list[dict]) -> str:
+    """Paired differences: mean, interval, each seed's difference and the verdict."""
+    from ..report import markdown_table
+
+    table = []
+    for r in rows:
+        if r.get("error"):
+            table.append({"method": r["method"], "baseline": r["baseline"], "verdict": f"n/a: {r['error']}"})
+            continue
+        table.append(
+            {
+                "method": r["method"],
+                "baseline": r["baseline"],
+                "Δ balanced accuracy": _signed(r["mean"]),
+                f"{r['level']:.0%} CI": f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]",
+                "per seed": ", ".join(_signed(v) for v in r["per_seed"]),
+                "seeds": r["n_seeds"],
+                "test images": r["n_images"],
+                "verdict": r["verdict"],
+            }
+        )
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    return markdown_table(table, columns)
+
+
+def write_summary(
+    cfg: BenchConfig,
+    config_path: str,
+    results: dict,
+    seconds: float,
+    comparisons: list[dict] | None = None,
+    fewshot: dict[str, dict] | None = None,
+) -> Path:
+    from ..report import atomic_write_text, markdown_table, plot_metric_vs_params
+    from ..report.plots import plot_fewshot_curves
+    from .compare import N_RESAMPLES
+    from .fewshot import fewshot_table
+
+    comparisons = comparisons or []
+    fewshot = fewshot or {}
     rows = summarise(results)
-    fig_dir = Path(cfg.output).parent / "benchmarks" / "figures"
+    out_dir = Path(cfg.output).parent
+    fig_dir = out_dir / "benchmarks" / "figures"
     sections = []
     for dataset in cfg.datasets:
+        parts = [f"### {dataset}\n"]
         drows = [r for r in rows if r["dataset"] == dataset]
-        fig = plot_metric_vs_params(
-            drows, fig_dir / f"{cfg.name}_{dataset}_accuracy_vs_params.png", title=f"{dataset}: balanced accuracy"
+        if drows:
+            fig = plot_metric_vs_params(
+                drows, fig_dir / f"{cfg.name}_{dataset}_accuracy_vs_params.png", title=f"{dataset}: balanced accuracy"
+            )
+            table = markdown_table(
+                drows,
+                [
+                    "method",
+                    *BENCH_KEYS,
+                    "trainable_params",
+                    "pct_of_backbone",
+                    "train_img_s",
+                    "infer_img_s",
+                    "peak_mem_mb",
+                    "seeds",
+                ],
+            )
+            recipes = markdown_table([{k: r[k] for k in ("method", "recipe", "per_seed")} for r in drows])
+            rel = os.path.relpath(fig, out_dir)
+            parts.append(f"{table}\n\n![accuracy vs trainable parameters]({rel})\n\n{recipes}\n")
+        crow = [r for r in comparisons if r["dataset"] == dataset]
+        if crow:
+            parts.append(f"#### Paired comparisons\n\n{comparison_table(crow)}\n")
+        fs = fewshot.get(dataset)
+        if fs and cfg.fewshot:
+            fig = plot_fewshot_curves(
+                fs["rows"],
+                fig_dir / f"{cfg.name}_{dataset}_fewshot.png",
+                title=f"{dataset}: few-shot balanced accuracy",
+            )
+            rel = os.path.relpath(fig, out_dir)
+            recipes = markdown_table([{"method": m, "recipe": r} for m, r in fs["recipes"].items()])
+            notes = "".join(f"- {n}\n" for n in fs["notes"])
+            parts.append(
+                f"#### Few-shot\n\n{fewshot_table(fs['rows'], cfg.fewshot.shots)}\n\n"
+                f"![few-shot balanced accuracy]({rel})\n\n{recipes}\n"
+                + (f"\nShort classes:\n\n{notes}" if notes else "")
+            )
+        sections.append("\n".join(parts))
+    intro = []
+    if cfg.methods:
+        intro.append(
+            f"Backbone `{cfg.backbone}` at {cfg.image_size or 'its native'} px, seeds {cfg.seeds}; "
+            "mean ± std over seeds; balanced accuracy, macro-F1 and AUROC on the test split. `pct_of_backbone` is "
+            "trainable parameters as % of the backbone's. Throughputs are means over seeds; cells that train a head "
+            "on cached features show no training or inference throughput (their backbone runs once per image). "
+            "Peak memory is the training process's peak resident set (CPU) or peak CUDA allocation (GPU). "
+            "Model selection (the probe's C, the step kept, the prompt groups kept) uses validation data only; "
+            "the test split is scored once."
         )
-        table = markdown_table(
-            drows,
-            [
-                "method",
-                *BENCH_KEYS,
-                "trainable_params",
-                "pct_of_backbone",
-                "train_img_s",
-                "infer_img_s",
-                "peak_mem_mb",
-                "seeds",
-            ],
+    else:
+        intro.append(f"Backbone `{cfg.backbone}` at {cfg.image_size or 'its native'} px.")
+    if comparisons:
+        intro.append(
+            "Paired comparisons: Δ is the balanced accuracy of the method minus the baseline's, averaged over the "
+            f"seeds both finished, with a {N_RESAMPLES}-resample paired bootstrap interval. Each resample draws the "
+            "test images (the same draw for every seed and both methods) and the seeds (with replacement), so the "
+            "interval covers test-set sampling and the methods' seed-to-seed variation (roughly, with few seeds); "
+            "it says nothing about other datasets. The verdict is 'better' or 'worse' only when the whole interval "
+            "is on one side of zero, else 'inconclusive'."
         )
-        recipes = markdown_table([{"method": r["method"], "recipe": r["recipe"]} for r in drows])
-        rel = os.path.relpath(fig, Path(cfg.output).parent)
-        sections.append(f"### {dataset}\n\n{table}\n\n![accuracy vs trainable parameters]({rel})\n\n{recipes}\n")
+    if cfg.fewshot:
+        fs_cfg = cfg.fewshot
+        intro.append(
+            f"Few-shot: for each k in {fs_cfg.shots} and {fs_cfg.episodes} episodes, k tiles per class are drawn "
+            "without replacement from the training split and k per class from the validation split (seeded by "
+            f"({fs_cfg.seed}, k, episode), the same tiles for every method); the test split is kept whole. Model "
+            "selection uses those k validation tiles per class only. Cells show the mean test balanced accuracy over "
+            "episodes with a 95% t-interval over episodes; the interval covers episode-to-episode variation (which "
+            "tiles were drawn, and the seed), not other datasets."
+        )
     text = (
         f"## {cfg.name}\n\n"
         + (f"{cfg.note}\n\n" if cfg.note else "")
-        + f"Backbone `{cfg.backbone}` at {cfg.image_size or 'its native'} px, seeds {cfg.seeds}; "
-        "mean ± std over seeds; balanced accuracy, macro-F1 and AUROC on the test split. `pct_of_backbone` is "
-        "trainable parameters as % of the backbone's. Throughputs are means over seeds; cells that train a head on "
-        "cached features show no training or inference throughput (their backbone runs once per image). "
-        "Peak memory is the training process's peak resident set "
-        "(CPU) or peak CUDA allocation (GPU). Model selection uses validation data only.\n\n"
-        f"Command: `pathotune bench --config {config_path}` (the cells took {seconds / 60:.0f} min in all).\n"
+        + "\n\n".join(intro)
+        + "\n\n"
+        + f"Command: `pathotune bench --config {config_path}` (the cells took {seconds / 60:.0f} min in all).\n"
         f"Machine: {machine_line()}.\n\n" + "\n".join(sections)
     )
     out = Path(cfg.runs_dir) / cfg.name / "summary.md"

@@ -22,7 +22,8 @@ class TaskConfig(BaseModel):
     organ: str = "tissue"
     stain: str = "H&E"
     description: str = ""
-    text: str | None = None  # free text that replaces the rendered template entirely
+    text: str | None = None  # free text that replaces the rendered template entirely ("" encodes empty text)
+    shuffle_classes: bool = False  # control: class names in the text permuted (seeded), so they mislabel
 
 
 class TrainConfig(BaseModel):
@@ -40,15 +41,21 @@ class TrainConfig(BaseModel):
     test_fraction: float = 0.0
     skip_bad: bool = False
     augment: Literal["pathology", "none"] = "pathology"
-    epochs: int | None = None  # None: the method's recipe
+    steps: int | None = None  # the budget in optimizer steps; None: --epochs, else the method's default
+    epochs: int | None = None  # converted to steps and raised to min_steps
+    min_steps: int | None = None  # None: the method's floor
+    eval_every: int | None = None  # steps between validation passes; None: 20 over the budget
+    warmup_fraction: float | None = None
     batch_size: int = 32
     lr: float | None = None
     head_lr: float | None = None
     weight_decay: float | None = None
-    warmup_epochs: int | None = None
     grad_accum: int = 1
     monitor: Literal["balanced_accuracy", "accuracy", "macro_f1", "auroc", "loss"] = "balanced_accuracy"
-    patience: int = 10
+    patience: int = 5  # evaluations without a better smoothed validation score, after min_steps
+    head_init: Literal["probe", "random"] | None = None  # None: the method's (probe for every trained method)
+    probe_refit: bool = False  # linear: refit on train + val with the C chosen on val
+    select_groups: bool = True  # keep only the prompt groups that help on validation
     cache_features: bool = True  # head-only methods train on features computed once
     seed: int = 0
     num_workers: int = 0
@@ -67,11 +74,18 @@ class TrainConfig(BaseModel):
         check_keys(v)
         return v
 
-    @field_validator("batch_size", "grad_accum", "patience", "num_nodes")
+    @field_validator("batch_size", "grad_accum", "patience", "num_nodes", "steps", "epochs", "eval_every")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("lr", "head_lr")
+    @classmethod
+    def _positive_rate(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0:
+            raise ValueError("must be >= 0")
         return v
 
 

@@ -1,10 +1,16 @@
-"""The training loop on Lightning Fabric: one code path for a CPU process, DDP on GPUs, and many nodes."""
+"""The training loop on Lightning Fabric: one code path for a CPU process, DDP on GPUs, and many nodes.
+
+Everything counts optimizer steps (see ``budget.py``): warm-up and cosine decay, evaluations, checkpoints and
+early stopping. The model is judged on validation before the first step too (step 0), so a method that starts
+at the linear probe can never end below it on validation. A checkpoint can fall mid-epoch: the sampler
+restarts at the right batch and augmentation is seeded per sample, so a resumed run is the uninterrupted one.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import PathoTuneError
-from ..methods import Recipe
+from .budget import Budget
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import classification_metrics
 
-NO_DECAY = ("tvp.tokens", "ttp.context", "queries")
+NO_DECAY = ("tvp.tokens", "ttp.context", "queries", "ivp.base", "gates.")
+VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
 class TrainingError(PathoTuneError):
@@ -28,18 +35,23 @@ class TrainingError(PathoTuneError):
 
 @dataclass
 class FitState:
-    epoch: int = -1  # last completed epoch
+    step: int = 0  # optimizer steps completed
+    evaluated: bool = False  # whether the evaluation at ``step`` is in ``history``
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
-    best_epoch: int = -1
+    best_loss: float | None = None
+    best_step: int = -1
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    bad_epochs: int = 0
+    smoothed: float | None = None  # EMA of the monitored score, what early stopping watches
+    best_smoothed: float | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
     train_seconds: float = 0.0
     train_images: int = 0
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Head and the rest get their own learning rate; biases, norms and prompt tokens get no weight decay."""
+    """Head and the rest get their own learning rate; biases, norms, prompt tokens and gates get no decay."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -74,15 +86,28 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             params[n].copy_(v)
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way through, at the batch a checkpoint was taken."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0  # samples of this rank's share to skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 def sharded_loader(fabric, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
     """Each rank reads its share. With shuffle, global batch k is the same set of samples at any world size.
 
     The loader is not wrapped by Fabric, so ``sampler.set_epoch`` stays under our control (a resumed run must
-    replay epoch e's order); batches are moved with ``fabric.to_device``.
+    replay epoch e's order); batches are moved with ``fabric.to_device``. Its own generator keeps the global
+    RNG untouched when an iterator starts, so where an epoch begins never shifts the model's random draws.
     """
-    sampler = DistributedSampler(
-        dataset, num_replicas=fabric.world_size, rank=fabric.global_rank, shuffle=shuffle, seed=seed
-    )
+    sampler = EpochSampler(dataset, num_replicas=fabric.world_size, rank=fabric.global_rank, shuffle=shuffle, seed=seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -90,6 +115,7 @@ def sharded_loader(fabric, dataset: Dataset, batch_size: int, shuffle: bool, see
         num_workers=workers,
         persistent_workers=False,
         pin_memory=fabric.device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -121,7 +147,162 @@ def predict(fabric, model: nn.Module, loader: DataLoader, n: int) -> tuple[np.nd
 def _kept(ckpt_path: Path) -> str:
     if ckpt_path.is_file():
         return f"the last good checkpoint is kept at {ckpt_path}"
-    return "no epoch had finished, so there is no checkpoint yet"
+    return "no evaluation had finished, so there is no checkpoint yet"
+
+
+class _Fit:
+    """One call of ``fit``: the loaders, optimizer and state that its steps and evaluations share."""
+
+    def __init__(self, fabric, model, train_set, val_set, budget: Budget, lr, head_lr, weight_decay, batch_size,
+                 ckpt_path: Path, seed, class_names, grad_accum, monitor, workers, progress) -> None:  # fmt: skip
+        if batch_size % fabric.world_size:
+            raise PathoTuneError(f"batch_size {batch_size} must divide evenly over {fabric.world_size} processes")
+        self.fabric, self.model, self.budget = fabric, model, budget
+        self.val_set, self.class_names, self.monitor = val_set, class_names, monitor
+        self.ckpt_path, self.seed, self.grad_accum = ckpt_path, seed, grad_accum
+        self.per_rank = batch_size // fabric.world_size
+        self.train_loader = sharded_loader(fabric, train_set, self.per_rank, True, seed, workers)
+        self.val_loader = sharded_loader(fabric, val_set, self.per_rank, False, seed, workers)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / grad_accum)
+        self.optimizer = torch.optim.AdamW(param_groups(model, lr, head_lr, weight_decay))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(budget.steps, budget.warmup_steps)
+        )
+        self.state = FitState()
+        self.show = progress and fabric.is_global_zero
+
+    def resume(self) -> None:
+        ck = load_checkpoint(self.ckpt_path)
+        load_trainable_state(self.model, ck["trainable"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        self.state = FitState(**{k: ck["fit"][k] for k in FitState.__dataclass_fields__ if k in ck["fit"]})
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        fabric, st, budget = self.fabric, self.state, self.budget
+        self.ddp_model, self.optimizer = fabric.setup(self.model, self.optimizer)
+        if not st.evaluated:
+            self.evaluate()  # step 0 (or the step a killed run had not judged yet)
+        bar = tqdm(total=budget.steps, initial=st.step, desc="steps", disable=not self.show, leave=False)
+        while st.step < budget.steps and not st.stopped_early:
+            self._epoch_from(st.step, bar)
+        bar.close()
+        if st.best_state:
+            load_trainable_state(self.model, st.best_state)
+
+    def _epoch_from(self, step: int, bar) -> None:
+        """Run optimizer steps from ``step`` to the end of its epoch (or of the budget, or an early stop)."""
+        fabric, st, accum = self.fabric, self.state, self.grad_accum
+        loader, epoch = self.train_loader, step // self.steps_per_epoch
+        batches_done = (step % self.steps_per_epoch) * accum
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start = batches_done * self.per_rank
+        dataset = loader.dataset
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = epoch  # per-sample augmentation seeds depend on (seed, epoch, index)
+        n_batches = batches_done + len(loader)
+        self.ddp_model.train()
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for b, batch in enumerate(loader, start=batches_done):
+            x, y, _ = fabric.to_device(batch)
+            is_update = (b + 1) % accum == 0 or b + 1 == n_batches
+            # Weight by samples, so a short last accumulation group counts like one big batch of its size.
+            group_start = (b // accum) * accum * self.per_rank
+            group_size = min(accum * self.per_rank, loader.sampler.num_samples - group_start)
+            with fabric.no_backward_sync(self.ddp_model, enabled=not is_update):
+                loss = F.cross_entropy(self.ddp_model(x).float(), y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {st.step + 1} (epoch {epoch + 1}); "
+                        f"{_kept(self.ckpt_path)}; lower --lr or check the data"
+                    )
+                fabric.backward(loss * (len(y) / group_size))
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            if not is_update:
+                continue
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            st.step += 1
+            st.evaluated = False
+            bar.update(1)
+            if st.step % self.budget.eval_every == 0 or st.step == self.budget.steps:
+                st.train_seconds += time.perf_counter() - t0
+                st.train_images += seen * fabric.world_size
+                self.evaluate(loss_sum / max(seen, 1))
+                t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+                self.ddp_model.train()
+                if st.stopped_early or st.step >= self.budget.steps:
+                    return
+        st.train_seconds += time.perf_counter() - t0
+        st.train_images += seen * fabric.world_size
+
+    def evaluate(self, train_loss: float | None = None) -> None:
+        """Judge on validation, keep the best state, update early stopping, write the checkpoint."""
+        from tqdm.auto import tqdm
+
+        fabric, st, budget = self.fabric, self.state, self.budget
+        t0 = time.perf_counter()
+        probs, val_loss = predict(fabric, self.model, self.val_loader, len(self.val_set))
+        if not (np.isfinite(probs).all() and math.isfinite(val_loss)):
+            raise TrainingError(
+                f"non-finite validation outputs at step {st.step} (the weights overflowed); "
+                f"{_kept(self.ckpt_path)}; lower --lr or check the data"
+            )
+        m = classification_metrics(np.asarray(self.val_set.labels), probs, self.class_names)
+        if train_loss is not None:
+            train_loss = float(fabric.all_reduce(torch.tensor(train_loss, device=fabric.device)))
+        row = {
+            "step": st.step,
+            "epoch": round(st.step / self.steps_per_epoch, 3),
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            **{f"val_{k}": m[k] for k in VAL_KEYS},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        st.history.append(row)
+        lower_better = self.monitor == "loss"
+        raw = val_loss if lower_better else (m[self.monitor] if m[self.monitor] is not None else -math.inf)
+        score = -raw if lower_better else raw  # higher is better from here on
+        # Best: the monitored score, ties broken by the lower validation loss.
+        improved = st.best_score is None or (score, -val_loss) > (st.best_score, -(st.best_loss or 0.0))
+        if improved:
+            st.best_score, st.best_loss, st.best_step = score, val_loss, st.step
+            st.best_state = trainable_state(self.model)
+        a = budget.smoothing
+        st.smoothed = score if st.smoothed is None else a * st.smoothed + (1 - a) * score
+        if st.best_smoothed is None or st.smoothed > st.best_smoothed + 1e-12:
+            st.best_smoothed, st.bad_evals = st.smoothed, 0
+        elif st.step > 0:
+            st.bad_evals += 1
+        if budget.min_steps <= st.step < budget.steps and st.bad_evals >= budget.patience:
+            st.stopped_early = True
+        st.evaluated = True
+        if self.show:
+            name = "balanced_accuracy" if lower_better else self.monitor
+            tqdm.write(
+                f"step {st.step}/{budget.steps}  train_loss {'-' if train_loss is None else f'{train_loss:.4f}'}  "
+                f"val_loss {val_loss:.4f}  val_{name} {m[name]:.4f}" + ("  *" if improved else "")
+                + (f"\nearly stop: smoothed val {self.monitor} flat for {budget.patience} evaluations"
+                   if st.stopped_early else "")
+            )  # fmt: skip
+        if fabric.is_global_zero:
+            save_checkpoint(
+                self.ckpt_path,
+                {
+                    "trainable": trainable_state(self.model),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "fit": {k: getattr(st, k) for k in FitState.__dataclass_fields__},
+                },
+            )
+        fabric.barrier()
 
 
 def fit(
@@ -129,127 +310,29 @@ def fit(
     model: nn.Module,
     train_set: Dataset,
     val_set: Dataset,
-    recipe: Recipe,
-    epochs: int,
+    budget: Budget,
+    lr: float,
+    head_lr: float,
+    weight_decay: float,
     batch_size: int,
     ckpt_path: Path,
     seed: int,
     class_names: list[str],
     grad_accum: int = 1,
     monitor: str = "balanced_accuracy",
-    patience: int = 10,
     workers: int = 0,
     resume: bool = False,
     progress: bool = True,
 ) -> FitState:
-    """Train ``model``'s trainable parameters; keep the best epoch on ``monitor`` (validation only).
+    """Train ``model``'s trainable parameters for ``budget``; keep the best evaluation on ``monitor``.
 
     Datasets yield ``(input, label, index)`` and expose ``labels``. ``model`` may be a PathoTuneModel or a
-    head over cached features: anything whose forward maps inputs to logits.
+    head over cached features: anything whose forward maps inputs to logits. Selection uses validation only,
+    and includes step 0.
     """
-    from tqdm.auto import tqdm
-
-    if batch_size % fabric.world_size:
-        raise PathoTuneError(f"batch_size {batch_size} must divide evenly over {fabric.world_size} processes")
-    per_rank = batch_size // fabric.world_size
-    train_loader = sharded_loader(fabric, train_set, per_rank, True, seed, workers)
-    val_loader = sharded_loader(fabric, val_set, per_rank, False, seed, workers)
-    steps_per_epoch = math.ceil(len(train_loader) / grad_accum)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.lr, recipe.head_lr, recipe.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch)
-    )
-    state = FitState()
+    run = _Fit(fabric, model, train_set, val_set, budget, lr, head_lr, weight_decay, batch_size, ckpt_path, seed,
+               class_names, grad_accum, monitor, workers, progress)  # fmt: skip
     if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        load_trainable_state(model, ck["trainable"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        state = FitState(**{k: ck["fit"][k] for k in FitState.__dataclass_fields__})
-    ddp_model, optimizer = fabric.setup(model, optimizer)
-    lower_better = monitor == "loss"
-    show = progress and fabric.is_global_zero
-
-    for epoch in range(state.epoch + 1, epochs):
-        ddp_model.train()
-        train_loader.sampler.set_epoch(epoch)
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
-        for step, batch in enumerate(train_loader):
-            x, y, _ = fabric.to_device(batch)
-            is_update = (step + 1) % grad_accum == 0 or step + 1 == len(train_loader)
-            # Weight by samples, so a short last accumulation group counts like one big batch of its size.
-            group_start = (step // grad_accum) * grad_accum * per_rank
-            group_size = min(grad_accum * per_rank, len(train_loader.sampler) - group_start)
-            with fabric.no_backward_sync(ddp_model, enabled=not is_update):
-                loss = F.cross_entropy(ddp_model(x).float(), y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
-                        f"{_kept(ckpt_path)}; lower --lr or check the data"
-                    )
-                fabric.backward(loss * (len(y) / group_size))
-            if is_update:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        bar.close()
-        state.train_seconds += time.perf_counter() - t0
-        state.train_images += seen * fabric.world_size
-        train_loss = float(fabric.all_reduce(torch.tensor(loss_sum / max(seen, 1), device=fabric.device)))
-
-        probs, val_loss = predict(fabric, model, val_loader, len(val_set))
-        if not (np.isfinite(probs).all() and math.isfinite(val_loss)):
-            raise TrainingError(
-                f"non-finite validation outputs after epoch {epoch + 1} (the weights overflowed); "
-                f"{_kept(ckpt_path)}; lower --lr or check the data"
-            )
-        labels = np.asarray(val_set.labels)
-        m = classification_metrics(labels, probs, class_names)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            **{f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")},
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0,
-        }
-        state.history.append(row)
-        score = val_loss if lower_better else (m[monitor] if m[monitor] is not None else -math.inf)
-        improved = state.best_score is None or (score < state.best_score if lower_better else score > state.best_score)
-        if improved:
-            state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
-            state.best_state = trainable_state(model)
-        else:
-            state.bad_epochs += 1
-        state.epoch = epoch
-        if show:
-            tqdm.write(
-                f"epoch {epoch + 1}/{epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                f"val_{monitor if monitor != 'loss' else 'balanced_accuracy'} "
-                f"{row.get('val_' + monitor, m['balanced_accuracy']):.4f}" + ("  *" if improved else "")
-            )
-        if fabric.is_global_zero:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "trainable": trainable_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
-                    "fit": {k: getattr(state, k) for k in FitState.__dataclass_fields__},
-                },
-            )
-        fabric.barrier()
-        if state.bad_epochs >= patience:
-            if show:
-                tqdm.write(f"early stop: no {monitor} improvement for {patience} epochs")
-            break
-    if state.best_state:
-        load_trainable_state(model, state.best_state)
-    return state
+        run.resume()
+    run.train()
+    return run.state

@@ -95,9 +95,7 @@ def classification_metrics(y_true: Any, probs: Any, class_names: Sequence[str]) 
     notes: list[str] = []
     absent = [names[i] for i in labels if not np.any(y == i)]
     if absent:
-        notes.append(
-            f"classes absent from y_true: {absent}; balanced accuracy averages over the present classes"
-        )
+        notes.append(f"classes absent from y_true: {absent}; balanced accuracy averages over the present classes")
     with warnings.catch_warnings():
         # "y_pred contains classes not in y_true" is expected here and already reported in notes.
         warnings.simplefilter("ignore", UserWarning)
@@ -105,9 +103,7 @@ def classification_metrics(y_true: Any, probs: Any, class_names: Sequence[str]) 
     auroc, auroc_note = _auroc(y, p, names)
     if auroc_note:
         notes.append(auroc_note)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
     per_class = {
         name: {
             "precision": float(precision[i]),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,11 @@ from ..errors import ConfigError
 from ..methods import Recipe, get_method
 from ..model import PathoTuneModel, create_model
 from ..task import Task
+from .budget import plan_budget
 from .config import TrainConfig, dump_config
 from .loop import FitState, fit, predict, sharded_loader
 from .metrics import aggregate_seeds, bootstrap_ci, classification_metrics
+from .probe import Probe, fit_probe
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
 
@@ -56,24 +60,32 @@ def resolve_weights(backbone: str, weights: str | None) -> str | None:
     return None
 
 
-def resolve_recipe(cfg: TrainConfig) -> tuple[Recipe, int]:
+def resolve_recipe(cfg: TrainConfig) -> Recipe:
+    """The method's recipe with the config's overrides on top."""
     base = get_method(cfg.method).recipe
-    recipe = Recipe(
-        lr=cfg.lr if cfg.lr is not None else base.lr,
-        head_lr=cfg.head_lr if cfg.head_lr is not None else base.head_lr,
-        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else base.weight_decay,
-        epochs=cfg.epochs if cfg.epochs is not None else base.epochs,
-        warmup_epochs=cfg.warmup_epochs if cfg.warmup_epochs is not None else base.warmup_epochs,
-    )
-    return recipe, recipe.epochs
+    picked = {
+        "lr": cfg.lr,
+        "head_lr": cfg.head_lr,
+        "weight_decay": cfg.weight_decay,
+        "min_steps": cfg.min_steps,
+        "warmup_fraction": cfg.warmup_fraction,
+        "head_init": cfg.head_init,
+    }
+    return replace(base, **{k: v for k, v in picked.items() if v is not None})
 
 
 def build_task(cfg: TrainConfig, classes: list[str]) -> Task:
+    """The task TTP encodes. Controls: ``text: ""`` encodes empty text; ``shuffle_classes`` mislabels them."""
     t = cfg.task
-    if t.text:
+    if t.text is not None:
         escaped = t.text.replace("{", "{{").replace("}", "}}")
-        return Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), template=escaped)
-    return Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), description=t.description)
+        task = Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), template=escaped)
+    else:
+        task = Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), description=t.description)
+    if not t.shuffle_classes or len(classes) < 2:
+        return task
+    k = 1 + cfg.seed % (len(classes) - 1)  # a seeded rotation: every class is named after another one
+    return replace(task, text_classes=tuple(classes[k:] + classes[:k]))
 
 
 class FeatureSet(Dataset):
@@ -104,17 +116,45 @@ class HeadOnly(nn.Module):
 
 @torch.inference_mode()
 def extract_features(
-    fabric, model: PathoTuneModel, dataset: Dataset, batch_size: int, workers: int, desc: str, progress: bool = True
-):
+    fabric, encode, dataset: Dataset, batch_size: int, workers: int, desc: str, progress: bool = True
+) -> torch.Tensor:
+    """``encode(images)`` over a dataset, in order, on the Fabric device."""
     from tqdm.auto import tqdm
 
-    model.eval().to(fabric.device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     feats = []
     for x, _, _ in tqdm(loader, desc=desc, disable=not (progress and fabric.is_global_zero), leave=False):
         with fabric.autocast():
-            feats.append(model.forward_features(x.to(fabric.device)).float().cpu())
+            feats.append(encode(x.to(fabric.device)).float().cpu())
     return torch.cat(feats)
+
+
+def frozen_features(fabric, model: PathoTuneModel, datasets: dict, cfg: TrainConfig, progress: bool) -> dict:
+    """The frozen backbone's pooled features per split: what the probe fits, and what a zero-gated prompted
+    model (or LoRA with B = 0, or full fine-tuning before its first step) computes at step 0."""
+    model.eval().to(fabric.device)
+    out = {}
+    for split, ds in datasets.items():
+        f = extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"features {split}", progress)
+        out[split] = FeatureSet(f, ds.labels)
+    return out
+
+
+def fit_probe_head(model: PathoTuneModel, feats: dict, classes: list[str], cfg: TrainConfig, refit: bool) -> Probe:
+    """Fit the strong probe on train (C chosen on val) and make it the model's head."""
+    probe = fit_probe(
+        feats["train"].features.numpy(),
+        np.asarray(feats["train"].labels),
+        feats["val"].features.numpy(),
+        np.asarray(feats["val"].labels),
+        classes,
+        monitor=cfg.monitor,
+        refit=refit,
+    )
+    with torch.no_grad():
+        model.head.weight.copy_(probe.weight)
+        model.head.bias.copy_(probe.bias)
+    return probe
 
 
 def peak_memory_mb(fabric) -> float:
@@ -149,7 +189,11 @@ def _predictions_csv(dataset, probs: np.ndarray, class_names: list[str]) -> str:
 
 
 def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
-    """Train one seed into ``cfg.out``; returns the metrics written to metrics.json."""
+    """Train one seed into ``cfg.out``; returns the metrics written to metrics.json.
+
+    Every trained method starts from the strong probe (LP-FT): its head is the probe, its prompt groups are
+    gated shut, so step 0 is the probe and model selection on validation includes it.
+    """
     from ..data import PatchDataset, build_transforms, check_source, load_source
     from ..report import atomic_write_json, atomic_write_text, write_run_report
 
@@ -167,7 +211,9 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
         raise ConfigError(f"data {cfg.data} has no validation samples; add val/ or raise --val-fraction")
     eval_split = "test" if source.split("test") else "val"
 
-    recipe, epochs = resolve_recipe(cfg)
+    recipe = resolve_recipe(cfg)
+    if (recipe.lr == 0 or recipe.head_lr == 0) and recipe.trainer == "steps" and fabric.is_global_zero:
+        print("warning: a learning rate is 0, so those parameters will not move")
     model = create_model(
         cfg.backbone,
         cfg.method,
@@ -184,46 +230,65 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     size = model.backbone.img_size
     train_tf = build_transforms(spec.mean, spec.std, size, train=True, augment=cfg.augment)
     eval_tf = build_transforms(spec.mean, spec.std, size, train=False, augment="none")
-    datasets = {
-        "train": PatchDataset(source.split("train"), train_tf),
-        "val": PatchDataset(source.split("val"), eval_tf),
-        eval_split: PatchDataset(source.split(eval_split), eval_tf),
-    }
-    cached = model.switches.train == "head" and cfg.cache_features and cfg.augment == "none"
-    module: nn.Module = model
-    if cached:
-        feats = {}
-        for split in dict.fromkeys(("train", "val", eval_split)):
-            ds = PatchDataset(source.split(split), eval_tf)
-            f = extract_features(fabric, model, ds, cfg.batch_size, cfg.num_workers, f"features {split}", progress)
-            feats[split] = FeatureSet(f, ds.labels)
-        fit_sets = feats
-        module = HeadOnly(model)
-    else:
-        fit_sets = datasets
+    plain = {split: PatchDataset(source.split(split), eval_tf) for split in dict.fromkeys(("train", "val", eval_split))}
+    datasets = {**plain, "train": PatchDataset(source.split("train"), train_tf, seed=cfg.seed)}
+
+    head_only = model.switches.train == "head"
+    cached = head_only and (recipe.trainer == "probe" or (cfg.cache_features and cfg.augment == "none"))
+    feats: dict[str, FeatureSet] = {}
+    probe = None
+    if cached or recipe.head_init == "probe":
+        wanted = plain if cached else {k: plain[k] for k in ("train", "val")}
+        feats = frozen_features(fabric, model, wanted, cfg, progress)
+    if recipe.trainer == "probe" or recipe.head_init == "probe":
+        probe = fit_probe_head(model, feats, classes, cfg, refit=cfg.probe_refit and recipe.trainer == "probe")
 
     if fabric.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
+    module: nn.Module = HeadOnly(model) if cached else model
+    fit_sets = feats if cached else datasets
     t0 = time.perf_counter()
-    state: FitState = fit(
-        fabric,
-        module,
-        fit_sets["train"],
-        fit_sets["val"],
-        recipe,
-        epochs,
-        cfg.batch_size,
-        out / "checkpoints" / "last.pt",
-        cfg.seed,
-        classes,
-        grad_accum=cfg.grad_accum,
-        monitor=cfg.monitor,
-        patience=cfg.patience,
-        workers=0 if cached else cfg.num_workers,
-        resume=cfg.resume,
-        progress=progress,
-    )
+    budget, selection = None, None
+    state = FitState(evaluated=True, best_step=0)
+    params = model.trainable_parameters()
+    if recipe.trainer == "steps":
+        budget = plan_budget(
+            len(fit_sets["train"]),
+            cfg.batch_size,
+            cfg.grad_accum,
+            steps=cfg.steps,
+            epochs=cfg.epochs,
+            default_steps=recipe.steps,
+            min_steps=recipe.min_steps,
+            warmup_fraction=recipe.warmup_fraction,
+            eval_every=cfg.eval_every,
+            patience=cfg.patience,
+        )
+        if fabric.is_global_zero and progress:
+            print(f"budget: {budget.steps} steps ({budget.source}), validation every {budget.eval_every}")
+        state = fit(
+            fabric,
+            module,
+            fit_sets["train"],
+            fit_sets["val"],
+            budget,
+            recipe.lr,
+            recipe.head_lr,
+            recipe.weight_decay,
+            cfg.batch_size,
+            out / "checkpoints" / "last.pt",
+            cfg.seed,
+            classes,
+            grad_accum=cfg.grad_accum,
+            monitor=cfg.monitor,
+            workers=0 if cached else cfg.num_workers,
+            resume=cfg.resume,
+            progress=progress,
+        )
+        params = model.trainable_parameters()  # what the method trained, before selection removes any group
+        if cfg.select_groups and model.gates:
+            selection = select_prompt_groups(fabric, model, fit_sets["val"], cfg, classes)
     fit_seconds = time.perf_counter() - t0
 
     eval_set = fit_sets[eval_split]
@@ -235,7 +300,6 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     metrics = classification_metrics(labels, probs, classes)
     if cfg.bootstrap:
         metrics["ci"] = bootstrap_ci(labels, probs, SUMMARY_KEYS, n=cfg.bootstrap, seed=cfg.seed)
-    params = model.trainable_parameters()
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     metrics.update(
         {
@@ -249,22 +313,30 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
             "n_test": len(eval_set),
             "trainable_params": params["trainable"],
             "total_params": params["total"],
+            "kept_params": model.trainable_parameters()["trainable"],
             "trainable_percent_of_backbone": 100.0 * params["trainable"] / max(1, backbone_params),
             "image_size": size,
-            "epochs_run": state.epoch + 1,
-            "best_epoch": state.best_epoch,
+            "steps_run": state.step,
+            "selected_step": state.best_step,
+            "stopped_early": state.stopped_early,
+            "budget": budget.to_dict() if budget else None,
+            "probe": probe.summary() if probe else None,
+            "prompt_groups": selection,
             "recipe": {
+                "trainer": recipe.trainer,
+                "head_init": recipe.head_init if recipe.trainer == "steps" else None,
                 "lr": recipe.lr,
                 "head_lr": recipe.head_lr,
                 "weight_decay": recipe.weight_decay,
-                "epochs": epochs,
-                "warmup_epochs": recipe.warmup_epochs,
+                "steps": budget.steps if budget else None,
                 "monitor": cfg.monitor,
                 "patience": cfg.patience,
+                "augment": cfg.augment,
+                "batch_size": cfg.batch_size,
                 "cached_features": cached,
             },
             "train_seconds": fit_seconds,
-            "train_images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+            "train_images_per_second": state.train_images / state.train_seconds if state.train_seconds else None,
             "inference_images_per_second": (len(eval_set) / max(infer_seconds, 1e-9)) if not cached else None,
             "world_size": fabric.world_size,
             "skipped_files": skipped,
@@ -281,6 +353,39 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
         )
     fabric.barrier()
     return metrics
+
+
+def select_prompt_groups(fabric, model: PathoTuneModel, val_set: Dataset, cfg: TrainConfig, classes: list[str]):
+    """Keep only the prompt groups that help on validation: every subset is judged with the others gated shut.
+
+    Ties on the monitored score go to the lower validation loss, then to fewer groups. Groups left out are
+    removed from the model, so the bundle neither stores nor runs them.
+    """
+    from itertools import combinations
+
+    groups = model.groups
+    trained = {g: model.gates[g].detach().clone() for g in groups}
+    loader = sharded_loader(fabric, val_set, max(1, cfg.batch_size // fabric.world_size), False, cfg.seed, 0)
+    labels = np.asarray(val_set.labels)
+    candidates = []
+    for r in range(len(groups), -1, -1):
+        for kept in combinations(groups, r):
+            with torch.no_grad():
+                for g in groups:
+                    model.gates[g].copy_(trained[g] if g in kept else torch.zeros_like(trained[g]))
+            probs, loss = predict(fabric, model, loader, len(val_set))
+            value = -loss if cfg.monitor == "loss" else classification_metrics(labels, probs, classes)[cfg.monitor]
+            candidates.append({"kept": list(kept), "val_score": value, "val_loss": loss})
+    best = max(candidates, key=lambda c: (c["val_score"] or -math.inf, -c["val_loss"], -len(c["kept"])))
+    with torch.no_grad():
+        for g in groups:
+            model.gates[g].copy_(trained[g])
+    dropped = [g for g in groups if g not in best["kept"]]
+    if dropped:
+        model.drop_groups(dropped)
+    if fabric.is_global_zero:
+        print(f"prompt groups kept on validation: {best['kept'] or 'none (the probe)'}; dropped: {dropped or 'none'}")
+    return {"kept": best["kept"], "dropped": dropped, "candidates": candidates}
 
 
 def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> dict:

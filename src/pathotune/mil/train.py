@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..engine.budget import epoch_budget
 from ..engine.loop import fit
 from ..engine.metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
 from ..errors import ConfigError, DataError, WeightsError
-from ..methods import Recipe
 from .aggregators import MILAggregator, aggregator_options, create_aggregator, list_aggregators
 from .features import (
     FeatureBagDataset,
@@ -283,9 +283,6 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     atomic_write_text(out / "config.yaml", config_text)
-    recipe = Recipe(
-        lr=cfg.lr, head_lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs
-    )
 
     per_fold: list[dict[str, Any]] = []
     oof = np.full((len(table), len(classes)), np.nan)
@@ -298,19 +295,21 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
         if progress:
             print(f"{plan.name}: {plan.train.size} train / {plan.val.size} val / {plan.test.size} test slides")
         t0 = time.perf_counter()
+        budget = epoch_budget(cfg.epochs, plan.train.size, cfg.warmup_epochs, cfg.patience)
         state = fit(
             fabric,
             _LogitsOnly(model),
             _Bags(bags, plan.train, cfg.max_tiles, fold_seed),
             _Bags(bags, plan.val),
-            recipe,
-            cfg.epochs,
+            budget,
+            cfg.lr,
+            cfg.lr,
+            cfg.weight_decay,
             1,
             fold_dir / "last.pt",
             fold_seed,
             classes,
             monitor=cfg.monitor,
-            patience=cfg.patience,
             progress=progress,
         )
         train_seconds = time.perf_counter() - t0
@@ -324,8 +323,8 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
             "n_train": int(plan.train.size),
             "n_val": int(plan.val.size),
             "n_test": int(plan.test.size),
-            "best_epoch": state.best_epoch,
-            "epochs_run": state.epoch + 1,
+            "best_epoch": state.best_step // max(1, plan.train.size),
+            "epochs_run": state.step // max(1, plan.train.size),
             **{key: m[key] for key in SUMMARY_KEYS},
             "confusion_matrix": m["confusion_matrix"],
             "notes": m["notes"],
@@ -341,7 +340,7 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
             "classes": classes,
             "feature_attrs": bags.attrs,
             "fold": plan.name,
-            "best_epoch": state.best_epoch,
+            "best_epoch": state.best_step // max(1, plan.train.size),
             "monitor": cfg.monitor,
             "metrics": {key: m[key] for key in SUMMARY_KEYS},
             "slides": {

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .visual import vpt_init
+
 VRM_KINDS = ("attn", "mlp")
 
 
@@ -57,15 +59,13 @@ class InstanceEncoder(nn.Module):
 class AttnVRM(nn.Module):
     """K learnable queries cross-attend to the instance tokens; an MLP maps them to the backbone width."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, hidden: int = 128, heads: int = 4):
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, hidden: int, dropout: float, heads: int = 4):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.inp = nn.Linear(in_dim, hidden)
         self.queries = nn.Parameter(torch.randn(num_tokens, hidden) * 0.02)
         self.attn = nn.MultiheadAttention(hidden, heads if hidden % heads == 0 else 1, batch_first=True)
-        self.out = nn.Sequential(
-            nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
-        )
+        self.out = _refine_mlp(hidden, out_dim, hidden, dropout)
 
     def forward(self, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         kv = self.inp(self.norm(tokens))
@@ -76,32 +76,50 @@ class AttnVRM(nn.Module):
 class MlpVRM(nn.Module):
     """The simple baseline: an MLP over the pooled instance feature (class token, else mean token)."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, hidden: int = 128, heads: int = 4):
+    def __init__(self, in_dim: int, out_dim: int, num_tokens: int, hidden: int, dropout: float, heads: int = 4):
         super().__init__()
         self.num_tokens = num_tokens
         self.out_dim = out_dim
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(in_dim),
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, num_tokens * out_dim),
-        )
+        self.mlp = _refine_mlp(in_dim, num_tokens * out_dim, hidden, dropout)
 
     def forward(self, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         pooled = tokens[:, 0] if num_prefix_tokens > 0 else tokens.mean(1)
         return self.mlp(pooled).view(tokens.shape[0], self.num_tokens, self.out_dim)
 
 
+def _refine_mlp(in_dim: int, out_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    """LayerNorm -> Linear -> GELU -> Dropout -> Linear, the last one zero-initialised (see InstancePrompts)."""
+    last = nn.Linear(hidden, out_dim)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), last)
+
+
 _VRMS: dict[str, type[nn.Module]] = {"attn": AttnVRM, "mlp": MlpVRM}
 
 
 class InstancePrompts(nn.Module):
-    """Per-image prompt tokens from instance features, through a swappable VRM."""
+    """Per-image prompt tokens: learnable base tokens plus a swappable VRM's refinement of the instance features.
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, num_tokens: int, hidden: int = 128):
+    The VRM's output layer starts at zero, so IVP begins as plain learnable tokens and becomes instance-specific
+    only as far as training finds useful; with a small hidden width and dropout it cannot memorise a few dozen
+    images.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        in_dim: int,
+        out_dim: int,
+        num_tokens: int,
+        hidden: int = 64,
+        dropout: float = 0.1,
+        patch_size: int = 16,
+    ):
         super().__init__()
         self.num_tokens = num_tokens
-        self.vrm = _VRMS[kind](in_dim, out_dim, num_tokens, hidden=hidden)
+        self.base = nn.Parameter(vpt_init(torch.empty(num_tokens, out_dim), patch_size))
+        self.vrm = _VRMS[kind](in_dim, out_dim, num_tokens, hidden=hidden, dropout=dropout)
 
     def forward(self, instance_tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-        return self.vrm(instance_tokens, num_prefix_tokens)
+        return self.base + self.vrm(instance_tokens, num_prefix_tokens)

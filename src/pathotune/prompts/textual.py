@@ -35,9 +35,7 @@ class TextualPrompts(nn.Module):
         self.register_buffer("text_tokens", text_tokens.detach().float().clone())
         self.context = nn.Parameter(torch.randn(num_tokens, text_dim) * 0.02)
         if mode == "attn":
-            self.attn = nn.MultiheadAttention(
-                text_dim, heads if text_dim % heads == 0 else 1, batch_first=True
-            )
+            self.attn = nn.MultiheadAttention(text_dim, heads if text_dim % heads == 0 else 1, batch_first=True)
         self.proj = nn.Sequential(
             nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, vision_dim)
         )

@@ -8,6 +8,12 @@ import torch
 from torch import nn
 
 
+def vpt_init(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Uniform in the Xavier range of the patch projection, so prompts start on the scale of patch embeddings."""
+    bound = math.sqrt(6.0 / (3 * patch_size * patch_size + tokens.shape[-1]))
+    return tokens.uniform_(-bound, bound)
+
+
 class VisualPrompts(nn.Module):
     """``num_tokens`` learnable tokens for each of ``num_layers`` layers (1 = shallow, >1 = VPT-deep).
 
@@ -19,8 +25,7 @@ class VisualPrompts(nn.Module):
         super().__init__()
         self.num_tokens = num_tokens
         self.num_layers = num_layers
-        bound = math.sqrt(6.0 / (3 * patch_size * patch_size + dim))
-        self.tokens = nn.Parameter(torch.empty(num_layers, num_tokens, dim).uniform_(-bound, bound))
+        self.tokens = nn.Parameter(vpt_init(torch.empty(num_layers, num_tokens, dim), patch_size))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, layer: int, batch_size: int) -> torch.Tensor:

@@ -46,11 +46,7 @@ def format_cell(value: Any, floatfmt: str = ".3f") -> str:
     if isinstance(value, Real):
         number = float(value)
         return DASH if math.isnan(number) else format(number, floatfmt)
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(v is None or _is_number(v) for v in value)
-    ):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(v is None or _is_number(v) for v in value):
         if value[0] is None and value[1] is None:
             return DASH
         return f"[{format_cell(value[0], floatfmt)}, {format_cell(value[1], floatfmt)}]"
@@ -151,6 +147,39 @@ def _params_section(metrics: Mapping[str, Any]) -> list[str]:
     return ["## Parameters", "", markdown_table([row]), ""]
 
 
+def _training_section(metrics: Mapping[str, Any]) -> list[str]:
+    """How the run trained and what validation selected: the probe, the budget, the step, the prompt groups."""
+    lines: list[str] = []
+    probe = metrics.get("probe")
+    if probe:
+        fitted = "train + validation (refit with the chosen C)" if probe.get("refit") else "train"
+        lines.append(
+            f"- Linear probe: logistic regression (L-BFGS, {probe['iterations']} iterations) fitted on {fitted}; "
+            f"L2 strength C = {probe['C']:.3g} chosen on validation (score {probe['val_score']:.3f}, "
+            f"loss {probe['val_loss']:.3f}) from {len(probe.get('grid', []))} values."
+        )
+    budget = metrics.get("budget")
+    if budget:
+        recipe = metrics.get("recipe", {})
+        start = "the probe (LP-FT)" if recipe.get("head_init") == "probe" else "a random head"
+        lines.append(
+            f"- Budget: {budget['steps']} optimizer steps ({budget['source']}); head started from {start}; "
+            f"validation every {budget['eval_every']} steps, step 0 included."
+        )
+        stop = "stopped early" if metrics.get("stopped_early") else "ran to the end"
+        lines.append(
+            f"- Ran {metrics.get('steps_run')} steps ({stop}); validation selected step {metrics.get('selected_step')}"
+            + (" (the probe itself)." if metrics.get("selected_step") == 0 else ".")
+        )
+    groups = metrics.get("prompt_groups")
+    if groups:
+        lines.append(
+            f"- Prompt groups kept on validation: {', '.join(groups['kept']) or 'none'}; "
+            f"dropped: {', '.join(groups['dropped']) or 'none'}."
+        )
+    return ["## Training", "", *lines, ""] if lines else []
+
+
 def write_run_report(
     run_dir: str | os.PathLike[str],
     metrics: Mapping[str, Any],
@@ -177,6 +206,7 @@ def write_run_report(
     lines += _metrics_section(metrics)
     lines += _per_class_section(metrics, class_names)
     lines += _params_section(metrics)
+    lines += _training_section(metrics)
     lines += ["## Confusion matrix", "", f"![Confusion matrix]({cm_png.relative_to(root).as_posix()})", ""]
     lines += ["## Training curves", "", f"![Training curves]({curves_png.relative_to(root).as_posix()})", ""]
     lines += ["## Configuration", "", "```yaml", config_yaml.rstrip("\n"), "```", ""]

@@ -88,15 +88,21 @@ def plot_confusion_matrix(
     return _save(fig, path)
 
 
+def _x_axis(history: Sequence[Mapping[str, Any]]) -> str:
+    """Optimizer steps when the log has them (the engine's unit), else epochs."""
+    return "step" if any(_number(row.get("step")) is not None for row in history) else "epoch"
+
+
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(epochs, values) for rows that have a finite ``key``; the row index stands in for a missing epoch."""
+    """(x, values) for rows that have a finite ``key``; x is the step (else epoch, else the row index)."""
+    axis = _x_axis(history)
     xs: list[float] = []
     ys: list[float] = []
     for i, row in enumerate(history):
         value = _number(row.get(key))
         if value is not None:
-            epoch = _number(row.get("epoch"))
-            xs.append(float(i) if epoch is None else epoch)
+            x = _number(row.get(axis))
+            xs.append(float(i) if x is None else x)
             ys.append(value)
     return xs, ys
 
@@ -115,7 +121,7 @@ def _pick_metric(history: Sequence[Mapping[str, Any]]) -> str | None:
 def plot_training_curves(
     history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], metric: str | None = None
 ) -> Path:
-    """Loss curves (left) and one validation metric (right) per epoch; empty panels say why."""
+    """Loss curves (left) and one validation metric (right) per evaluation; empty panels say why."""
     fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     ax_loss, ax_metric = fig.subplots(1, 2)
     drawn = False
@@ -125,7 +131,7 @@ def plot_training_curves(
             ax_loss.plot(xs, ys, marker=marker, markersize=3, label=key.replace("_", " "))
             drawn = True
     if drawn:
-        ax_loss.set_xlabel("epoch")
+        ax_loss.set_xlabel(_x_axis(history))
         ax_loss.set_ylabel("loss")
         ax_loss.set_title("Loss")
         ax_loss.grid(alpha=0.3)
@@ -139,7 +145,7 @@ def plot_training_curves(
         ax_metric.plot(xs, ys, marker="o", markersize=3, color="tab:green", label=label)
         best = int(np.argmax(ys))
         ax_metric.scatter([xs[best]], [ys[best]], color="tab:red", zorder=3, label=f"best {ys[best]:.3f}")
-        ax_metric.set_xlabel("epoch")
+        ax_metric.set_xlabel(_x_axis(history))
         ax_metric.set_ylabel(label)
         ax_metric.set_title(label.capitalize())
         ax_metric.grid(alpha=0.3)
@@ -191,4 +197,54 @@ def plot_metric_vs_params(
     else:
         _no_data(ax, f"no rows with both {x} and {y}")
     ax.set_title(title or f"{y.replace('_', ' ')} vs {x.replace('_', ' ')}")
+    return _save(fig, path)
+
+
+def plot_fewshot_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    x: str = "shots",
+    y: str = "mean",
+    label: str = "method",
+    title: str | None = None,
+    ylabel: str = "balanced accuracy",
+) -> Path:
+    """Score versus shots per class on a log2 axis, one line per method, with (low, high) interval bars.
+
+    Rows carry ``x``, ``y`` and optional ``low``/``high`` (a single-episode point has none). Methods are nudged
+    apart along x by a few percent so overlapping intervals stay readable.
+    """
+    series: dict[str, list[tuple[float, float, float | None, float | None]]] = {}
+    for row in rows:
+        xv, yv = _number(row.get(x)), _number(row.get(y))
+        if xv is None or yv is None:
+            continue
+        if xv <= 0:
+            raise ValueError(f"{x}={xv} cannot go on a log axis (row {row.get(label)!r})")
+        series.setdefault(str(row.get(label, "")), []).append(
+            (xv, yv, _number(row.get("low")), _number(row.get("high")))
+        )
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    if series:
+        ticks: set[float] = set()
+        for i, (name, points) in enumerate(series.items()):
+            points.sort()
+            nudge = 2.0 ** (0.04 * (i - (len(series) - 1) / 2))
+            xs = [p[0] * nudge for p in points]
+            ys = [p[1] for p in points]
+            low = [p[1] - p[2] if p[2] is not None else 0.0 for p in points]
+            high = [p[3] - p[1] if p[3] is not None else 0.0 for p in points]
+            ax.errorbar(xs, ys, yerr=[low, high], marker="o", markersize=4, capsize=3, label=name)
+            ticks.update(p[0] for p in points)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), labels=[f"{t:g}" for t in sorted(ticks)])
+        ax.minorticks_off()
+        ax.set_xlabel(f"{x.replace('_', ' ')} per class (log2 scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, f"no rows with both {x} and {y}")
+    ax.set_title(title or f"{ylabel} vs {x.replace('_', ' ')}")
     return _save(fig, path)

@@ -24,9 +24,7 @@ class HFTextEncoder(nn.Module):
         hf_logging.disable_progress_bar()
 
         if not Path(path).is_dir():
-            raise WeightsError(
-                f"text encoder folder {path} not found; pass a local Hugging Face model folder"
-            )
+            raise WeightsError(f"text encoder folder {path} not found; pass a local Hugging Face model folder")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
@@ -43,9 +41,7 @@ class HFTextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled (B, D), tokens (B, L, D)) with padding tokens zeroed."""
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         states = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -70,9 +66,7 @@ class OpenClipTextEncoder(nn.Module):
         missing, _ = model.load_state_dict(sd, strict=False)
         text_missing = [k for k in missing if not k.startswith("visual.")]
         if text_missing:
-            raise WeightsError(
-                f"weights {weights} lack text-tower keys such as {text_missing[:3]} for {arch}"
-            )
+            raise WeightsError(f"weights {weights} lack text-tower keys such as {text_missing[:3]} for {arch}")
         model.visual = None  # the vision tower is never used here
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -96,9 +90,7 @@ def load_text_encoder(name: str, weights: str | Path | None = None) -> nn.Module
         elif spec.kind == "hf" and Path(spec.name).expanduser().is_dir():
             weights = Path(spec.name).expanduser()
         else:
-            raise WeightsError(
-                f"text encoder '{name}' has no bundled weights; pass text_weights= {spec.weights_hint}"
-            )
+            raise WeightsError(f"text encoder '{name}' has no bundled weights; pass text_weights= {spec.weights_hint}")
     if spec.kind == "open_clip":
         return OpenClipTextEncoder(spec.arch, Path(weights), spec.normalize)
     return HFTextEncoder(Path(weights), spec.normalize)

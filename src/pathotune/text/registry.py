@@ -81,6 +81,4 @@ def get_text_encoder_spec(name: str) -> TextEncoderSpec:
         return _REGISTRY[name]
     if Path(name).expanduser().is_dir():
         return TextEncoderSpec(name, "hf", description=f"HF encoder from {name}")
-    raise ConfigError(
-        f"unknown text encoder '{name}'; use one of {list_text_encoders()} or a local HF model folder"
-    )
+    raise ConfigError(f"unknown text encoder '{name}'; use one of {list_text_encoders()} or a local HF model folder")

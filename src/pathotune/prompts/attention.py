@@ -1,0 +1,144 @@
+"""One frozen timm block with prompt tokens beside the image tokens, not inside its sequence.
+
+The image tokens (prefix + patches) run exactly the operations of timm's ``Block``/``Attention``; prompt tokens
+only add keys and values. Two ways for image tokens to read them:
+
+- ``gated`` (default): each prompt group gets its own softmax, and its output is added through a per-head gate
+  ``tanh(g)`` that starts at 0, as in LLaMA-Adapter's zero-init attention. At g = 0 the image tokens are bit
+  for bit the frozen model's, so a prompt method starts exactly at the linear probe, and a group whose gates are
+  0 is switched off exactly. Prompt tokens that travel on to later blocks attend to the image tokens and to
+  their own group.
+- ``joint``: one softmax over image and prompt keys together, as VPT concatenates prompts into the sequence.
+
+Image tokens never pay for a longer sequence: their attention over themselves is the same fused call as the
+plain model's, and prompts add an N x P term. Prompt outputs are computed only for groups that a later block
+reads (deep TVP is replaced at the next block, so it needs keys and values only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROMPT_ATTENTION = ("gated", "joint")
+
+
+def check_block(block: nn.Module) -> None:
+    """Prompts re-run a block's parts in timm's order; refuse block kinds whose forward differs."""
+    from timm.models.vision_transformer import Attention, Block
+
+    from ..errors import ConfigError
+
+    if type(block).forward is not Block.forward or type(block.attn).forward is not Attention.forward:
+        raise ConfigError(
+            f"prompts need timm's standard ViT Block and Attention; this backbone uses "
+            f"{type(block).__name__}/{type(block.attn).__name__}"
+        )
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    drop = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+    w = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return attn.attn_drop(w) @ v
+
+
+def _project(attn: nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Heads -> width, then timm's output norm, gate and projection."""
+    b, _, n, _ = o.shape
+    o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.attn_dim))
+    if attn.gate is not None:
+        o = o * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def _residual(block: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    h = h + block.drop_path1(block.ls1(attn_out))
+    return h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+
+
+def _gate_view(gate: torch.Tensor) -> torch.Tensor:
+    """(H,) or per-sample (B, H) -> broadcastable over (B, H, N, head_dim)."""
+    return gate.view(1, -1, 1, 1) if gate.ndim == 1 else gate.view(gate.shape[0], -1, 1, 1)
+
+
+def _slices(sizes: list[int]) -> list[slice]:
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [slice(e - n, e) for n, e in zip(sizes, ends, strict=True)]
+
+
+def _own_group_mask(groups: list[slice], kept: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """(Pc, P) additive mask: 0 where a kept group's row meets its own group's column, -inf elsewhere."""
+    sizes = [groups[i].stop - groups[i].start for i in kept]
+    mask = torch.full((sum(sizes), groups[-1].stop), float("-inf"), dtype=like.dtype, device=like.device)
+    start = 0
+    for i, n in zip(kept, sizes, strict=True):
+        mask[start : start + n, groups[i]] = 0.0
+        start += n
+    return mask
+
+
+def prompted_block(
+    block: nn.Module,
+    h: torch.Tensor,
+    prompts: list[torch.Tensor],
+    gates: list[torch.Tensor] | None,
+    keep: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Run ``block`` on image tokens ``h`` (B, N, D) with prompt groups ``prompts`` [(B, P_g, D)].
+
+    ``gates``: one (H,) or (B, H) tensor of gate values per group (already through tanh), or None for the
+    joint softmax. ``keep[g]``: whether group g's output tokens are needed after this block. Returns the new
+    image tokens and, per group, its output tokens (None where not kept).
+
+    Attention over the few prompt keys is written out (two small matmuls): the fused kernel is built for long
+    key sequences and costs far more than the arithmetic on a handful of keys. Gates scale the values, so a
+    closed gate adds an exact zero.
+    """
+    attn = block.attn
+    x = block.norm1(h)
+    q, k, v = _qkv(attn, x)
+    groups = _slices([p.shape[1] for p in prompts])
+    px = block.norm1(torch.cat(prompts, dim=1))
+    pq, pk, pv = _qkv(attn, px)
+    if gates is None:
+        o = _attend(attn, q, torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2))
+    else:
+        # Scores laid out (B, H, P, N): a softmax over a handful of keys is far faster along dim -2 than -1.
+        scores = (pk * attn.scale) @ q.contiguous().transpose(-2, -1)
+        weights = torch.cat([scores[:, :, sl].softmax(-2) for sl in groups], dim=2)
+        gated_v = torch.cat([pv[:, :, sl] * _gate_view(g) for g, sl in zip(gates, groups, strict=True)], dim=2)
+        o = _attend(attn, q, k, v) + attn.attn_drop(weights).transpose(-2, -1) @ gated_v
+    h_out = _residual(block, h, _project(attn, o, x))
+
+    outs: list[torch.Tensor | None] = [None] * len(prompts)
+    kept = [i for i, k_ in enumerate(keep) if k_]
+    if not kept:
+        return h_out, outs
+    first, last = groups[kept[0]].start, groups[kept[-1]].stop
+    contiguous = sum(groups[i].stop - groups[i].start for i in kept) == last - first
+    rows = (
+        slice(first, last) if contiguous else torch.cat([torch.arange(groups[i].start, groups[i].stop) for i in kept])
+    )
+    cq = pq[:, :, rows] * attn.scale
+    prompt_scores = cq @ pk.transpose(-2, -1)  # (B, H, Pc, P)
+    if gates is not None:  # gated: a group's tokens see the image and their own group only
+        prompt_scores = prompt_scores + _own_group_mask(groups, tuple(kept), prompt_scores)
+    # q, k, v are strided views of one qkv output: batched matmuls on them are several times slower than a copy.
+    k, v = k.contiguous(), v.contiguous()
+    w = attn.attn_drop(torch.cat([cq @ k.transpose(-2, -1), prompt_scores], dim=-1).softmax(-1))
+    n_img = k.shape[2]
+    co = w[..., :n_img] @ v + w[..., n_img:] @ pv
+    cp = torch.cat([prompts[i] for i in kept], dim=1)
+    out = _residual(block, cp, _project(attn, co, px[:, rows]))
+    for i, chunk in zip(kept, out.split([groups[i].stop - groups[i].start for i in kept], dim=1), strict=True):
+        outs[i] = chunk
+    return h_out, outs
