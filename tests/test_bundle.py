@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pathotune import BundleError, Task, create_model, load_bundle, save_bundle
-from pathotune.bundle import MANIFEST, TENSORS
+from pathotune.bundle import MANIFEST, TENSORS, manifest_checksum
 
 NAME = "vit_small_patch16_224"
 TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -132,6 +132,7 @@ def test_refuses_wrong_shapes(weights, tmp_path):
     import hashlib
 
     manifest["sha256"] = hashlib.sha256((out / TENSORS).read_bytes()).hexdigest()
+    manifest["manifest_sha256"] = manifest_checksum(manifest)  # a consistent re-export, not an edit
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"tensor 'tvp.tokens' has shape \(3, 7, 32\), model wants \(3, 10, 32\)"):
         load_bundle(out)
@@ -155,6 +156,6 @@ def test_overwrite_is_atomic(weights, tmp_path, monkeypatch):
 
     monkeypatch.setattr("safetensors.torch.save_file", crash)
     with pytest.raises(RuntimeError):
-        save_bundle(trained("vpt-deep", weights), tmp_path / "b")
+        save_bundle(trained("vpt-deep", weights), tmp_path / "b", overwrite=True)
     assert (first / TENSORS).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "backbone.safetensors"]

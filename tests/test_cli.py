@@ -266,12 +266,27 @@ def test_predict_writes_probabilities_matching_the_run(trained_run, data, tmp_pa
 # A second run into the same folder ---------------------------------------------------------------------------------
 
 
-def test_second_train_into_same_out_overwrites(data, tmp_path, monkeypatch, capsys):
+def test_second_train_into_a_finished_run_is_refused(data, tmp_path, monkeypatch, capsys):
+    cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
+    out = tmp_path / "run"
+    code, _, err = run_main(monkeypatch, capsys, *train_args(data, cfg, out, "--method", "linear", "--steps", "2"))
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = train_args(data, cfg, out, "--method", "linear-adamw", "--steps", "2")
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2
+    line = one_line_error(err)
+    assert f"{out} holds a finished run" in line and "--overwrite" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_second_train_with_overwrite_replaces_the_run(data, tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", bootstrap=0)
     out = tmp_path / "run"
     code, _, err = run_main(monkeypatch, capsys, *train_args(data, cfg, out, "--method", "pathotune", "--steps", "2"))
     assert code == 0, err
-    args = train_args(data, cfg, out, "--method", "linear-adamw", "--steps", "2")
+    (out / "notes.txt").write_text("mine")  # not a run output: it stays
+    args = train_args(data, cfg, out, "--method", "linear-adamw", "--steps", "2", "--overwrite")
     code, _, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
     assert read_metrics(out)["method"] == "linear-adamw"
@@ -280,4 +295,6 @@ def test_second_train_into_same_out_overwrites(data, tmp_path, monkeypatch, caps
     assert len(read_log(out)) == 3  # steps 0, 1 and 2
     ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert all(k.startswith("model.head.") for k in ck["trainable"]), sorted(ck["trainable"])
+    assert ck["config"]["method"] == "linear-adamw"
+    assert (out / "notes.txt").read_text() == "mine"
     assert not any(p.name.startswith(".") for p in out.rglob("*")), "temporary files left behind"

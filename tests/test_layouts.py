@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zlib
 from pathlib import Path
 
 import h5py
@@ -23,9 +24,12 @@ from pathotune.errors import ConfigError, DataError
 
 
 def write_img(path: Path, color: tuple[int, int, int] = (190, 90, 160)) -> Path:
-    """An 8x8 tile; the format follows the suffix, as in the real datasets (.tif, .png)."""
+    """An 8x8 tile; the format follows the suffix, as in the real datasets (.tif, .png). One pixel depends on the
+    path, so that distinct files are never byte-identical copies (the scan refuses copies across splits)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), color).save(path)
+    im = Image.new("RGB", (8, 8), color)
+    im.putpixel((7, 7), tuple(zlib.crc32(str(path).encode()).to_bytes(4, "big")[:3]))
+    im.save(path)
     return path
 
 

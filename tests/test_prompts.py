@@ -60,12 +60,13 @@ def test_gated_prompts_start_exactly_at_the_frozen_model(method, tiny_kwargs, im
 
 
 def test_gated_start_is_exact_on_register_and_avg_pooled_backbones(images, text_features):
-    for name, extra in [("vit_small_patch14_reg4_dinov2", {}), (NAME, {"global_pool": "avg"})]:
+    # Image sizes are multiples of each patch size (14 and 16): anything else is refused.
+    for name, size, extra in [("vit_small_patch14_reg4_dinov2", 28, {}), (NAME, 32, {"global_pool": "avg"})]:
         kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, **extra}
         model = create_model(
-            name, "pathotune", 3, img_size=28, backbone_kwargs=kwargs, text_features=text_features
+            name, "pathotune", 3, img_size=size, backbone_kwargs=kwargs, text_features=text_features
         ).eval()
-        x = images[:, :, :28, :28]
+        x = images[:, :, :size, :size]
         with torch.no_grad():
             assert torch.equal(model.forward_features(x), model.backbone(x))
 

@@ -150,6 +150,24 @@ def test_rerun_skips_finished_ignores_stale_tmp(model, slides_dir: Path, tmp_pat
         assert sorted(r["slide_id"] for r in csv.DictReader(fh)) == ["a", "b"]
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_final_h5_is_redone_like_a_stale_tmp(model, slides_dir: Path, tmp_path: Path, capsys, damage):
+    """A final .h5 that is no readable HDF5 (garbage, or cut short by a full disk or a copy) is extracted again,
+    with a note, instead of being refused with no way forward but --overwrite (which redoes every slide)."""
+    out = tmp_path / "feats"
+    a, b = slides_dir / "a.tif", slides_dir / "b.tif"
+    extract_slides(model, [a, b], out, tiling=SMALL, num_workers=0, progress=False)
+    good = (out / "b.h5").read_bytes()
+    before_a = (out / "a.h5").read_bytes()
+    (out / "b.h5").write_bytes(b"\x00garbage" * 50 if damage == "garbage" else good[: len(good) // 2])
+    capsys.readouterr()
+    results = extract_slides(model, [a, b], out, tiling=SMALL, num_workers=0, progress=False)
+    assert [(r.slide_id, r.status) for r in results] == [("a", "skipped"), ("b", "extracted")]
+    assert f"{out / 'b.h5'} is not a readable HDF5 file" in capsys.readouterr().out
+    assert (out / "a.h5").read_bytes() == before_a
+    assert read_slide_features(out / "b.h5").features.shape[0] == results[1].n_tiles > 0
+
+
 def test_interrupted_slide_is_never_finished(slides_dir: Path, tmp_path: Path) -> None:
     """A crash mid-slide leaves neither a final nor a temp file; the rerun then extracts it."""
     ex = as_extractor(tiny_model().eval())

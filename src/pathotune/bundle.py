@@ -7,17 +7,17 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .errors import BundleError, PathoTuneError
+from .errors import BundleError, PathoTuneError, describe_os_error, write_error
 from .model import PathoTuneModel, Provenance, create_model
 from .task import Task
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's own checksum and the input normalisation; 1: tensors only
 TENSORS = "prompts.safetensors"
 MANIFEST = "manifest.json"
 
@@ -31,16 +31,34 @@ def bundle_state(model: PathoTuneModel) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``path/`` with prompts.safetensors and manifest.json, atomically (a crash leaves no half bundle)."""
+def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``path/`` with prompts.safetensors and manifest.json, atomically (a crash leaves no half bundle).
+
+    An existing ``path`` is refused unless ``overwrite``; even then only a bundle folder (or an empty one) is
+    replaced, and only once the new bundle is complete. The manifest carries a checksum over everything that
+    decides what a prediction means (classes, task, switches, provenance, normalisation, tensor checksum).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise BundleError(f"{path} already exists; pass overwrite=True to replace it (nothing was written)")
+        if not path.is_dir() or (any(path.iterdir()) and not (path / MANIFEST).is_file()):
+            raise BundleError(f"{path} exists and is not a bundle folder; will not replace it, pick another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise write_error(path, e) from e
     try:
         state = bundle_state(model)
-        save_file(state, str(tmp / TENSORS))
+        try:
+            save_file(state, str(tmp / TENSORS))
+        except (OSError, SafetensorError) as e:
+            raise write_error(path / TENSORS, _os_error(e)) from e
+        spec = model.backbone.spec
         manifest = {
             "format_version": FORMAT_VERSION,
             "pathotune_version": __version__,
@@ -51,25 +69,54 @@ def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = No
             "task_text": model.task.render(),
             "switches": model.switches.to_dict(),
             "provenance": asdict(model.provenance),
+            "normalization": {"mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std]},
             "tensors": {k: list(v.shape) for k, v in state.items()},
             "sha256": _sha256(tmp / TENSORS),
             "extra": extra or {},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        manifest = json.loads(json.dumps(manifest))  # the checksum covers what a reader will see
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
+        try:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, old / "bundle")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except OSError as e:
+            raise write_error(path / MANIFEST, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own checksum (so formatting may change, content not)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _os_error(e: BaseException) -> BaseException:
+    """safetensors reports I/O failures as SafetensorError("... (os error 28)"); recover the errno."""
+    import errno
+    import re
+
+    found = re.search(r"os error (\d+)", str(e))
+    if isinstance(e, OSError) or not found:
+        return e
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code)) if code in errno.errorcode else e
+
+
+REQUIRED_KEYS = ("method", "num_classes", "class_names", "task", "switches", "provenance", "tensors", "sha256")
+PROVENANCE_KEYS = ("backbone", "weights", "fingerprint", "img_size")
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The bundle's manifest, checked: known format, every key a bundle needs, and (format 2) its checksum."""
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
@@ -80,14 +127,42 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"bundle manifest {mf} is corrupt ({e.msg if hasattr(e, 'msg') else e}); re-export it") from e
+    except OSError as e:
+        raise BundleError(f"bundle manifest {mf} is unreadable ({describe_os_error(e)}); check the file") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"bundle manifest {mf} is not a JSON object; it was not written by pathotune")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"bundle manifest {mf} has no format_version; it was not written by pathotune")
     if version > FORMAT_VERSION:
         raise BundleError(
             f"bundle {path} has format {version}, newer than this pathotune ({__version__}) reads "
             f"(format {FORMAT_VERSION}); upgrade pathotune"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if version >= 2 and "manifest_sha256" not in manifest:
+        missing.append("manifest_sha256")
+    if missing:
+        raise BundleError(f"bundle manifest {mf} lacks key '{missing[0]}'; it is incomplete or edited, re-export it")
+    if version >= 2 and manifest["manifest_sha256"] != manifest_checksum(manifest):
+        raise BundleError(
+            f"bundle manifest {mf} was changed after it was written (checksum mismatch); its classes, task or "
+            "switches can no longer be trusted: re-export the bundle"
+        )
+    prov, tensors = manifest["provenance"], manifest["tensors"]
+    if not isinstance(prov, dict) or not isinstance(tensors, dict) or not isinstance(manifest["switches"], dict):
+        raise BundleError(f"bundle manifest {mf} has a malformed provenance, switches or tensors entry; re-export it")
+    if not all(isinstance(v, list) and all(isinstance(d, int) for d in v) for v in tensors.values()):
+        raise BundleError(f"bundle manifest {mf} has malformed tensor shapes; re-export it")
+    lost = [k for k in PROVENANCE_KEYS if k not in prov]
+    if lost:
+        raise BundleError(f"bundle manifest {mf} lacks key 'provenance.{lost[0]}'; it is incomplete, re-export it")
+    unknown = sorted(set(prov) - {f.name for f in fields(Provenance)})
+    if unknown:
+        raise BundleError(f"bundle manifest {mf} has unknown key 'provenance.{unknown[0]}'; re-export it")
+    names, n = manifest["class_names"], manifest["num_classes"]
+    if not isinstance(names, list) or not isinstance(n, int) or len(names) != n or n < 2:
+        raise BundleError(f"bundle manifest {mf} has {names!r} as class_names for num_classes={n!r}; re-export it")
     return manifest
 
 
@@ -124,6 +199,8 @@ def load_bundle(
         raise BundleError(f"bundle file {tensor_file} is unreadable ({e}); re-export the bundle") from e
 
     switches = dict(manifest["switches"])
+    if manifest["format_version"] < 2:
+        switches.setdefault("prompt_attn", "joint")  # format 1 predates gated prompt attention
     if instance_weights is not None:
         switches["ivp_encoder_weights"] = str(instance_weights)
     text_features = None
@@ -144,6 +221,14 @@ def load_bundle(
         )
     except PathoTuneError as e:
         raise type(e)(f"cannot rebuild bundle {path}: {e}") from e
+    norm = manifest.get("normalization")
+    spec = model.backbone.spec
+    if norm is not None and not _same_floats(norm, {"mean": spec.mean, "std": spec.std}):
+        raise BundleError(
+            f"bundle {path} was trained with input normalisation mean {norm.get('mean')} std {norm.get('std')}, but "
+            f"backbone '{prov.backbone}' now normalises with mean {list(spec.mean)} std {list(spec.std)}; "
+            "use the pathotune version it was trained with"
+        )
     got = model.provenance
     if got.fingerprint != prov.fingerprint:
         raise BundleError(
@@ -173,6 +258,16 @@ def load_bundle(
         for k, v in state.items():
             (params.get(k) if k in params else buffers[k]).copy_(v)
     return model.eval()
+
+
+def _same_floats(a: dict, b: dict) -> bool:
+    try:
+        return all(
+            len(a[k]) == len(b[k]) and all(abs(float(x) - float(y)) <= 1e-6 for x, y in zip(a[k], b[k], strict=True))
+            for k in ("mean", "std")
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _sha256(f: Path) -> str:

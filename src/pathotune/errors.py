@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class PathoTuneError(Exception):
     """Base class for errors a user can cause; the CLI prints them on one line and exits 2."""
@@ -21,3 +24,41 @@ class BundleError(PathoTuneError):
 
 class DataError(PathoTuneError):
     """Unreadable images, empty classes, bad manifests, slides without the metadata needed."""
+
+
+class OutputError(PathoTuneError):
+    """An output that cannot be written: a full disk, a read-only or unusable folder, a path under a file."""
+
+
+_ADVICE = {
+    errno.ENOSPC: "free some space (or pass another --out) and rerun",
+    errno.EDQUOT: "free some space within your quota (or pass another --out) and rerun",
+    errno.EROFS: "the file system is read-only; pass a writable --out",
+    errno.EACCES: "you lack permission to write there; pass a writable --out",
+    errno.EPERM: "you lack permission to write there; pass a writable --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; pass another --out",
+    errno.EISDIR: "a folder is in the way; pass another --out",
+    errno.ENAMETOOLONG: "the path is too long; pass a shorter --out",
+}
+
+
+def describe_os_error(e: BaseException) -> str:
+    """``strerror`` of an OSError (or the text of any other exception) on one line."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return " ".join(str(text).split())
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> OutputError:
+    """An OutputError for a failed write of ``path``: which file, why, that nothing was half-written, what to do.
+
+    Every writer in pathotune writes to a temporary name and renames, so a failed write leaves the target as it
+    was and everything written before it intact; the message says so.
+    """
+    code = getattr(e, "errno", None)
+    if code is None and "write failed" in str(e).lower():  # torch.save reports ENOSPC as a RuntimeError
+        code = errno.ENOSPC
+    reason = os.strerror(code) if code in _ADVICE else describe_os_error(e)
+    advice = _ADVICE.get(code, "check the folder and rerun")
+    return OutputError(
+        f"could not write {path} ({reason}); it was left as it was and files written before it are intact; {advice}"
+    )

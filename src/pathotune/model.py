@@ -357,6 +357,8 @@ def create_model(
     ``backbone_kwargs``: architecture overrides passed to timm (tiny test models, drop-path rates...).
     ``backbone_module``: an already built frozen backbone to share (serving many tasks on one backbone).
     """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"num_classes must be an integer >= 2 (a classifier needs two classes), got {num_classes!r}")
     s = get_method(method).resolve(**switches)
     task = task or Task()
     if task.classes and len(task.classes) != num_classes:

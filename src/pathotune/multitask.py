@@ -51,8 +51,20 @@ class MultiTaskModel(nn.Module):
     @classmethod
     def from_bundles(cls, paths: Sequence[str | Path], weights: str | Path | None = None) -> MultiTaskModel:
         """Load bundles onto a single backbone instance (loaded once, fingerprint checked for each bundle)."""
-        from .bundle import load_bundle
+        from .bundle import load_bundle, read_manifest
 
+        if not paths:
+            raise BundleError("MultiTaskModel needs at least one bundle")
+        provs = [read_manifest(p)["provenance"] for p in paths]
+        for p, prov in zip(paths[1:], provs[1:], strict=True):
+            a, b = provs[0], prov
+            if (a["backbone"], a["fingerprint"], a["img_size"]) != (b["backbone"], b["fingerprint"], b["img_size"]):
+                raise BundleError(
+                    f"bundles {paths[0]} and {p} were trained on different backbones: '{a['backbone']}' "
+                    f"(weights {str(a['fingerprint'])[:12]}, {a['img_size']} px) and '{b['backbone']}' "
+                    f"(weights {str(b['fingerprint'])[:12]}, {b['img_size']} px); tasks served together must share "
+                    "one backbone, so predict them in separate runs"
+                )
         first = load_bundle(paths[0], weights=weights)
         models = [first] + [load_bundle(p, weights=weights, backbone_module=first.backbone) for p in paths[1:]]
         return cls(models, names=[Path(p).name if Path(p).name != "bundle" else Path(p).parent.name for p in paths])

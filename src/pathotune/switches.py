@@ -59,6 +59,7 @@ class Switches:
         from .prompts.attention import PROMPT_ATTENTION
         from .prompts.textual import TTP_MODES
 
+        check_types(self)
         for name in ("tvp_tokens", "ttp_tokens", "ivp_tokens", "tvp_layer", "ttp_layer", "ivp_layer"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"switch {name} must be >= 0, got {getattr(self, name)}")
@@ -117,3 +118,25 @@ def check_keys(d: dict) -> None:
     unknown = sorted(set(d) - set(switch_names()))
     if unknown:
         raise ConfigError(f"unknown switch(es) {unknown}; allowed switches are {switch_names()}")
+
+
+_TYPE_NAMES = {"int": "an integer", "bool": "true or false", "float": "a number", "str": "a string"}
+
+
+def check_types(s: Switches) -> None:
+    """Every switch has the type its field declares (``tvp_tokens: many`` fails here, naming the switch)."""
+    for f in fields(s):
+        value = getattr(s, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        base = kinds[0]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+        }.get(base, True)
+        if not ok:
+            wanted = _TYPE_NAMES.get(base, base) + (" or null" if "None" in kinds else "")
+            raise ConfigError(f"switch {f.name} must be {wanted}, got {value!r} ({type(value).__name__})")

@@ -125,9 +125,20 @@ def create_backbone(
     configurations) reloads onto the same weights in any process.
     """
     spec = get_backbone_spec(name)
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise ConfigError(f"image size must be a positive number of pixels, got {img_size!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         vit = create_vit(spec, img_size=img_size, **overrides)
+    grid_size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+    size = int(grid_size[0]) if grid_size else 0
+    patch = int(vit.patch_embed.patch_size[0]) if size else 1
+    if size % patch:
+        lower, upper = max(patch, size - size % patch), size - size % patch + patch
+        raise ConfigError(
+            f"image size {size} is not a multiple of the patch size {patch} of backbone '{name}'; "
+            f"use {lower} or {upper}"
+        )
     if weights is not None:
         if str(weights) == "bundled":
             from .bundled import bundled_weights_path

@@ -73,6 +73,7 @@ def demo(
         seed=seed,
         batch_size=16,
         bootstrap=1000,
+        overwrite=True,  # the demo's own folders: a rerun replaces them, once it has finished
     )
     plans = {
         # The strong probe: L-BFGS logistic regression to convergence on frozen features, C chosen on val.

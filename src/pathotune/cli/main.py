@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -64,7 +65,13 @@ def train(
     num_nodes: Annotated[int | None, typer.Option()] = None,
     precision: Annotated[str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed.")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory.")] = None,
-    resume: Annotated[bool | None, typer.Option("--resume", help="Continue from out/checkpoints/last.pt.")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="Continue the unfinished run in --out (same settings).")
+    ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option("--overwrite", help="Replace the run in --out, once the new one has finished."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train a method on a backbone; writes config, metrics, report, bundle, checkpoints and a CSV log."""
@@ -103,6 +110,7 @@ def train(
         precision=precision,
         out=out,
         resume=resume,
+        overwrite=overwrite,
     )
     result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
@@ -118,24 +126,31 @@ def evaluate(
     split: Annotated[str, typer.Option(help="auto (test, else val, else all), test, val, train or all.")] = "auto",
     weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the bundle says.")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
-    out: Annotated[Path | None, typer.Option(help="Write metrics.json and report.md here.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write metrics.json and report.md here (into OUT/eval/<data>-<split>/ if OUT holds a run)."),
+    ] = None,
 ) -> None:
     """Judge a trained bundle on labelled data."""
+    from ..engine.infer import eval_output_dir
     from ..engine.infer import evaluate as run_eval
+    from ..engine.runfolder import check_out_usable
     from ..report import atomic_write_json, write_run_report
 
-    m = run_eval(bundle, data, split=split, weights=weights, batch_size=batch_size)
+    if out is not None:
+        check_out_usable(out)
+    m = run_eval(bundle, data, split=split, weights=weights, batch_size=batch_size, progress=_progress())
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc"]
     print_table(
         [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in keys],
         title=f"{bundle} on {data} ({m['split']}, n={m['n']})",
     )
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "metrics.json", m)
+        target = eval_output_dir(out, m)
         names = list(m["per_class"])
-        write_run_report(out, m, [], names, {"bundle": str(bundle), "data": str(data)}, title=f"eval of {bundle}")
-        console.print(f"written to {out}")
+        write_run_report(target, m, [], names, {"bundle": str(bundle), "data": str(data)}, title=f"eval of {bundle}")
+        atomic_write_json(target / "metrics.json", m)
+        console.print(f"written to {target}")
 
 
 @app.command()
@@ -149,7 +164,7 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 32,
 ) -> None:
     """Per-class probabilities for images, as CSV. Several --bundle share one backbone forward."""
-    from ..engine.infer import predict_files
+    from ..engine.infer import check_output_file, predict_files
     from ..errors import ConfigError
     from ..report import atomic_write_text
 
@@ -158,7 +173,8 @@ def predict(
         if len(inputs) < 2:
             raise ConfigError("predict needs a bundle and images: `pathotune predict BUNDLE IMAGES...`")
         bundles, inputs = [inputs[0]], inputs[1:]
-    files, results = predict_files(bundles, inputs, weights=weights, batch_size=batch_size)
+    check_output_file(out)
+    files, results = predict_files(bundles, inputs, weights=weights, batch_size=batch_size, progress=_progress())
     single = len(results) == 1
     header = ["path"]
     for name, (classes, _) in results.items():
@@ -174,6 +190,11 @@ def predict(
         w.writerow(row)
     atomic_write_text(out, buf.getvalue())
     console.print(f"{len(files)} images x {len(results)} task(s) written to {out}")
+
+
+def _progress() -> bool:
+    """Progress bars only on a terminal: in logs and pipes they are noise before any error line."""
+    return sys.stderr.isatty()
 
 
 @app.command()
@@ -224,7 +245,7 @@ def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run fo
     from ..engine.infer import resolve_bundle
 
     path = resolve_bundle(bundle)
-    m = read_manifest(path)
+    m = read_manifest(path)  # checked: every key below is there, and (format 2) unedited
     prov = m["provenance"]
     n = sum(int(__import__("math").prod(s)) for s in m["tensors"].values())
     size = (path / TENSORS).stat().st_size if (path / TENSORS).is_file() else 0
@@ -234,12 +255,13 @@ def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run fo
         {"field": "weights", "value": str(prov["weights"])},
         {"field": "fingerprint", "value": prov["fingerprint"]},
         {"field": "classes", "value": ", ".join(m["class_names"])},
-        {"field": "task text", "value": m["task_text"]},
+        {"field": "task text", "value": m.get("task_text", "")},
         {"field": "tensors", "value": f"{len(m['tensors'])} ({n:,} values, {size / 1024:.1f} KiB)"},
-        {"field": "format", "value": f"{m['format_version']} (pathotune {m['pathotune_version']})"},
+        {"field": "format", "value": f"{m['format_version']} (pathotune {m.get('pathotune_version', '?')})"},
     ]
-    if m.get("extra", {}).get("metrics"):
-        rows.append({"field": "metrics", "value": json.dumps(m["extra"]["metrics"])})
+    extra = m.get("extra")
+    if isinstance(extra, dict) and extra.get("metrics"):
+        rows.append({"field": "metrics", "value": json.dumps(extra["metrics"])})
     print_table(rows, title=str(path))
 
 

@@ -7,6 +7,7 @@ CSV manifests and published dataset layouts all end up as the same object.
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -362,6 +363,7 @@ def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: in
     base = csv_path.parent
     split_col = header.get("split")
     items: list[tuple[Path | H5Ref, str, str | None]] = []
+    lines: list[int] = []
     for line, row in enumerate(rows, start=2):
         path_v = (row.get(header["path"]) or "").strip()
         label_v = (row.get(header["label"]) or "").strip()
@@ -380,9 +382,42 @@ def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: in
                 )
         p = Path(path_v).expanduser()
         items.append((p if p.is_absolute() else base / p, label_v, split))
+        lines.append(line)
     if not items:
         raise DataError(f"{csv_path}: the manifest has no rows; add path,label rows")
-    return build_source(items, str(csv_path), val_fraction, test_fraction, seed)
+    return build_source(_drop_repeated_rows(csv_path, items, lines), str(csv_path), val_fraction, test_fraction, seed)
+
+
+def _drop_repeated_rows(csv_path: Path, items: list, lines: list[int]) -> list:
+    """Rows naming the same file: identical ones are dropped with a warning (they would count twice, or land in
+    two splits when splits are carved); the same file under two labels or in two splits is an error."""
+    first: dict[Path, tuple[int, str, str | None]] = {}
+    kept, dropped = [], []
+    for (path, label, split), line in zip(items, lines, strict=True):
+        key = Path(os.path.normpath(path))
+        if key not in first:
+            first[key] = (line, label, split)
+            kept.append((path, label, split))
+            continue
+        line0, label0, split0 = first[key]
+        if label != label0:
+            raise DataError(
+                f"{csv_path}: {path} is listed with label '{label0}' (line {line0}) and '{label}' (line {line}); "
+                "keep one row per file"
+            )
+        if split != split0:
+            raise DataError(
+                f"{csv_path}: {path} is listed in split {split0 or '(carved)'} (line {line0}) and "
+                f"{split or '(carved)'} (line {line}), a leak between splits; keep one row per file"
+            )
+        dropped.append((line, line0))
+    if dropped:
+        warnings.warn(
+            f"{csv_path}: dropped {len(dropped)} repeated row(s) naming a file already listed (first: line "
+            f"{dropped[0][0]} repeats line {dropped[0][1]}), so that each image counts once",
+            stacklevel=3,
+        )
+    return kept
 
 
 def _warn_unseen(source: PatchSource) -> None:

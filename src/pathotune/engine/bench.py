@@ -214,6 +214,7 @@ def cell_config(cfg: BenchConfig, dataset: str, data: str, method: str, seed: in
         "val_fraction": entry.val_fraction,
         "test_fraction": entry.test_fraction,
         "out": str(out),
+        "resume": True,  # a cell killed mid-run continues from its checkpoint when the grid is rerun
     }
     for layer in layers:
         cell.update(layer)

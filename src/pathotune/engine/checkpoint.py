@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import PathoTuneError
+from ..errors import PathoTuneError, write_error
 
 
 def rng_state() -> dict:
@@ -31,14 +33,43 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary name and rename, so a killed run never leaves a checkpoint that looks complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause: BaseException = e
+        if isinstance(e, RuntimeError) and _disk_full(path.parent, state):
+            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise write_error(path, cause) from e
+
+
+def _disk_full(folder: Path, state) -> bool:
+    """Whether ``folder``'s file system has less room than the tensors of ``state`` need."""
+    import shutil
+
+    def nbytes(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(nbytes(v) for v in x)
+        return 0
+
+    try:
+        return shutil.disk_usage(folder).free < nbytes(state) + (1 << 16)
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PathoTuneError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start over") from e
+        raise PathoTuneError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}); pass --overwrite to start over (or delete it)"
+        ) from e

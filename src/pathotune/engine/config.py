@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 from ..switches import check_keys
 
 M = TypeVar("M", bound=BaseModel)
+# What Lightning Fabric accepts, checked here so that a typo fails on one line before Fabric starts.
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
 class TaskConfig(BaseModel):
@@ -66,7 +70,8 @@ class TrainConfig(BaseModel):
     precision: str = "32-true"
     bootstrap: int = 1000
     out: str = "runs/latest"
-    resume: bool = False
+    resume: bool = False  # continue the run in ``out`` from its checkpoint (same settings)
+    overwrite: bool = False  # replace a run already in ``out``, once the new one has finished
 
     @field_validator("switches")
     @classmethod
@@ -81,12 +86,65 @@ class TrainConfig(BaseModel):
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("lr", "head_lr")
+    @field_validator("lr", "head_lr", "weight_decay")
     @classmethod
     def _positive_rate(cls, v: float | None) -> float | None:
-        if v is not None and not v >= 0:
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise ValueError("must be a finite number >= 0")
+        return v
+
+    @field_validator("num_workers", "seed", "bootstrap", "min_steps")
+    @classmethod
+    def _not_negative(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
             raise ValueError("must be >= 0")
         return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _pixels(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be a positive number of pixels")
+        return v
+
+    @field_validator("warmup_fraction")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, v: object) -> str:
+        if str(v) not in PRECISIONS:
+            raise ValueError(f"must be one of {list(PRECISIONS)}")
+        return str(v)
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, v: str) -> str:
+        if v not in ACCELERATORS:
+            raise ValueError(f"must be one of {list(ACCELERATORS)}")
+        return v
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: object) -> int | str:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1):
+            return v
+        parts = [p.strip() for p in v.split(",")] if isinstance(v, str) else []
+        if v == "auto" or (parts and all(p.isdigit() for p in parts)):
+            return v
+        raise ValueError("must be a number of devices >= 1, -1 (all), 'auto', or device indices such as '0,1'")
+
+    @model_validator(mode="after")
+    def _resume_or_overwrite(self) -> TrainConfig:
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+        return self
 
 
 def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
@@ -97,7 +155,10 @@ def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
         return f"{source}: unknown key '{key}'; allowed keys are {allowed}"
     if err["type"] == "missing":
         return f"{source}: missing required key '{key}'"
-    return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:
+        return f"{source}: {msg}"
+    return f"{source}: key '{key}': {msg} (got {err.get('input')!r})"
 
 
 def _allowed_at(model: type[BaseModel], loc: tuple) -> list[str]:

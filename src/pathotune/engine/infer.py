@@ -35,7 +35,13 @@ def run_probs(model: PathoTuneModel, dataset, batch_size: int = 32, workers: int
 
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    probs = [model(x).float().softmax(-1) for x, _, _ in tqdm(loader, desc="predict", disable=not progress)]
+    from ..data.validate import quiet_native_stderr
+
+    with (
+        quiet_native_stderr() as stream,  # a bad TIFF's libtiff chatter would print before the error line
+        tqdm(loader, desc="predict", disable=not progress, leave=False, file=stream) as bar,
+    ):
+        probs = [model(x).float().softmax(-1) for x, _, _ in bar]
     return torch.cat(probs).numpy() if probs else np.zeros((0, model.num_classes))
 
 
@@ -70,8 +76,66 @@ def evaluate(
     metrics = classification_metrics(labels, probs, names)
     if bootstrap:
         metrics["ci"] = bootstrap_ci(labels, probs, EVAL_KEYS, n=bootstrap)
-    metrics.update({"split": split, "n": len(samples), "bundle": str(bundle), "data": str(data)})
+    metrics.update({"split": split, "n": len(samples), "bundle": str(bundle), "data": str(data), "evaluation": True})
     return metrics
+
+
+EVAL_IDENTITY = ("bundle", "data", "split")
+
+
+def eval_output_dir(out: str | Path, metrics: dict) -> Path:
+    """Where ``eval --out`` writes, so that it never replaces a training run's outputs.
+
+    ``out`` itself when it is new, empty, or holds an earlier evaluation of the same bundle, data and split;
+    otherwise (a run folder, a bundle, anything else) ``out/eval/<data>-<split>/``, which is refused when it
+    holds an evaluation of something else.
+    """
+    import re
+
+    from ..errors import OutputError
+    from .runfolder import check_out_usable
+
+    out = Path(out)
+    check_out_usable(out)
+    if _holds_same_eval(out, metrics) or not out.exists() or not any(out.iterdir()):
+        return out
+    stem = Path(str(metrics["data"]).rstrip("/").split(":")[-1]).name or "data"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{metrics['split']}")
+    target = out / "eval" / name
+    if target.exists() and any(target.iterdir()) and not _holds_same_eval(target, metrics):
+        raise OutputError(
+            f"{target} already holds other results; pass another --out for this evaluation (nothing was written)"
+        )
+    return target
+
+
+def _holds_same_eval(folder: Path, metrics: dict) -> bool:
+    import json
+
+    try:
+        old = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(old, dict)
+        and old.get("evaluation") is True
+        and all(old.get(k) == metrics.get(k) for k in EVAL_IDENTITY)
+    )
+
+
+def check_output_file(path: str | Path) -> None:
+    """Fail before any work when ``path`` cannot be an output file (a folder, under a file, read-only)."""
+    from ..errors import OutputError
+    from .runfolder import check_out_usable, is_run_output, run_state
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a folder; pass a file name such as {path / 'predictions.csv'}")
+    check_out_usable(path.parent, shown=path)
+    if is_run_output(path.name) and run_state(path.parent) in ("finished", "unfinished"):
+        raise OutputError(
+            f"--out {path} is one of the training outputs of the run in {path.parent}; pass another file name"
+        )
 
 
 def list_images(inputs: list[str | Path]) -> list[Path]:
@@ -113,13 +177,19 @@ def predict_files(
     dataset = PatchDataset([Sample(f, 0, "test") for f in files], eval_transform(multi.tasks[0]))
     loader = DataLoader(dataset, batch_size=max(1, batch_size // n_tasks), num_workers=workers)
     probs: list[list[torch.Tensor]] = [[] for _ in range(n_tasks)]
-    for x, _, _ in tqdm(loader, desc="predict", disable=not progress):
-        # Every image once per task, in one batch: each sample carries its own task's prompts and head.
-        xs = x.repeat(n_tasks, 1, 1, 1)
-        task_ids = torch.arange(n_tasks).repeat_interleave(x.shape[0])
-        logits = multi(xs, task_ids)
-        for t in range(n_tasks):
-            probs[t] += [logits[t * x.shape[0] + i].float().softmax(-1) for i in range(x.shape[0])]
+    from ..data.validate import quiet_native_stderr
+
+    with (
+        quiet_native_stderr() as stream,  # a bad TIFF's libtiff chatter would print before the error line
+        tqdm(loader, desc="predict", disable=not progress, leave=False, file=stream) as bar,
+    ):
+        for x, _, _ in bar:
+            # Every image once per task, in one batch: each sample carries its own task's prompts and head.
+            xs = x.repeat(n_tasks, 1, 1, 1)
+            task_ids = torch.arange(n_tasks).repeat_interleave(x.shape[0])
+            logits = multi(xs, task_ids)
+            for t in range(n_tasks):
+                probs[t] += [logits[t * x.shape[0] + i].float().softmax(-1) for i in range(x.shape[0])]
     out = {
         name: (task.class_names, torch.stack(p).numpy())
         for name, task, p in zip(multi.names, multi.tasks, probs, strict=True)

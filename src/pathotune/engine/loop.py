@@ -9,6 +9,7 @@ restarts at the right batch and augmentation is seeded per sample, so a resumed 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,21 @@ VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
 class TrainingError(PathoTuneError):
-    """Training cannot go on (for instance a non-finite loss); the last good checkpoint is kept."""
+    """Training cannot go on (a non-finite or exploding loss); the last good checkpoint is kept.
+
+    ``reason``, ``kept`` (what survives) and ``advice`` are kept apart so that a caller that discards the
+    checkpoint (a failed ``--overwrite`` rerun) can say what survives instead.
+    """
+
+    def __init__(self, reason: str, kept: str = "", advice: str = "") -> None:
+        self.reason, self.kept, self.advice = reason, kept, advice
+        super().__init__("; ".join(p for p in (reason, kept, advice) if p))
+
+
+# Divergence: a loss that ends this far above where it started (and above an absolute floor) is an explosion,
+# not noise. Cross-entropy above 10 means the true class gets p < 5e-5 on average.
+EXPLODE_FACTOR = 100.0
+EXPLODE_FLOOR = 10.0
 
 
 @dataclass
@@ -48,6 +63,8 @@ class FitState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     train_images: int = 0
+    first_loss: float | None = None  # training loss of the first batch, what divergence is judged against
+    first_val_loss: float | None = None  # validation loss at step 0
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
@@ -77,6 +94,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse a checkpoint whose trainable tensors are not this model's (another method or class count)."""
+    want = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: tuple(v.shape) for n, v in state.items()}
+    if want == got:
+        return
+    extra, lack = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+    if extra or lack:
+        what = f"tensor '{(extra or lack)[0]}' that this run {'lacks' if extra else 'needs but it lacks'}"
+    else:
+        name = next(n for n in want if want[n] != got[n])
+        what = f"'{name}' of shape {got[name]}, where this run has {want[name]}"
+    raise TrainingError(
+        f"checkpoint {source} was written for another model ({what}): another method, backbone or class count",
+        advice="resume with the settings it was written with, or pass --overwrite to start over",
+    )
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -150,11 +185,16 @@ def _kept(ckpt_path: Path) -> str:
     return "no evaluation had finished, so there is no checkpoint yet"
 
 
+def _exploded(value: float, start: float | None) -> bool:
+    return start is not None and value > max(EXPLODE_FLOOR, EXPLODE_FACTOR * start)
+
+
 class _Fit:
     """One call of ``fit``: the loaders, optimizer and state that its steps and evaluations share."""
 
     def __init__(self, fabric, model, train_set, val_set, budget: Budget, lr, head_lr, weight_decay, batch_size,
-                 ckpt_path: Path, seed, class_names, grad_accum, monitor, workers, progress) -> None:  # fmt: skip
+                 ckpt_path: Path, seed, class_names, grad_accum, monitor, workers, progress,
+                 checkpoint_extra=None) -> None:  # fmt: skip
         if batch_size % fabric.world_size:
             raise PathoTuneError(f"batch_size {batch_size} must divide evenly over {fabric.world_size} processes")
         self.fabric, self.model, self.budget = fabric, model, budget
@@ -170,12 +210,26 @@ class _Fit:
         )
         self.state = FitState()
         self.show = progress and fabric.is_global_zero
+        self.checkpoint_extra = dict(checkpoint_extra or {})
 
     def resume(self) -> None:
         ck = load_checkpoint(self.ckpt_path)
+        missing = [k for k in ("trainable", "optimizer", "scheduler", "rng", "fit") if k not in ck]
+        if missing:
+            raise TrainingError(
+                f"checkpoint {self.ckpt_path} lacks '{missing[0]}'; it was not written by this training loop",
+                advice="pass --overwrite to start over",
+            )
+        check_trainable_state(self.model, ck["trainable"], self.ckpt_path)
         load_trainable_state(self.model, ck["trainable"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainingError(
+                f"checkpoint {self.ckpt_path} holds the optimizer of another model ({' '.join(str(e).split())})",
+                advice="resume with the settings it was written with, or pass --overwrite to start over",
+            ) from e
         set_rng_state(ck["rng"])
         self.state = FitState(**{k: ck["fit"][k] for k in FitState.__dataclass_fields__ if k in ck["fit"]})
 
@@ -186,10 +240,11 @@ class _Fit:
         self.ddp_model, self.optimizer = fabric.setup(self.model, self.optimizer)
         if not st.evaluated:
             self.evaluate()  # step 0 (or the step a killed run had not judged yet)
-        bar = tqdm(total=budget.steps, initial=st.step, desc="steps", disable=not self.show, leave=False)
-        while st.step < budget.steps and not st.stopped_early:
-            self._epoch_from(st.step, bar)
-        bar.close()
+        # leave=False and closed on any error: the bar is wiped before an error line prints
+        bars = self.show and sys.stderr.isatty()  # in logs and pipes a bar is only noise before any error line
+        with tqdm(total=budget.steps, initial=st.step, desc="steps", disable=not bars, leave=False) as bar:
+            while st.step < budget.steps and not st.stopped_early:
+                self._epoch_from(st.step, bar)
         if st.best_state:
             load_trainable_state(self.model, st.best_state)
 
@@ -216,10 +271,13 @@ class _Fit:
                 loss = F.cross_entropy(self.ddp_model(x).float(), y)
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {st.step + 1} (epoch {epoch + 1}); "
-                        f"{_kept(self.ckpt_path)}; lower --lr or check the data"
+                        f"non-finite loss ({loss.item()}) at step {st.step + 1} (epoch {epoch + 1})",
+                        _kept(self.ckpt_path),
+                        "lower --lr or check the data",
                     )
                 fabric.backward(loss * (len(y) / group_size))
+            if st.first_loss is None:
+                st.first_loss = loss.item()
             loss_sum += loss.item() * len(y)
             seen += len(y)
             if not is_update:
@@ -250,12 +308,27 @@ class _Fit:
         probs, val_loss = predict(fabric, self.model, self.val_loader, len(self.val_set))
         if not (np.isfinite(probs).all() and math.isfinite(val_loss)):
             raise TrainingError(
-                f"non-finite validation outputs at step {st.step} (the weights overflowed); "
-                f"{_kept(self.ckpt_path)}; lower --lr or check the data"
+                f"non-finite validation outputs at step {st.step} (the weights overflowed)",
+                _kept(self.ckpt_path),
+                "lower --lr or check the data",
             )
         m = classification_metrics(np.asarray(self.val_set.labels), probs, self.class_names)
         if train_loss is not None:
             train_loss = float(fabric.all_reduce(torch.tensor(train_loss, device=fabric.device)))
+        if st.first_val_loss is None:
+            st.first_val_loss = val_loss
+        # Judged before this evaluation's checkpoint is written, so the kept checkpoint is the last good one.
+        for name, value, start in (
+            ("training loss", train_loss, st.first_loss),
+            ("validation loss", val_loss, st.first_val_loss),
+        ):
+            if value is not None and _exploded(value, start):
+                raise TrainingError(
+                    f"training diverged: {name} {value:.4g} at step {st.step}, more than "
+                    f"{EXPLODE_FACTOR:g}x its start ({start:.4g})",
+                    _kept(self.ckpt_path),
+                    "lower --lr / --head-lr",
+                )
         row = {
             "step": st.step,
             "epoch": round(st.step / self.steps_per_epoch, 3),
@@ -300,6 +373,7 @@ class _Fit:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rng_state(),
                     "fit": {k: getattr(st, k) for k in FitState.__dataclass_fields__},
+                    **self.checkpoint_extra,
                 },
             )
         fabric.barrier()
@@ -323,15 +397,18 @@ def fit(
     workers: int = 0,
     resume: bool = False,
     progress: bool = True,
+    checkpoint_extra: dict | None = None,
 ) -> FitState:
     """Train ``model``'s trainable parameters for ``budget``; keep the best evaluation on ``monitor``.
 
     Datasets yield ``(input, label, index)`` and expose ``labels``. ``model`` may be a PathoTuneModel or a
     head over cached features: anything whose forward maps inputs to logits. Selection uses validation only,
-    and includes step 0.
+    and includes step 0. ``checkpoint_extra`` is stored in every checkpoint (the run's config, to compare on
+    resume). Training stops with :class:`TrainingError` on a non-finite loss or one that explodes far above
+    where it started; the checkpoint of the last evaluation before that is kept.
     """
     run = _Fit(fabric, model, train_set, val_set, budget, lr, head_lr, weight_decay, batch_size, ckpt_path, seed,
-               class_names, grad_accum, monitor, workers, progress)  # fmt: skip
+               class_names, grad_accum, monitor, workers, progress, checkpoint_extra)  # fmt: skip
     if resume and ckpt_path.is_file():
         run.resume()
     run.train()

@@ -6,8 +6,9 @@ import csv
 import io
 import math
 import os
+import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backbones import get_backbone_spec
 from ..bundle import save_bundle
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..methods import Recipe, get_method
 from ..model import PathoTuneModel, create_model
 from ..task import Task
@@ -26,20 +27,34 @@ from .config import TrainConfig, dump_config
 from .loop import FitState, fit, predict, sharded_loader
 from .metrics import aggregate_seeds, bootstrap_ci, classification_metrics
 from .probe import Probe, fit_probe
+from .runfolder import CHECKPOINT, RunFolder, final_outputs, open_run_folder, settings_changed
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
 
 
 def make_fabric(cfg: TrainConfig):
+    """Fabric for the config's accelerator, devices and precision; anything it cannot do fails on one line."""
     from lightning_fabric import Fabric
 
-    fabric = Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-    )
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"accelerator '{cfg.accelerator}' was asked for, but no CUDA GPU is visible to torch "
+            "(torch.cuda.is_available() is False); use --accelerator cpu or auto"
+        )
+    try:
+        fabric = Fabric(
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+            precision=cfg.precision,
+        )
+    except (ValueError, TypeError, RuntimeError) as e:
+        detail = " ".join(str(e).split()).replace("`", "'")
+        raise ConfigError(
+            f"accelerator '{cfg.accelerator}', devices {cfg.devices!r}, strategy '{cfg.strategy}', precision "
+            f"'{cfg.precision}' cannot run here: {detail}"
+        ) from e
     fabric.launch()
     return fabric
 
@@ -123,9 +138,11 @@ def extract_features(
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     feats = []
-    for x, _, _ in tqdm(loader, desc=desc, disable=not (progress and fabric.is_global_zero), leave=False):
-        with fabric.autocast():
-            feats.append(encode(x.to(fabric.device)).float().cpu())
+    bars = progress and fabric.is_global_zero and sys.stderr.isatty()  # bars only on a terminal
+    with tqdm(loader, desc=desc, disable=not bars, leave=False) as bar:
+        for x, _, _ in bar:
+            with fabric.autocast():
+                feats.append(encode(x.to(fabric.device)).float().cpu())
     return torch.cat(feats)
 
 
@@ -192,28 +209,88 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     """Train one seed into ``cfg.out``; returns the metrics written to metrics.json.
 
     Every trained method starts from the strong probe (LP-FT): its head is the probe, its prompt groups are
-    gated shut, so step 0 is the probe and model selection on validation includes it.
+    gated shut, so step 0 is the probe and model selection on validation includes it. What may happen to a
+    folder that already holds a run (refused, resumed, or replaced once the new run finishes) is decided by
+    :func:`pathotune.engine.runfolder.open_run_folder` before any work.
     """
+    folder = open_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+    if folder.finished is not None:
+        print(*folder.notes, sep="\n")
+        return folder.finished
+    fabric = fabric or make_fabric(cfg)
+    return _in_folder(folder, cfg, fabric, progress)
+
+
+def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> dict:
+    """One run in its folder: resume checks, staging, the run, then the swap (or the clean-up on failure)."""
+    main = fabric.is_global_zero
+    if main and folder.notes:
+        print(*folder.notes, sep="\n")
+    if folder.resume:
+        check_resume_settings(cfg, folder.workdir / CHECKPOINT)
+    folder.prepare(main)
+    try:
+        metrics = _train(cfg, folder.workdir, fabric, progress, resume=folder.resume)
+        fabric.barrier()
+        folder.finish(main)
+    except BaseException as e:
+        err = folder.abort(e, main)
+        if err is e:
+            raise
+        raise err from e
+    return metrics
+
+
+def check_resume_settings(cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse to resume under settings that change the trajectory from those the checkpoint was written under."""
+    import yaml
+
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(ckpt)
+    old, old_recipe = ck.get("config"), ck.get("recipe")
+    if not isinstance(old, dict):  # a checkpoint from before configs were stored: the folder's config.yaml
+        try:
+            old = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            old = None
+    if not isinstance(old, dict):
+        return
+    changed = settings_changed(old, cfg.model_dump(mode="json"), old_recipe, asdict(resolve_recipe(cfg)))
+    if changed:
+        shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+        raise ConfigError(
+            f"cannot resume {cfg.out}: its checkpoint was written under other settings that change training "
+            f"({shown}); resume with the original values (see {Path(cfg.out) / 'config.yaml'}) or start over "
+            "with --overwrite"
+        )
+
+
+def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool) -> dict:
+    """The run itself, written into ``workdir`` (``cfg.out``, or a staging folder that replaces it at the end)."""
     from ..data import PatchDataset, build_transforms, check_source, load_source
     from ..report import atomic_write_json, atomic_write_text, write_run_report
 
-    fabric = fabric or make_fabric(cfg)
-    out = Path(cfg.out)
+    out = workdir
     fabric.seed_everything(cfg.seed, verbose=False)
     source = load_source(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    source, skipped = check_source(source, skip_bad=cfg.skip_bad, progress=progress and fabric.is_global_zero)
+    bars = progress and fabric.is_global_zero and sys.stderr.isatty()
+    source, skipped = check_source(source, skip_bad=cfg.skip_bad, progress=bars)
     if fabric.is_global_zero and progress:
         print(source.summary())
     if skipped and fabric.is_global_zero:
         print(f"skipped {skipped} unreadable file(s) (--skip-bad)")
     classes = list(source.classes)
+    if len(classes) < 2:
+        raise DataError(
+            f"data {cfg.data} has {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs at "
+            "least 2 classes with training images"
+        )
     if not source.split("val"):
         raise ConfigError(f"data {cfg.data} has no validation samples; add val/ or raise --val-fraction")
     eval_split = "test" if source.split("test") else "val"
 
     recipe = resolve_recipe(cfg)
-    if (recipe.lr == 0 or recipe.head_lr == 0) and recipe.trainer == "steps" and fabric.is_global_zero:
-        print("warning: a learning rate is 0, so those parameters will not move")
     model = create_model(
         cfg.backbone,
         cfg.method,
@@ -226,6 +303,10 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     )
     if model.provenance.weights is None and fabric.is_global_zero:
         print(f"note: backbone '{cfg.backbone}' is randomly initialised (no --weights); fine for smoke tests only")
+    if recipe.trainer == "steps" and fabric.is_global_zero:
+        warning = zero_rate_warning(recipe.lr, recipe.head_lr, model.switches.train == "head")
+        if warning:
+            print(warning)
     spec = model.backbone.spec
     size = model.backbone.img_size
     train_tf = build_transforms(spec.mean, spec.std, size, train=True, augment=cfg.augment)
@@ -243,8 +324,7 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     if recipe.trainer == "probe" or recipe.head_init == "probe":
         probe = fit_probe_head(model, feats, classes, cfg, refit=cfg.probe_refit and recipe.trainer == "probe")
 
-    if fabric.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
+    if fabric.is_global_zero and not resume:  # a resumed run keeps its config.yaml until it has finished
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     module: nn.Module = HeadOnly(model) if cached else model
     fit_sets = feats if cached else datasets
@@ -283,8 +363,9 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
             grad_accum=cfg.grad_accum,
             monitor=cfg.monitor,
             workers=0 if cached else cfg.num_workers,
-            resume=cfg.resume,
+            resume=resume,
             progress=progress,
+            checkpoint_extra={"config": cfg.model_dump(mode="json"), "recipe": asdict(recipe)},
         )
         params = model.trainable_parameters()  # what the method trained, before selection removes any group
         if cfg.select_groups and model.gates:
@@ -344,15 +425,28 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
         }
     )
     if fabric.is_global_zero:
-        save_bundle(model, out / "bundle", extra={"metrics": {k: metrics[k] for k in SUMMARY_KEYS}})
-        atomic_write_text(out / "log.csv", _history_csv(state.history))
-        atomic_write_text(out / "predictions.csv", _predictions_csv(datasets[eval_split], probs, classes))
-        atomic_write_json(out / "metrics.json", metrics)
-        write_run_report(
-            out, metrics, state.history, classes, cfg.model_dump(mode="json"), title=f"{cfg.method} on {cfg.backbone}"
-        )
+        with final_outputs(out) as final:  # all of them appear together, metrics.json (a finished run) last
+            save_bundle(model, final / "bundle", extra={"metrics": {k: metrics[k] for k in SUMMARY_KEYS}})
+            atomic_write_text(final / "log.csv", _history_csv(state.history))
+            atomic_write_text(final / "predictions.csv", _predictions_csv(datasets[eval_split], probs, classes))
+            if resume:  # the resolved config differs from the checkpoint's in harmless keys only (num_workers...)
+                atomic_write_text(final / "config.yaml", dump_config(cfg))
+            title = f"{cfg.method} on {cfg.backbone}"
+            write_run_report(final, metrics, state.history, classes, cfg.model_dump(mode="json"), title=title)
+            atomic_write_json(final / "metrics.json", metrics)
     fabric.barrier()
     return metrics
+
+
+def zero_rate_warning(lr: float, head_lr: float, head_only: bool) -> str | None:
+    """One line when a learning rate of 0 freezes what a method would train."""
+    if head_lr == 0 and (head_only or lr == 0):
+        return "warning: every learning rate that applies is 0, so nothing trains; the run keeps its step-0 weights"
+    if head_lr == 0:
+        return "warning: head_lr is 0, so the head keeps the probe's weights; only the other parameters train"
+    if lr == 0 and not head_only:
+        return "warning: lr is 0, so prompts/adapters/backbone stay as initialised; only the head trains"
+    return None
 
 
 def select_prompt_groups(fabric, model: PathoTuneModel, val_set: Dataset, cfg: TrainConfig, classes: list[str]):
@@ -389,35 +483,58 @@ def select_prompt_groups(fabric, model: PathoTuneModel, val_set: Dataset, cfg: T
 
 
 def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> dict:
-    """Repeat a run over seeds (one sub-folder each) and report mean ± std."""
+    """Repeat a run over seeds (one sub-folder each) and report mean ± std.
+
+    The folder rules of a single run apply to the whole: ``--resume`` skips finished seeds and continues the
+    unfinished one; ``--overwrite`` replaces the whole set once every seed has finished.
+    """
     from ..report import atomic_write_json, atomic_write_text, markdown_table
 
     if len(seeds) <= 1:
         return train_run(cfg.model_copy(update={"seed": seeds[0] if seeds else cfg.seed}), progress=progress)
+    folder = open_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+    if folder.finished is not None:
+        print(*folder.notes, sep="\n")
+        return folder.finished
     fabric = make_fabric(cfg)
-    runs = []
-    for s in seeds:
-        sub = cfg.model_copy(update={"seed": s, "out": os.path.join(cfg.out, f"seed_{s}")})
-        runs.append(train_run(sub, fabric=fabric, progress=progress))
-    agg = aggregate_seeds(runs, list(SUMMARY_KEYS))
-    summary = {
-        "method": cfg.method,
-        "backbone": cfg.backbone,
-        "seeds": seeds,
-        **{k: agg[k] for k in SUMMARY_KEYS},
-        "trainable_params": runs[0]["trainable_params"],
-        "total_params": runs[0]["total_params"],
-        "n_train": runs[0]["n_train"],
-        "n_test": runs[0]["n_test"],
-        "per_seed": [{k: r[k] for k in ("seed", *SUMMARY_KEYS)} for r in runs],
-    }
-    if fabric.is_global_zero:
-        atomic_write_json(Path(cfg.out) / "metrics.json", summary)
-        table = markdown_table([{"metric": k, "mean ± std": agg[k]} for k in SUMMARY_KEYS])
-        per_seed = markdown_table(summary["per_seed"])
-        atomic_write_text(
-            Path(cfg.out) / "report.md",
-            f"# {cfg.method} on {cfg.backbone}: {len(seeds)} seeds\n\n{table}\n\n## Per seed\n\n{per_seed}\n\n"
-            + "".join(f"- [seed {s}](seed_{s}/report.md)\n" for s in seeds),
-        )
+    main = fabric.is_global_zero
+    if main and folder.notes:
+        print(*folder.notes, sep="\n")
+    folder.prepare(main)
+    try:
+        runs = []
+        for s in seeds:
+            sub = cfg.model_copy(
+                update={"seed": s, "out": os.path.join(cfg.out, f"seed_{s}"), "resume": False, "overwrite": False}
+            )
+            sub_folder = open_run_folder(folder.workdir / f"seed_{s}", resume=folder.resume, overwrite=False)
+            runs.append(_in_folder(sub_folder, sub, fabric, progress))
+        agg = aggregate_seeds(runs, list(SUMMARY_KEYS))
+        summary = {
+            "method": cfg.method,
+            "backbone": cfg.backbone,
+            "seeds": seeds,
+            **{k: agg[k] for k in SUMMARY_KEYS},
+            "trainable_params": runs[0]["trainable_params"],
+            "total_params": runs[0]["total_params"],
+            "n_train": runs[0]["n_train"],
+            "n_test": runs[0]["n_test"],
+            "per_seed": [{k: r[k] for k in ("seed", *SUMMARY_KEYS)} for r in runs],
+        }
+        if main:
+            table = markdown_table([{"metric": k, "mean ± std": agg[k]} for k in SUMMARY_KEYS])
+            per_seed = markdown_table(summary["per_seed"])
+            atomic_write_text(
+                folder.workdir / "report.md",
+                f"# {cfg.method} on {cfg.backbone}: {len(seeds)} seeds\n\n{table}\n\n## Per seed\n\n{per_seed}\n\n"
+                + "".join(f"- [seed {s}](seed_{s}/report.md)\n" for s in seeds),
+            )
+            atomic_write_json(folder.workdir / "metrics.json", summary)
+        fabric.barrier()
+        folder.finish(main)
+    except BaseException as e:
+        err = folder.abort(e, main)
+        if err is e:
+            raise
+        raise err from e
     return summary

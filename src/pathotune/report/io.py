@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import write_error
+
 
 def _default_mode() -> int:
     """Permissions a plain ``open(path, 'w')`` would give, since mkstemp's 0600 would hide shared results."""
@@ -29,12 +31,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block finishes.
 
     The temporary file keeps the target's suffix so writers that infer a format from the name still work.
-    On any exception it is removed and ``path`` is left as it was. Parent folders are created.
+    On any exception it is removed and ``path`` is left as it was. Parent folders are created. An OSError
+    (a full disk, a read-only folder) becomes an :class:`~pathotune.errors.OutputError` naming ``path``.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise write_error(target, e) from e
     tmp = Path(name)
     try:
         yield tmp
@@ -43,6 +49,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _DEFAULT_MODE
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(target, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

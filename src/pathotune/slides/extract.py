@@ -438,18 +438,19 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _check_existing(path: Path, want: dict[str, Any]) -> int:
-    """The finished file's tile count; raises unless ``path`` was made by this very request."""
+def _check_existing(path: Path, want: dict[str, Any]) -> int | None:
+    """The finished file's tile count; None when it is no readable HDF5 file at all (garbage or truncated: it
+    is redone, like a stale temporary file); raises unless ``path`` was made by this very request."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             complete = "features" in f and "coords" in f
-    except OSError as e:
-        raise DataError(
-            f"existing features {path} are unreadable ({' '.join(str(e).split())}); delete it or pass --overwrite"
-        ) from None
+            if complete:
+                f["coords"].shape, f["features"].shape  # noqa: B018 (the dataset headers must be readable too)
+    except OSError:
+        return None
     if not complete:
         raise DataError(f"existing file {path} has no coords/features; delete it or pass --overwrite")
     for key, value in want.items():
@@ -733,10 +734,11 @@ def extract_slides(
 
     Finished files whose attributes match the request are skipped; a finished file from another request is
     an error (nothing is mixed into one folder), unless ``overwrite``. Stale ``.h5.tmp`` files from an
-    interrupted run are never taken as finished. Every slide is opened (and its mpp checked) before the first
-    one is extracted, so a missing mpp stops the run at once rather than hours in. ``plan_ahead`` plans the
-    next slide while the current one is in the model (default: when the model is on an accelerator; on a CPU
-    the model already has every core). Returns one result per slide of this rank, in input order.
+    interrupted run are never taken as finished, and a final file that is no readable HDF5 (garbage, truncated)
+    is redone like one. Every slide is opened (and its mpp checked) before the first one is extracted, so a
+    missing mpp stops the run at once rather than hours in. ``plan_ahead`` plans the next slide while the
+    current one is in the model (default: when the model is on an accelerator; on a CPU the model already has
+    every core). Returns one result per slide of this rank, in input order.
     """
     from tqdm.auto import tqdm
 
@@ -757,8 +759,12 @@ def extract_slides(
     for slide in ids.values():
         final = out_dir / f"{slide_id(slide)}.h5"
         if final.exists() and not overwrite:
-            done[slide] = _check_existing(final, want)
-            continue
+            n = _check_existing(final, want)
+            if n is not None:
+                done[slide] = n
+                continue
+            if runner.rank == 0:
+                print(f"note: {final} is not a readable HDF5 file (truncated or foreign); extracting it again")
         with open_slide(slide, mpp=mpp_override) as reader:
             if tiling.target_mpp is not None:
                 require_mpp(reader)

@@ -1,0 +1,277 @@
+"""A run folder is a record: nothing in it may describe another run than its neighbours, and nothing finished
+is replaced unless asked.
+
+``open_run_folder`` decides, before any work, what a training run may do with ``--out``:
+
+- absent, empty, or holding only files that are not run outputs (or only the ``config.yaml`` of a start that
+  never reached a checkpoint): train there directly;
+- a finished run (``metrics.json``): refused; ``--resume`` is a no-op that says so; ``--overwrite`` builds the new
+  run in a hidden staging folder inside ``--out`` and swaps it in only once it has finished;
+- an unfinished run (a checkpoint, or seed sub-runs): refused; ``--resume`` continues it in place, after checking
+  that the settings match the ones its checkpoint was written under; ``--overwrite`` stages as above;
+- run outputs with neither (``bundle/`` or ``report.md`` of a run killed while writing them): refused;
+  ``--overwrite`` (or ``--resume``, which then starts fresh) stages.
+
+A failed staged run is deleted and the old run is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, OutputError, PathoTuneError, describe_os_error, write_error
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+FINAL = ".pathotune-final"  # a run's final outputs, moved into its folder together once all are written
+STAGING = ".pathotune-staging"  # inside --out, so --out alone needs to be writable; a fixed name for DDP ranks
+TRASH = ".pathotune-replaced"
+# What a training run writes into its folder (and ``eval RUN --out RUN`` beneath it).
+RUN_OUTPUTS = frozenset(
+    ("config.yaml", "metrics.json", "report.md", "log.csv", "predictions.csv")
+    + ("bundle", "checkpoints", "figures", "eval")
+)
+_SEED_DIR = re.compile(r"seed_\d+")
+# Settings that cannot change what a resumed run computes: where it writes, loader processes, how many
+# bootstrap resamples the final confidence intervals use.
+HARMLESS_ON_RESUME = frozenset({"out", "resume", "overwrite", "num_workers", "bootstrap"})
+RECIPE_KEYS = ("lr", "head_lr", "weight_decay", "min_steps", "warmup_fraction", "head_init")
+
+
+def is_run_output(name: str) -> bool:
+    return name in RUN_OUTPUTS or bool(_SEED_DIR.fullmatch(name))
+
+
+def check_out_usable(out: Path, shown: Path | None = None) -> None:
+    """Fail on one line, before any work, when ``out`` cannot be a writable folder (``shown``: the path to name)."""
+    out = Path(out)
+    shown = shown or out
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {shown} is a file, not a folder; pass a folder path")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputError(f"--out {shown} lies under {probe}, which is a file; pass another path")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "is on a read-only file system" if read_only else "is not writable"
+        raise OutputError(f"--out {shown} cannot be written: {probe} {why}; pass a writable folder")
+
+
+def run_state(out: Path) -> str:
+    """absent | fresh | finished | unfinished | stale (see the module docstring)."""
+    if not out.is_dir():
+        return "absent"
+    if (out / "metrics.json").is_file():
+        return "finished"
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+    seeds = [e for e in entries if e.is_dir() and _SEED_DIR.fullmatch(e.name)]
+    if (out / CHECKPOINT).is_file() or any((s / "metrics.json").is_file() or (s / CHECKPOINT).is_file() for s in seeds):
+        return "unfinished"
+    outputs = sorted(e.name for e in entries if is_run_output(e.name) and not _empty_dir(e))
+    if outputs == [] or (outputs == ["config.yaml"] and _is_resolved_config(out / "config.yaml")):
+        return "fresh"  # nothing, or only the config of a start that never reached its first checkpoint
+    return "stale"
+
+
+def _is_resolved_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml that a run wrote (every key resolved), not a user's own config file."""
+    import yaml
+
+    from .config import TrainConfig
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and set(TrainConfig.model_fields) <= set(data)
+
+
+def _empty_dir(p: Path) -> bool:
+    return p.is_dir() and not any(p.iterdir())
+
+
+def _contents(out: Path) -> str:
+    names = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if is_run_output(e.name))
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+@dataclass
+class RunFolder:
+    """Where a run writes (``workdir``) and how its folder ends: in place, or swapped in from staging."""
+
+    out: Path
+    workdir: Path
+    staged: bool = False
+    resume: bool = False  # continue from a checkpoint in ``workdir``
+    finished: dict | None = None  # --resume of a finished run: its metrics, and nothing to do
+    notes: list[str] = field(default_factory=list)
+
+    def prepare(self, is_main: bool = True) -> None:
+        """Create the staging folder (left over ones from a killed --overwrite are removed first)."""
+        if self.staged and is_main:
+            try:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir.mkdir(parents=True)
+            except OSError as e:
+                raise write_error(self.workdir, e) from e
+
+    def finish(self, is_main: bool = True) -> None:
+        """Swap a staged run in: the old run's outputs move aside, the new ones in, then the old ones go.
+
+        Files in ``out`` that are not run outputs (notes, a benchmark's cell.yaml) stay where they are.
+        """
+        if not (self.staged and is_main):
+            return
+        trash = self.out / TRASH
+        try:
+            shutil.rmtree(trash, ignore_errors=True)
+            trash.mkdir()
+            for e in list(self.out.iterdir()):
+                if is_run_output(e.name):
+                    os.replace(e, trash / e.name)
+            for e in list(self.workdir.iterdir()):
+                os.replace(e, self.out / e.name)
+        except OSError as e:
+            raise OutputError(
+                f"could not swap the new run into {self.out} ({describe_os_error(e)}); the old run's files are in "
+                f"{trash} and the new run's in {self.workdir}"
+            ) from e
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def abort(self, error: BaseException, is_main: bool = True) -> BaseException:
+        """After a failure: a staged run is deleted, and its error says that the old run is unchanged."""
+        if not self.staged:
+            return error
+        if is_main:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if not isinstance(error, PathoTuneError):
+            return error
+        kept = f"nothing was replaced: {self.out} still holds the previous run, unchanged"
+        from .loop import TrainingError
+
+        if isinstance(error, TrainingError):
+            reason = error.reason.replace(str(self.workdir), str(self.out))
+            new: BaseException = TrainingError(reason, kept, error.advice)
+        else:
+            new = type(error)(f"{str(error).replace(str(self.workdir), str(self.out))}; {kept}")
+        new.__cause__ = error
+        return new
+
+
+def open_run_folder(out: str | Path, resume: bool, overwrite: bool, checkpoint: Path = CHECKPOINT) -> RunFolder:
+    """What a run may do with ``out`` (see the module docstring); raises when it may do nothing."""
+    out = Path(out)
+    check_out_usable(out)
+    state = run_state(out)
+    staged = RunFolder(out, out / STAGING, staged=True)
+    direct = RunFolder(out, out)
+    if state in ("absent", "fresh"):
+        if resume:
+            direct.notes.append(f"note: no checkpoint in {out}; --resume starts a fresh run")
+        return direct
+    if state == "finished":
+        if resume:
+            import json
+
+            try:
+                metrics = json.loads((out / "metrics.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{out}/metrics.json is unreadable ({describe_os_error(e)}); check it") from e
+            direct.finished = metrics
+            direct.notes.append(f"{out} holds a finished run (metrics.json); nothing to resume")
+            return direct
+        if overwrite:
+            return staged
+        raise ConfigError(
+            f"{out} holds a finished run ({_contents(out)}); it is kept as a record: pass another --out, or "
+            "--overwrite to replace it once the new run has finished"
+        )
+    if state == "unfinished":
+        if resume:
+            direct.resume = True
+            return direct
+        if overwrite:
+            return staged
+        raise ConfigError(
+            f"{out} holds an unfinished run (a checkpoint, no metrics.json); pass --resume to continue it with "
+            "the same settings, or --overwrite to start over (the old run stays until the new one finishes)"
+        )
+    # stale: run outputs but no checkpoint and no metrics.json
+    if resume:
+        staged.notes.append(f"note: no checkpoint in {out}; --resume starts a fresh run")
+        return staged
+    if overwrite:
+        return staged
+    raise ConfigError(
+        f"{out} already holds run outputs ({_contents(out)}) without a checkpoint or metrics.json; pass another "
+        "--out, or --overwrite to replace them once the new run has finished"
+    )
+
+
+def settings_changed(old: dict, new: dict, old_recipe: dict | None, new_recipe: dict) -> list[str]:
+    """The settings that differ between a checkpoint's config and this run's, in ``key old -> new`` form.
+
+    Keys that cannot change the trajectory are ignored; learning rates and the like compare as resolved
+    (an explicit ``--lr`` equal to the method's default is no change).
+    """
+    changed = []
+    for key in list(new) + [k for k in old if k not in new]:  # in the config's own order: data, backbone, method...
+        if key in HARMLESS_ON_RESUME:
+            continue
+        if key in RECIPE_KEYS and old_recipe is not None:
+            a, b = old_recipe.get(key), new_recipe.get(key)
+        else:
+            a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [
+                f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            changed.append(f"{key} {a!r} -> {b!r}")
+    return changed
+
+
+@contextmanager
+def final_outputs(out: Path) -> Iterator[Path]:
+    """A hidden folder for a run's final outputs (bundle, log, predictions, report, metrics.json); they move into
+    ``out`` together once every one is written, metrics.json last. When any write fails, none of them appears
+    (the error names the file as it would have been in ``out``), and what was there before is intact.
+    """
+    tmp = out / FINAL
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise write_error(tmp, e) from e
+    try:
+        yield tmp
+        names = sorted(p.name for p in tmp.iterdir() if p.name != "metrics.json")
+        for name in [*names, "metrics.json"] if (tmp / "metrics.json").exists() else names:
+            dst = out / name
+            if dst.is_dir() and not dst.is_symlink():  # this run's own older output (a resumed run)
+                old = out / f".{name}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(dst, old)
+                os.replace(tmp / name, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp / name, dst)
+    except PathoTuneError as e:
+        raise type(e)(str(e).replace(str(tmp), str(out))) from e
+    except OSError as e:
+        raise write_error(out, e) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
