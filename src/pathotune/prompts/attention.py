@@ -65,17 +65,12 @@ def _residual(block: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torc
     return h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
 
 
-def _gate_view(gate: torch.Tensor) -> torch.Tensor:
-    """(H,) or per-sample (B, H) -> broadcastable over (B, H, N, head_dim)."""
-    return gate.view(1, -1, 1, 1) if gate.ndim == 1 else gate.view(gate.shape[0], -1, 1, 1)
-
-
 def _slices(sizes: list[int]) -> list[slice]:
     ends = torch.tensor(sizes).cumsum(0).tolist()
     return [slice(e - n, e) for n, e in zip(sizes, ends, strict=True)]
 
 
-def _own_group_mask(groups: list[slice], kept: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def _own_group_mask(groups: list[slice], kept: list[int], like: torch.Tensor) -> torch.Tensor:
     """(Pc, P) additive mask: 0 where a kept group's row meets its own group's column, -inf elsewhere."""
     sizes = [groups[i].stop - groups[i].start for i in kept]
     mask = torch.full((sum(sizes), groups[-1].stop), float("-inf"), dtype=like.dtype, device=like.device)
@@ -84,6 +79,44 @@ def _own_group_mask(groups: list[slice], kept: tuple[int, ...], like: torch.Tens
         mask[start : start + n, groups[i]] = 0.0
         start += n
     return mask
+
+
+def _gate_of_head(gate: torch.Tensor, head: int) -> torch.Tensor:
+    """A group's gate for one head: a scalar, or (B, 1, 1) for per-sample gates (B, H)."""
+    return gate[head] if gate.ndim == 1 else gate[:, head].view(-1, 1, 1)
+
+
+def _gated_prompt_term(attn, q, pk, pv, gates, groups) -> list[torch.Tensor]:
+    """Per head, sum over groups of tanh(g) * softmax over the group's keys, applied to its values: (B, N, hd).
+
+    Head by head on the strided q view: a batched matmul over (B, H) would first copy q, and on a CPU the copies
+    (and the page faults of fresh buffers) cost more than the arithmetic on a handful of keys. Scores are laid out
+    (B, P, N) because a softmax over a few keys is far faster along dim -2 than along the last dim.
+    """
+    terms = []
+    pk = pk * attn.scale
+    for head in range(q.shape[1]):
+        scores = torch.bmm(pk[:, head], q[:, head].transpose(1, 2))  # (B, P, N)
+        weights = torch.cat([scores[:, sl].softmax(-2) for sl in groups], dim=1)
+        values = torch.cat(
+            [pv[:, head, sl] * _gate_of_head(g, head) for g, sl in zip(gates, groups, strict=True)], dim=1
+        )
+        terms.append(torch.bmm(attn.attn_drop(weights).transpose(1, 2), values))
+    return terms
+
+
+def _carried_attention(attn, pq, k, v, pk, pv, rows, mask) -> torch.Tensor:
+    """Attention of the carried prompt queries ``pq[:, :, rows]`` over image keys and (masked) prompt keys."""
+    out = []
+    n_img = k.shape[2]
+    for head in range(pq.shape[1]):
+        cq = pq[:, head, rows] * attn.scale  # (B, Pc, hd)
+        scores = torch.cat(
+            [torch.bmm(cq, k[:, head].transpose(1, 2)), torch.bmm(cq, pk[:, head].transpose(1, 2)) + mask], dim=-1
+        )
+        w = attn.attn_drop(scores.softmax(-1))
+        out.append(torch.bmm(w[..., :n_img], v[:, head]) + torch.bmm(w[..., n_img:], pv[:, head]))
+    return torch.stack(out, dim=1)  # (B, H, Pc, hd)
 
 
 def prompted_block(
@@ -112,11 +145,12 @@ def prompted_block(
     if gates is None:
         o = _attend(attn, q, torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2))
     else:
-        # Scores laid out (B, H, P, N): a softmax over a handful of keys is far faster along dim -2 than -1.
-        scores = (pk * attn.scale) @ q.contiguous().transpose(-2, -1)
-        weights = torch.cat([scores[:, :, sl].softmax(-2) for sl in groups], dim=2)
-        gated_v = torch.cat([pv[:, :, sl] * _gate_view(g) for g, sl in zip(gates, groups, strict=True)], dim=2)
-        o = _attend(attn, q, k, v) + attn.attn_drop(weights).transpose(-2, -1) @ gated_v
+        o = _attend(attn, q, k, v)
+        terms = _gated_prompt_term(attn, q, pk, pv, gates, groups)
+        # Add into the fused kernel's output in place when nothing needs it for a backward pass (one buffer less).
+        o = o if not torch.is_grad_enabled() else o.clone()
+        for head, term in enumerate(terms):
+            o[:, head] += term
     h_out = _residual(block, h, _project(attn, o, x))
 
     outs: list[torch.Tensor | None] = [None] * len(prompts)
@@ -128,15 +162,9 @@ def prompted_block(
     rows = (
         slice(first, last) if contiguous else torch.cat([torch.arange(groups[i].start, groups[i].stop) for i in kept])
     )
-    cq = pq[:, :, rows] * attn.scale
-    prompt_scores = cq @ pk.transpose(-2, -1)  # (B, H, Pc, P)
-    if gates is not None:  # gated: a group's tokens see the image and their own group only
-        prompt_scores = prompt_scores + _own_group_mask(groups, tuple(kept), prompt_scores)
-    # q, k, v are strided views of one qkv output: batched matmuls on them are several times slower than a copy.
-    k, v = k.contiguous(), v.contiguous()
-    w = attn.attn_drop(torch.cat([cq @ k.transpose(-2, -1), prompt_scores], dim=-1).softmax(-1))
-    n_img = k.shape[2]
-    co = w[..., :n_img] @ v + w[..., n_img:] @ pv
+    # Gated: a group's tokens see the image and their own group only, so shutting one group never moves another.
+    mask = _own_group_mask(groups, kept, pk) if gates is not None else torch.zeros((), dtype=pk.dtype)
+    co = _carried_attention(attn, pq, k, v, pk, pv, rows, mask)
     cp = torch.cat([prompts[i] for i in kept], dim=1)
     out = _residual(block, cp, _project(attn, co, px[:, rows]))
     for i, chunk in zip(kept, out.split([groups[i].stop - groups[i].start for i in kept], dim=1), strict=True):
