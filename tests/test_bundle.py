@@ -159,3 +159,18 @@ def test_overwrite_is_atomic(weights, tmp_path, monkeypatch):
         save_bundle(trained("vpt-deep", weights), tmp_path / "b", overwrite=True)
     assert (first / TENSORS).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "backbone.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["pathotune_attn", "instance_mlp"])
+def test_format_1_bundles_still_load_and_predict_as_they_did(name):
+    """Bundles written by the format-1 code (prompts concatenated into the sequence, IVP from a second pass,
+    no gates, VRM tokens without base tokens) give the logits that code gave, recorded beside them."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "format1_bundles" / name
+    assert json.loads((folder / MANIFEST).read_text())["format_version"] == 1
+    model = load_bundle(folder)
+    assert model.switches.prompt_attn == "joint" and not model.gates
+    ref = load_file(str(folder / "reference.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["images"]), ref["logits"], atol=1e-5, rtol=1e-5)

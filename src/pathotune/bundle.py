@@ -15,6 +15,7 @@ import torch
 from . import __version__
 from .errors import BundleError, PathoTuneError, describe_os_error, write_error
 from .model import PathoTuneModel, Provenance, create_model
+from .prompts import TextualPrompts
 from .task import Task
 
 FORMAT_VERSION = 2  # 2: the manifest's own checksum and the input normalisation; 1: tensors only
@@ -23,11 +24,11 @@ MANIFEST = "manifest.json"
 
 
 def bundle_state(model: PathoTuneModel) -> dict[str, torch.Tensor]:
-    """The trained tensors, plus the cached task-text encoding so that inference needs no text encoder."""
+    """The trained tensors, plus the buffers each prompt group needs (the cached task-text encoding, so that
+    inference needs no text encoder)."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    if model.ttp is not None:
-        state["ttp.text_pooled"] = model.ttp.text_pooled
-        state["ttp.text_tokens"] = model.ttp.text_tokens
+    for kind, group in model.prompt_groups.items():
+        state.update({f"{kind}.{name}": t for name, t in group.bundle_buffers().items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -203,9 +204,9 @@ def load_bundle(
         switches.setdefault("prompt_attn", "joint")  # format 1 predates gated prompt attention
     if instance_weights is not None:
         switches["ivp_encoder_weights"] = str(instance_weights)
-    text_features = None
-    if "ttp.text_pooled" in state:
-        text_features = (state["ttp.text_pooled"], state["ttp.text_tokens"])
+    if manifest["format_version"] < 2:
+        state = _format1_state(state)
+    text_features = TextualPrompts.saved_encoding(state)
     try:
         model = create_model(
             prov.backbone,
@@ -242,6 +243,8 @@ def load_bundle(
             f"{prov.instance_fingerprint[:12]}, not {str(got.instance_fingerprint)[:12]}; pass its weights"
         )
     expected = bundle_state(model)
+    if manifest["format_version"] < 2 and "ivp.base" in expected:
+        state["ivp.base"] = torch.zeros_like(expected["ivp.base"])  # format 1: IVP tokens were the VRM's output alone
     missing = sorted(set(expected) - set(state))
     if missing:
         raise BundleError(f"bundle {path} lacks tensor '{missing[0]}' that method '{model.method}' needs")
@@ -276,3 +279,15 @@ def _sha256(f: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _format1_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Format-1 tensor names in today's layout: the VRM's output layer moved one place (a dropout precedes it)."""
+    renames = (("ivp.vrm.out.3.", "ivp.vrm.out.4."), ("ivp.vrm.mlp.3.", "ivp.vrm.mlp.4."))
+    out = {}
+    for k, v in state.items():
+        for old, new in renames:
+            if k.startswith(old):
+                k = new + k[len(old) :]
+        out[k] = v
+    return out

@@ -17,13 +17,10 @@ from .backbones import TokenViT, create_backbone, get_backbone_spec
 from .backbones.loading import fingerprint
 from .errors import ConfigError
 from .methods import get_method
-from .prompts import InstanceEncoder, InstancePrompts, TextualPrompts, VisualPrompts
+from .prompts import GROUP_ORDER, InstanceEncoder, InstancePrompts, PromptGroup, TextualPrompts, VisualPrompts
 from .prompts.attention import check_block, prompted_block
 from .switches import Switches
 from .task import Task
-
-# Prompt groups in sequence order: [prefix][TTP][IVP][TVP][patches].
-GROUP_ORDER = ("ttp", "ivp", "tvp")
 
 
 class PromptSource(Protocol):
@@ -73,23 +70,23 @@ class PathoTuneModel(nn.Module):
             if getattr(s, f"{name[:3]}_tokens") and layer >= depth:
                 raise ConfigError(f"switch {name}={layer} must be < the backbone depth {depth}")
 
-        self.tvp_layers: list[int] = []
         self.tvp = self.ttp = self.ivp = None
         if s.tvp_tokens:
             n = (s.tvp_depth or depth) if s.tvp_deep else 1
-            self.tvp_layers = list(range(s.tvp_layer, min(depth, s.tvp_layer + n)))
-            self.tvp = VisualPrompts(s.tvp_tokens, dim, len(self.tvp_layers), backbone.patch_size, s.tvp_dropout)
+            layers = list(range(s.tvp_layer, min(depth, s.tvp_layer + n)))
+            self.tvp = VisualPrompts(s.tvp_tokens, dim, layers, backbone.patch_size, s.tvp_dropout)
         if s.ttp_tokens:
             if text_features is None:
                 raise ConfigError("textual prompts need the encoded task text; build the model with create_model")
             pooled, tokens = text_features
-            self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, s.ttp_hidden, s.ttp_mode)
+            self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, s.ttp_layer, s.ttp_hidden, s.ttp_mode)
         self.instance_encoder = instance_encoder
         if s.ivp_tokens:
             in_dim = instance_encoder.dim if instance_encoder is not None else dim
             self.ivp = InstancePrompts(
-                s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_hidden, s.ivp_dropout, backbone.patch_size
-            )
+                s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_entry(depth), s.ivp_hidden, s.ivp_dropout,
+                backbone.patch_size,
+            )  # fmt: skip
 
         self._plan_layers()
         if self.groups:
@@ -109,18 +106,21 @@ class PathoTuneModel(nn.Module):
 
     def _plan_layers(self) -> None:
         """Where each group (re)enters, and after which blocks a group's output tokens are still read."""
-        s, depth = self.switches, self.backbone.depth
+        depth = self.backbone.depth
         self.schedule: dict[int, list[str]] = {}
-        entries = [(s.ttp_layer, "ttp"), (s.ivp_entry(depth), "ivp")] + [(i, "tvp") for i in self.tvp_layers]
-        for layer, group in entries:
-            if getattr(self, group) is not None:
-                self.schedule.setdefault(layer, []).append(group)
-        self.first_layer = {g: min(i for i, gs in self.schedule.items() if g in gs) for g in self.groups}
+        for kind, group in self.prompt_groups.items():
+            for layer in group.layers:
+                self.schedule.setdefault(layer, []).append(kind)
+        self.first_layer = {kind: group.layers[0] for kind, group in self.prompt_groups.items()}
         self.keep: dict[int, set[str]] = {}
         for i in range(depth):
             present = {g for g in self.groups if self.first_layer[g] <= i}
             after = present - set(self.schedule.get(i + 1, ())) if i + 1 < depth else set()
-            self.keep[i] = present if i + 1 == depth and s.pool_prompts else after
+            self.keep[i] = present if i + 1 == depth and self.switches.pool_prompts else after
+
+    @property
+    def tvp_layers(self) -> list[int]:
+        return self.tvp.layers if self.tvp is not None else []
 
     def drop_groups(self, names: list[str]) -> None:
         """Remove prompt groups for good (validation found they do not help): no tensors, no inference cost."""
@@ -128,8 +128,6 @@ class PathoTuneModel(nn.Module):
             setattr(self, g, None)
             if g in self.gates:
                 del self.gates[g]
-            if g == "tvp":
-                self.tvp_layers = []
             if g == "ivp":
                 self.instance_encoder = self.instance_cache = None
                 prov = self.provenance
@@ -137,14 +135,29 @@ class PathoTuneModel(nn.Module):
         self.switches = self.switches.update(**{f"{g}_tokens": 0 for g in names})
         self._plan_layers()
 
+    def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+        """The optimiser's groups: the head at ``head_lr``, the rest at ``lr``; no decay on biases, norms, gates
+        and whatever each prompt group declares (its tokens are not weights)."""
+        no_decay = {f"gates.{g}" for g in self.gates}
+        for kind, group in self.prompt_groups.items():
+            no_decay |= {f"{kind}.{name}" for name in group.no_decay}
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim > 1 and name not in no_decay
+                groups.setdefault((name.startswith("head."), decay), []).append(p)
+        return [
+            {"params": ps, "lr": head_lr if is_head else lr, "weight_decay": weight_decay if decay else 0.0}
+            for (is_head, decay), ps in groups.items()
+        ]
+
     # training set-up
     def _set_trainable(self) -> None:
         self.requires_grad_(False)
         self.head.requires_grad_(True)
         if self.switches.train in ("prompts", "all", "lora"):
-            for m in (self.tvp, self.ttp, self.ivp, self.gates):
-                if m is not None:
-                    m.requires_grad_(True)
+            for m in (*self.prompt_groups.values(), self.gates):
+                m.requires_grad_(True)
         if self.switches.train == "all":
             self.backbone.requires_grad_(True)
         if self.switches.train == "lora":
@@ -204,9 +217,14 @@ class PathoTuneModel(nn.Module):
         return self.instance_cache.lookup(x, self._encode_instances)
 
     @property
+    def prompt_groups(self) -> dict[str, PromptGroup]:
+        """This model's prompt groups by kind, in sequence order."""
+        return {g: getattr(self, g) for g in GROUP_ORDER if getattr(self, g, None) is not None}
+
+    @property
     def groups(self) -> list[str]:
-        """The prompt groups this model has, in sequence order."""
-        return [g for g in GROUP_ORDER if getattr(self, g, None) is not None]
+        """The kinds of prompt this model has, in sequence order (empty: the plain frozen model and its head)."""
+        return list(self.prompt_groups)
 
     @property
     def instance_prefix_tokens(self) -> int:
@@ -215,13 +233,9 @@ class PathoTuneModel(nn.Module):
         return enc.num_prefix_tokens if enc is not None else self.backbone.num_prefix_tokens
 
     def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
-        """Tokens of ``group`` entering before block ``layer``. IVP reads ``inst``, else this depth's tokens."""
-        batch = h.shape[0]
-        if group == "tvp":
-            return self.tvp(self.tvp_layers.index(layer), batch).to(h.dtype)
-        if group == "ttp":
-            return self.ttp(batch).to(h.dtype)
-        return self.ivp(h if inst is None else inst, self.instance_prefix_tokens).to(h.dtype)
+        """Tokens of ``group`` entering before block ``layer``. Per-image groups read ``inst``, else ``h``."""
+        features = h if inst is None else inst
+        return getattr(self, group)(layer, h.shape[0], features, self.instance_prefix_tokens).to(h.dtype)
 
     def group_gate(self, group: str, layer: int) -> torch.Tensor:
         """The (H,) gate of ``group`` in block ``layer``, through tanh."""

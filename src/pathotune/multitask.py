@@ -98,7 +98,7 @@ class MixedPrompts:
         self.local = torch.as_tensor([members.index(int(t)) for t in task_ids], device=task_ids.device)
 
     def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
-        if group != "ivp":  # task-level tokens: one row per task, gathered per sample
+        if not self.models[0].prompt_groups[group].per_image:  # task-level tokens: one row per task, gathered
             return torch.cat([m.group_tokens(group, layer, h[:1], inst) for m in self.models])[self.local]
         out = None
         for j, m in enumerate(self.models):

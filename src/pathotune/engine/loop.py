@@ -26,7 +26,6 @@ from .budget import Budget
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import classification_metrics
 
-NO_DECAY = ("tvp.tokens", "ttp.context", "queries", "ivp.base", "gates.")
 VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
@@ -68,18 +67,16 @@ class FitState:
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Head and the rest get their own learning rate; biases, norms, prompt tokens and gates get no decay."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = name.startswith(("head.", "model.head."))
-        decay = p.ndim > 1 and not any(k in name for k in NO_DECAY)
-        groups.setdefault((is_head, decay), []).append(p)
-    return [
-        {"params": ps, "lr": head_lr if is_head else lr, "weight_decay": weight_decay if decay else 0.0}
-        for (is_head, decay), ps in groups.items()
+    """The model's own optimiser groups when it defines them (PathoTuneModel does); otherwise one group at ``lr``
+    with no decay on biases and norms (a MIL aggregator)."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(lr, head_lr, weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

@@ -128,6 +128,9 @@ class HeadOnly(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(features)
 
+    def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+        return self.model.param_groups(lr, head_lr, weight_decay)
+
 
 @torch.inference_mode()
 def extract_features(

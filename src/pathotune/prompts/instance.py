@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .group import PromptGroup
 from .visual import vpt_init
 
 VRM_KINDS = ("attn", "mlp")
@@ -98,7 +99,7 @@ def _refine_mlp(in_dim: int, out_dim: int, hidden: int, dropout: float) -> nn.Se
 _VRMS: dict[str, type[nn.Module]] = {"attn": AttnVRM, "mlp": MlpVRM}
 
 
-class InstancePrompts(nn.Module):
+class InstancePrompts(PromptGroup):
     """Per-image prompt tokens: learnable base tokens plus a swappable VRM's refinement of the instance features.
 
     The VRM's output layer starts at zero, so IVP begins as plain learnable tokens and becomes instance-specific
@@ -106,20 +107,25 @@ class InstancePrompts(nn.Module):
     images.
     """
 
+    kind = "ivp"
+    per_image = True
+    no_decay = ("base", "vrm.queries")
+
     def __init__(
         self,
-        kind: str,
+        vrm: str,
         in_dim: int,
         out_dim: int,
         num_tokens: int,
+        layer: int = 0,
         hidden: int = 64,
         dropout: float = 0.1,
         patch_size: int = 16,
     ):
-        super().__init__()
-        self.num_tokens = num_tokens
+        super().__init__([layer], num_tokens)
         self.base = nn.Parameter(vpt_init(torch.empty(num_tokens, out_dim), patch_size))
-        self.vrm = _VRMS[kind](in_dim, out_dim, num_tokens, hidden=hidden, dropout=dropout)
+        self.vrm = _VRMS[vrm](in_dim, out_dim, num_tokens, hidden=hidden, dropout=dropout)
 
-    def forward(self, instance_tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-        return self.base + self.vrm(instance_tokens, num_prefix_tokens)
+    def forward(self, layer: int, batch: int, features: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        """Tokens for each image from its instance features (``num_prefix_tokens`` of them are cls/registers)."""
+        return self.base + self.vrm(features, num_prefix_tokens)
