@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .errors import BundleError, PathoTuneError, describe_os_error, write_error
 from .model import PathoTuneModel, Provenance, create_model
 from .prompts import TextualPrompts
 from .task import Task
+from .version import __version__
 
 FORMAT_VERSION = 2  # 2: the manifest's own checksum and the input normalisation; 1: tensors only
 TENSORS = "prompts.safetensors"
