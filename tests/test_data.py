@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import zlib
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pathotune.data
 from pathotune.data import (
     H5Ref,
     HEDJitter,
@@ -22,12 +24,14 @@ from pathotune.data import (
     Sample,
     build_transforms,
     check_source,
+    list_images,
     load_rgb,
     load_source,
     scan,
+    sort_class_names,
 )
 from pathotune.data.dataset import H5Cache
-from pathotune.errors import ConfigError, DataError
+from pathotune.errors import ConfigError, DataError, one_line
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
@@ -78,6 +82,41 @@ def test_split_folders_keep_their_splits_and_sorted_classes(tmp_path: Path) -> N
         split_dir, class_dir = s.path_or_key.relative_to(tmp_path).parts[:2]
         assert (split_dir, class_dir) == (s.split, src.classes[s.label])
     assert all(".hidden" not in str(k) for k in keys(src.all_samples()))
+
+
+def test_hidden_files_and_folders_are_skipped_by_every_reader(tmp_path: Path) -> None:
+    root = tmp_path / ".cache" / "data"  # a hidden folder above the data does not count
+    for name in ("a", "b"):
+        for i in range(3):
+            write_img(root / "train" / name / f"{i}.png")
+    write_img(root / "train" / "a" / ".hidden.png")
+    write_img(root / "train" / "a" / ".ipynb_checkpoints" / "copy.png")
+    write_img(root / "train" / "a" / "nested" / ".trash" / "old.png")
+    write_img(root / "train" / ".c" / "0.png")  # a hidden class folder is no class
+
+    found = list_images(root / "train" / "a")
+    assert [p.relative_to(root) for p in found] == [Path("train/a/0.png"), Path("train/a/1.png"), Path("train/a/2.png")]
+    src = load_source(root, val_fraction=0.0)
+    assert src.classes == ["a", "b"] and src.counts()["train"] == [3, 3]
+    nct = tmp_path / "nct"
+    write_img(nct / "NCT-CRC-HE-100K" / "ADI" / "0.tif")
+    write_img(nct / "NCT-CRC-HE-100K" / "ADI" / ".DS_Store.tif")
+    train = load_source(f"layout:nct-crc-he:{nct}", val_fraction=0.0).split("train")
+    assert [s.path_or_key.name for s in train] == ["0.tif"]
+
+
+def test_class_names_sort_numerically_only_when_all_are_integers() -> None:
+    assert sort_class_names(["10", "2", "-1", "2"]) == ["-1", "2", "10"]
+    assert sort_class_names(["10", "2", "b"]) == ["10", "2", "b"]
+    assert sort_class_names([]) == []
+
+
+def test_one_line_collapses_whitespace_and_names_empty_errors() -> None:
+    assert one_line(ValueError("a\n  b\tc ")) == "a b c"
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line("") == ""
+    assert one_line(OSError("x" * 50), limit=10) == "xxxxxxx..."
+    assert one_line("short", limit=10) == "short"
 
 
 def test_train_only_folder_carves_stratified_val(tmp_path: Path) -> None:
@@ -460,3 +499,23 @@ def test_sample_and_source_reject_inconsistent_values() -> None:
     with pytest.raises(ValueError, match="does not belong"):
         PatchSource(["a"], {"train": [Sample(Path("a.png"), 3, "train")]})
     assert PatchSource(["a"]).samples == {"train": [], "val": [], "test": []}
+
+
+def test_data_package_is_small_modules_with_module_level_imports() -> None:
+    """Function-level imports hide cycles: only the optional hgsc extra (pyarrow, shapely) is imported late."""
+    root = Path(pathotune.data.__file__).parent
+    late, long = [], []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 400:
+            long.append(path.name)
+        for fn in ast.walk(ast.parse(text)):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module or "."] if isinstance(node, ast.ImportFrom) else []
+                late += [
+                    f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] not in {"pyarrow", "shapely"}
+                ]
+    assert late == [] and long == []

@@ -19,7 +19,7 @@ import shapely
 from PIL import Image
 
 from pathotune.data import get_layout, load_source, scan
-from pathotune.data import hgsc as H
+from pathotune.data.layouts import hgsc as H
 from pathotune.errors import ConfigError, DataError
 
 SIZE, CROP = 300, 48

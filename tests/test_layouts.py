@@ -12,14 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pathotune.data import LAYOUTS, PatchDataset, get_layout, list_layouts, load_source, scan
-from pathotune.data.layouts import (
-    BACH_CLASSES,
-    BREAKHIS_SUBTYPES,
-    NCT_CLASSES,
-    breakhis_patient,
-)
-from pathotune.data.sources import H5Ref
+from pathotune.data import LAYOUTS, H5Ref, PatchDataset, get_layout, list_layouts, load_source, scan
+from pathotune.data.layouts.bach import BACH_CLASSES
+from pathotune.data.layouts.breakhis import BREAKHIS_SUBTYPES, breakhis_patient
+from pathotune.data.layouts.nct_crc_he import NCT_CLASSES
 from pathotune.errors import ConfigError, DataError
 
 

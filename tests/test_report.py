@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from pathotune.report import (
     plot_training_curves,
     write_run_report,
 )
+from pathotune.report import io as io_mod
+from pathotune.report.io import atomic_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,6 +90,60 @@ def test_atomic_write_json_failure_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "bad.json", {"x": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_swaps_a_whole_folder_in(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "built"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and list(tmp.iterdir()) == []
+        (tmp / "a.txt").write_text("one")
+        assert not target.exists()  # nothing visible until the block finishes
+    assert (target / "a.txt").read_text() == "one"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir, not mkdtemp's 0700
+    with atomic_dir(target) as tmp:  # an older build is replaced whole
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in target.parent.iterdir()] == ["built"]
+
+
+def test_atomic_dir_failure_keeps_the_old_folder(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "built"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["built"] and (target / "old.txt").read_text() == "old"
+
+    real = os.replace
+
+    def refuse_the_new_folder(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise PermissionError(13, "Permission denied")
+        real(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", refuse_the_new_folder)
+    with pytest.raises(PermissionError), atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["built"] and (target / "old.txt").read_text() == "old"
+
+
+def test_atomic_dir_loses_a_race_with_an_oserror_and_keeps_the_winner(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "built"
+    real = os.replace
+
+    def another_process_wins(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+        real(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", another_process_wins)
+    with pytest.raises(OSError), atomic_dir(target) as tmp:
+        (tmp / "mine.txt").write_text("mine")
+    assert [p.name for p in tmp_path.iterdir()] == ["built"] and (target / "theirs.txt").read_text() == "theirs"
 
 
 def test_markdown_table_exact_text() -> None:

@@ -42,10 +42,23 @@ _ADVICE = {
 }
 
 
+def one_line(e: object, limit: int | None = None) -> str:
+    """An exception (or any text) on one line, for messages that must stay one line.
+
+    Runs of whitespace, newlines included, become one space; an exception without a message gives its type
+    name; with ``limit``, longer text is cut to ``limit`` characters ending in "...".
+    """
+    text = " ".join(str(e).split())
+    if not text and isinstance(e, BaseException):
+        text = type(e).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    return text
+
+
 def describe_os_error(e: BaseException) -> str:
     """``strerror`` of an OSError (or the text of any other exception) on one line."""
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return " ".join(str(text).split())
+    return one_line(getattr(e, "strerror", None) or str(e) or type(e).__name__)
 
 
 def write_error(path: str | os.PathLike, e: BaseException) -> OutputError:

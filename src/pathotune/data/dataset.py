@@ -1,4 +1,7 @@
-"""Image loading that always yields 8-bit RGB, and the torch Dataset over a list of samples."""
+"""The torch Dataset over a list of samples, and reading one patch out of an HDF5 array.
+
+Image files are decoded by :func:`pathotune.data.images.load_rgb`; both paths end in 8-bit RGB.
+"""
 
 from __future__ import annotations
 
@@ -7,79 +10,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from .sources import H5Ref, PatchSource, Sample
-
-# Errors PIL and h5py raise for unreadable, corrupt or truncated data.
-READ_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    KeyError,
-    IndexError,
-    UnidentifiedImageError,
-    Image.DecompressionBombError,
-)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """High-bit-depth gray to 8 bits by rescaling, not clipping (clipping turns 16-bit scans white)."""
-    if mode.startswith("I;16"):
-        return (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
-    a = arr.astype(np.float64)
-    if mode == "F":
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        if lo >= 0.0 and hi <= 1.0:
-            return (a * 255.0).round().astype(np.uint8)
-        return np.zeros_like(a, dtype=np.uint8) if hi <= lo else ((a - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
-    # mode "I": 32-bit container, usually holding 8- or 16-bit data (16-bit PNGs open like this).
-    hi = float(a.max()) if a.size else 0.0
-    if hi <= 255:
-        return np.clip(a, 0, 255).astype(np.uint8)
-    if hi <= 65535:
-        return (np.clip(a, 0, 65535) / 257.0).round().astype(np.uint8)
-    lo = float(a.min())
-    return ((a - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: transparency composited on white (slide background), 16-bit rescaled."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        gray = _scale_to_uint8(np.asarray(img), mode)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX ...
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image fully (truncation shows up here, not mid-training) and return it as 8-bit RGB."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img).copy()
-    except READ_ERRORS as e:
-        raise DataError(
-            f"cannot read image {path}: {_one_line(e)}; replace or remove the file (or skip bad files)"
-        ) from None
+from ..errors import DataError, one_line
+from .images import READ_ERRORS, load_rgb, scale_to_uint8, to_rgb
+from .types import H5Ref, PatchSource, Sample
 
 
 class H5Cache:
@@ -90,8 +29,6 @@ class H5Cache:
         self._files: dict[Path, Any] = {}
 
     def get(self, path: Path) -> Any:
-        import h5py
-
         if self._pid != os.getpid():
             self._files = {}  # inherited handles belong to the parent process; never touch them
             self._pid = os.getpid()
@@ -117,12 +54,12 @@ def read_h5(ref: H5Ref, cache: H5Cache | None = None) -> Image.Image:
             raise IndexError(f"index {ref.index} outside 0..{ds.shape[0] - 1}")
         arr = np.asarray(ds[ref.index])
     except READ_ERRORS as e:
-        raise DataError(f"cannot read {ref}: {_one_line(e)}; re-download the file") from None
+        raise DataError(f"cannot read {ref}: {one_line(e)}; re-download the file") from None
     finally:
         if own:
             cache.close()
     if arr.dtype != np.uint8:
-        arr = _scale_to_uint8(arr, "I;16" if arr.dtype == np.uint16 else "F")
+        arr = scale_to_uint8(arr, "I;16" if arr.dtype == np.uint16 else "F")
     return Image.fromarray(arr).convert("RGB") if arr.ndim == 3 else to_rgb(Image.fromarray(arr))
 
 

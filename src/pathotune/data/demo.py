@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -34,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from ..report.io import atomic_dir
+from .types import SPLITS
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -66,7 +65,6 @@ DEMO_TASK: dict = dict(
 )
 
 CLASSES: tuple[str, ...] = DEMO_TASK["classes"]
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 PEN_IMAGES: tuple[str, ...] = ("pen_red", "pen_green", "pen_black")
 TEMPLATE_SPLITS: dict[str, str] = {
     "template1": "train",
@@ -353,24 +351,12 @@ def build_slide_qc_tiles(
     tiles, images = _candidate_tiles(tile)
     tiles = _subsample(tiles, caps, seed)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old: Path | None = None
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary data folder
-        counts = _write(tmp, tiles, images, tile, params)
-        if out_dir.exists():  # an empty folder or a stale build of ours (checked above)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            out_dir.rename(old / "stale")
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            raced = _read_marker(out_dir)  # another process finished first
-            if raced is None or raced.get("params") != params:
-                raise
-            counts = raced["counts"]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(out_dir) as tmp:  # an empty folder or a stale build of ours (checked above) is replaced
+            counts = _write(tmp, tiles, images, tile, params)
+    except OSError:
+        raced = _read_marker(out_dir)  # another process finished first
+        if raced is None or raced.get("params") != params:
+            raise
+        counts = raced["counts"]
     return counts

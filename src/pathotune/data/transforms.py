@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from skimage.color import hed2rgb, rgb2hed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -48,8 +49,6 @@ class HEDJitter(torch.nn.Module):
         self.strength = strength
 
     def _jitter(self, rgb: np.ndarray) -> np.ndarray:
-        from skimage.color import hed2rgb, rgb2hed
-
         s = self.strength
         alpha = (1.0 - s + 2.0 * s * torch.rand(3, dtype=torch.float64)).numpy()
         beta = (-s + 2.0 * s * torch.rand(3, dtype=torch.float64)).numpy()

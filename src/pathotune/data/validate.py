@@ -22,11 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from ..errors import DataError
-from .dataset import READ_ERRORS, to_rgb
-from .sources import SPLITS, H5Ref, PatchSource, Sample
+from ..errors import DataError, one_line
+from .images import READ_ERRORS, to_rgb
+from .types import SPLITS, H5Ref, PatchSource, Sample
 
 PROBLEM_KINDS = ("missing", "unreadable", "corrupt", "truncated")
 
@@ -184,10 +186,6 @@ def _kind(e: BaseException) -> str:
     return "corrupt"
 
 
-def _detail(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def check_image(path: Path) -> BadFile | None:
     """None when the file opens, verifies, decodes fully and converts to RGB; otherwise what is wrong."""
     return _check_and_hash(path)[0]
@@ -206,7 +204,7 @@ def _check_and_hash(path: Path) -> tuple[BadFile | None, str | None]:
             im.load()  # full decode: the only way to notice a truncated TIFF or BMP
             to_rgb(im)
     except READ_ERRORS as e:
-        return BadFile(path, _kind(e), _detail(e)), None
+        return BadFile(path, _kind(e), one_line(e)), None
     return None, digest
 
 
@@ -244,8 +242,6 @@ def quiet_native_stderr() -> Iterator:
 
 def check_h5(file: Path, dataset: str, refs: list[H5Ref]) -> list[BadFile]:
     """Open the file once, check the dataset exists, is readable, and every index is in bounds."""
-    import h5py
-
     try:
         with h5py.File(file, "r") as f:
             if dataset not in f:
@@ -257,14 +253,12 @@ def check_h5(file: Path, dataset: str, refs: list[H5Ref]) -> list[BadFile]:
     except FileNotFoundError:
         return [BadFile(r, "missing", "no such file") for r in refs]
     except READ_ERRORS as e:
-        return [BadFile(r, _kind(e), _detail(e)) for r in refs]
+        return [BadFile(r, _kind(e), one_line(e)) for r in refs]
     return [BadFile(r, "corrupt", f"index outside 0..{n - 1}") for r in refs if not 0 <= r.index < n]
 
 
 def scan(source: PatchSource, progress: bool = False, workers: int | None = None) -> ScanReport:
     """Check every sample of every split; a thread pool overlaps file I/O and the C decoders."""
-    from tqdm.auto import tqdm
-
     keys = list(dict.fromkeys(s.path_or_key for s in source.all_samples()))
     paths = [k for k in keys if not isinstance(k, H5Ref)]
     groups: dict[tuple[Path, str], list[H5Ref]] = defaultdict(list)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import random
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import PathoTuneError, write_error
+from ..report import atomic_path
 
 
 def rng_state() -> dict:
@@ -32,17 +32,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary name and rename, so a killed run never leaves a checkpoint that looks complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write to a temporary name and rename, so a killed run never leaves a checkpoint that looks complete.
+
+    ``atomic_path`` turns an OSError into an OutputError naming ``path``; torch.save reports a full disk as a
+    RuntimeError ("unexpected pos"), turned into the same error here.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as e:
         cause: BaseException = e
-        if isinstance(e, RuntimeError) and _disk_full(path.parent, state):
+        if _disk_full(path.parent, state):
             cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise write_error(path, cause) from e
 

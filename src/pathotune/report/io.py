@@ -1,9 +1,15 @@
-"""Atomic file writes, so an interrupted run never leaves a half-written report, figure or JSON behind."""
+"""Atomic writes, so an interrupted run never leaves a half-written report, figure, JSON file or folder behind.
+
+Files: :func:`atomic_path` (and the ``atomic_write_*`` helpers on top of it). Folders built in one go (demo tiles,
+a dataset cache): :func:`atomic_dir`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -16,14 +22,16 @@ import numpy as np
 from ..errors import write_error
 
 
-def _default_mode() -> int:
-    """Permissions a plain ``open(path, 'w')`` would give, since mkstemp's 0600 would hide shared results."""
+def _default_mode(full: int = 0o666) -> int:
+    """Permissions a plain ``open(path, 'w')`` (``full=0o666``) or ``mkdir`` (``0o777``) would give, since
+    mkstemp's 0600 and mkdtemp's 0700 would hide shared results."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return full & ~umask
 
 
 _DEFAULT_MODE = _default_mode()
+_DEFAULT_DIR_MODE = _default_mode(0o777)
 
 
 @contextmanager
@@ -55,6 +63,43 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it becomes ``path`` only if the block finishes.
+
+    Readers never see half a folder. On success whatever is at ``path`` (an older build, an empty folder) is moved
+    aside, the new folder is renamed in and the old one deleted; if that rename fails, the old one is put back. On
+    any exception the temporary folder is removed and ``path`` is left as it was. The folder gets the permissions a
+    plain ``mkdir`` would give. Parent folders are created.
+
+    OSErrors propagate unchanged, so that the caller can say what the folder is for. When another process renamed
+    its own folder into ``path`` first, the final rename fails with an OSError and ``path`` holds that folder: a
+    caller building a shared cache catches the error and checks whether that folder will do.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    aside: Path | None = None
+    try:
+        os.chmod(tmp, _DEFAULT_DIR_MODE)
+        yield tmp
+        if target.exists() or target.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, aside / "old")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if aside is not None and not (target.exists() or target.is_symlink()):
+                with contextlib.suppress(OSError):
+                    os.replace(aside / "old", target)
+            raise
+        tmp = None
+    finally:
+        for leftover in (tmp, aside):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

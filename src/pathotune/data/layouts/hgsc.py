@@ -35,9 +35,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -46,9 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from ..errors import ConfigError, DataError
-from .sources import SPLITS, PatchSource, build_source, list_images
+from ...backbones.bundled import cache_dir
+from ...errors import ConfigError, DataError, one_line
+from ...report.io import atomic_dir
+from ..images import list_images
+from ..splits import build_source
+from ..types import SPLITS, PatchSource
+from .base import Layout
 
 CLASSES: tuple[str, ...] = ("connective", "inflammatory", "neoplastic")
 VERSION = "0.3.0"
@@ -104,7 +107,7 @@ def _read_wheel(wheel: Path) -> HgscFiles:
                 raise _missing(wheel, f"no {DATA_DIR}/{absent[0]} in this wheel")
             return HgscFiles(wheel, {f: zf.read(f"{DATA_DIR}/{f}") for f in FILES})
     except (OSError, zipfile.BadZipFile) as e:
-        raise _missing(wheel, f"not a readable wheel ({' '.join(str(e).split())})") from None
+        raise _missing(wheel, f"not a readable wheel ({one_line(e)})") from None
 
 
 def find_hgsc_files(path: str | Path | None) -> HgscFiles:
@@ -138,6 +141,7 @@ def find_hgsc_files(path: str | Path | None) -> HgscFiles:
 
 
 def _geo() -> tuple[Any, Any]:
+    # pyarrow and shapely are the optional "hgsc" extra: imported here, so the rest of pathotune runs without them.
     try:
         import pyarrow.parquet as pq
         import shapely
@@ -154,14 +158,14 @@ def _nuclei(blob: bytes, name: str) -> tuple[np.ndarray, list[str]]:
     try:
         table = pq.read_table(io.BytesIO(blob))
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"{name}: cannot read the parquet file ({' '.join(str(e).split())})") from None
+        raise DataError(f"{name}: cannot read the parquet file ({one_line(e)})") from None
     for col in ("geometry", "class_name"):
         if col not in table.column_names:
             raise DataError(f"{name}: no column '{col}'; this is not a histolytics nuclei file")
     try:
         geoms = shapely.from_wkb(table.column("geometry").to_pylist())
     except Exception as e:  # shapely.errors.GEOSException and friends
-        raise DataError(f"{name}: bad WKB geometry ({' '.join(str(e).split())})") from None
+        raise DataError(f"{name}: bad WKB geometry ({one_line(e)})") from None
     xy = np.full((len(geoms), 2), -1, dtype=np.int64)  # empty geometries fall off the image below
     ok = ~shapely.is_empty(geoms)
     xy[ok] = np.floor(shapely.get_coordinates(shapely.centroid(geoms[ok]))).astype(np.int64)
@@ -247,7 +251,7 @@ Split (version {SPLIT_VERSION}): spatial, never by random tile. Each image is cu
 (rows top to bottom, columns left to right, boundaries at size*i//n); whole blocks go to one split, and nuclei
 whose window crosses or touches an inner block boundary are dropped, so windows of different splits never
 overlap or touch. The table was fixed by exhaustive search on per-block class counts (see
-pathotune/data/hgsc.py). Both images come from one slide: scores measure within-slide generalisation only.
+pathotune/data/layouts/hgsc.py). Both images come from one slide: scores measure within-slide generalisation only.
 
 {grid}
 
@@ -258,8 +262,6 @@ pathotune/data/hgsc.py). Both images come from one slide: scores measure within-
 
 
 def _write_tiles(files: HgscFiles, dest: Path, crop: int, table: dict[str, list[list[str]]]) -> dict[str, Any]:
-    from PIL import Image
-
     half = crop // 2
     counts = {s: dict.fromkeys(CLASSES, 0) for s in SPLITS}
     skipped = {"outside": 0, "boundary": 0}
@@ -272,7 +274,7 @@ def _write_tiles(files: HgscFiles, dest: Path, crop: int, table: dict[str, list[
             with Image.open(io.BytesIO(files.blobs[img_name])) as im:
                 pixels = np.asarray(im.convert("RGB"))
         except OSError as e:
-            raise DataError(f"{files.origin}: cannot decode {img_name} ({' '.join(str(e).split())})") from None
+            raise DataError(f"{files.origin}: cannot decode {img_name} ({one_line(e)})") from None
         height, width = pixels.shape[:2]
         xy, classes = _nuclei(files.blobs[nuc_name], f"{files.origin}:{nuc_name}")
         for idx, ((x, y), cls) in enumerate(zip(xy.tolist(), classes, strict=True)):
@@ -300,8 +302,9 @@ def build_hgsc_tiles(
 ) -> dict[str, Any]:
     """Write nucleus tiles to ``out_dir/<split>/<class>/<image>_<idx>.png`` + manifest.csv + SOURCE.md.
 
-    The build goes to a temp folder beside ``out_dir`` and is moved in with ``os.replace``, so readers never
-    see half a build; a finished build with the same crop, split table and source hashes is reused as is.
+    The build goes to a temp folder beside ``out_dir`` and is moved in whole (``report.io.atomic_dir``), so
+    readers never see half a build; a finished build with the same crop, split table and source hashes is
+    reused as is.
     Returns the stamp: parameters, tile counts per split and class, skipped nuclei, and ``reused``.
     """
     if not isinstance(crop, int) or crop < 2:
@@ -316,40 +319,23 @@ def build_hgsc_tiles(
         return {**found, "reused": True}
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _read_stamp(out) is None)):
         raise DataError(f"{out} exists and is not a histolytics-hgsc build; pick another folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old: Path | None = None
     try:
-        result = {**stamp, **_write_tiles(files, tmp, crop, grid)}
-        result["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / "SOURCE.md").write_text(_source_md(result), encoding="utf-8")
-        (tmp / STAMP).write_text(json.dumps(result, indent=1), encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a shared cache should stay readable
-        if out.exists() and _read_stamp(out) is not None:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old)  # a stale build: moved aside, deleted below
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            found = _is_fresh(out, stamp)  # another process finished the same build first
-            if found is None:
-                raise
-            return {**found, "reused": True}
-        tmp = None
+        with atomic_dir(out) as tmp:  # an empty folder or a stale build at ``out`` is replaced
+            result = {**stamp, **_write_tiles(files, tmp, crop, grid)}
+            result["seconds"] = round(time.perf_counter() - started, 2)
+            (tmp / "SOURCE.md").write_text(_source_md(result), encoding="utf-8")
+            (tmp / STAMP).write_text(json.dumps(result, indent=1), encoding="utf-8")
     except OSError as e:
-        raise DataError(f"cannot write tiles to {out}: {' '.join(str(e).split())}; pick a writable folder") from e
-    finally:
-        for leftover in (tmp, old):
-            if leftover is not None:
-                shutil.rmtree(leftover, ignore_errors=True)
+        found = _is_fresh(out, stamp)  # another process finished the same build first
+        if found is not None:
+            return {**found, "reused": True}
+        raise DataError(f"cannot write tiles to {out}: {one_line(e)}; pick a writable folder") from e
     return {**result, "reused": False}
 
 
 def default_cache(crop: int) -> Path:
     """Same cache root as the bundled weights ($PATHOTUNE_CACHE or ~/.cache/pathotune)."""
-    from ..backbones.bundled import cache_dir
-
     return cache_dir() / "hgsc" / f"crop{crop}"
 
 
@@ -371,3 +357,11 @@ def read_histolytics_hgsc(
     build_hgsc_tiles(root, out, crop=crop)
     items = [(p, cls, split) for split in SPLITS for cls in CLASSES for p in list_images(out / split / cls)]
     return build_source(items, f"histolytics-hgsc:{root}", 0.0, 0.0, seed, classes=CLASSES)
+
+
+LAYOUT = Layout(
+    "histolytics-hgsc",
+    "histolytics 0.3.0 wheel (or its data folder): HGSC H&E nucleus tiles, 3 cell classes, spatial split",
+    read_histolytics_hgsc,
+    accepts_file=True,
+)
