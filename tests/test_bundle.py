@@ -154,7 +154,7 @@ def test_overwrite_is_atomic(weights, tmp_path, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("pathotune.bundle.save_file", crash)
     with pytest.raises(RuntimeError):
         save_bundle(trained("vpt-deep", weights), tmp_path / "b", overwrite=True)
     assert (first / TENSORS).read_bytes() == before

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .errors import BundleError, PathoTuneError, describe_os_error, write_error
 from .model import PathoTuneModel, Provenance, create_model
@@ -39,8 +43,6 @@ def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = No
     replaced, and only once the new bundle is complete. The manifest carries a checksum over everything that
     decides what a prediction means (classes, task, switches, provenance, normalisation, tensor checksum).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() or path.is_symlink():
@@ -102,8 +104,6 @@ def manifest_checksum(manifest: dict) -> str:
 
 def _os_error(e: BaseException) -> BaseException:
     """safetensors reports I/O failures as SafetensorError("... (os error 28)"); recover the errno."""
-    import errno
-    import re
 
     found = re.search(r"os error (\d+)", str(e))
     if isinstance(e, OSError) or not found:
@@ -114,6 +114,12 @@ def _os_error(e: BaseException) -> BaseException:
 
 REQUIRED_KEYS = ("method", "num_classes", "class_names", "task", "switches", "provenance", "tensors", "sha256")
 PROVENANCE_KEYS = ("backbone", "weights", "fingerprint", "img_size")
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle folder, or a run folder that holds one in ``bundle/``."""
+    p = Path(path)
+    return p / "bundle" if (p / "bundle" / MANIFEST).is_file() else p
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -179,8 +185,6 @@ def load_bundle(
     ``weights`` defaults to what the bundle was trained with (a file path or ``"bundled"``).
     ``backbone_module`` shares an already loaded frozen backbone (its fingerprint is still checked).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     manifest = read_manifest(path)

@@ -9,18 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import timm
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import TokenViT, create_backbone, get_backbone_spec
-from .backbones.loading import fingerprint
+from .backbones.loading import fingerprint, read_state_dict
 from .errors import ConfigError
 from .methods import get_method
 from .prompts import GROUP_ORDER, InstanceEncoder, InstancePrompts, PromptGroup, TextualPrompts, VisualPrompts
 from .prompts.attention import check_block, prompted_block
 from .switches import Switches
 from .task import Task
+from .text import encode_task_text
 
 
 class PromptSource(Protocol):
@@ -164,7 +168,6 @@ class PathoTuneModel(nn.Module):
             self._inject_lora()
 
     def _inject_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
 
         s = self.switches
         config = LoraConfig(
@@ -326,8 +329,6 @@ class InstanceCache:
 def build_instance_encoder(name: str, weights: str | Path | None, backbone: TokenViT) -> tuple[InstanceEncoder, str]:
     """A frozen encoder for IVP: any registered ViT, or any timm model (CNNs give their feature map)."""
     spec = get_backbone_spec(name)
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
 
     with torch.device("meta"):  # only the class is needed: a ViT-g probe must not cost gigabytes
         probe = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
@@ -336,8 +337,6 @@ def build_instance_encoder(name: str, weights: str | Path | None, backbone: Toke
         n_prefix, dim = enc.num_prefix_tokens, enc.embed_dim
         fp = fingerprint(enc.vit)
     else:
-        from .backbones.loading import read_state_dict
-
         enc = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
         if weights is not None:
             sd = read_state_dict(weights, spec)
@@ -394,8 +393,6 @@ def create_model(
         backbone_kwargs=backbone_kwargs,
     )
     if s.ttp_tokens and text_features is None:
-        from .text import encode_task_text
-
         text_features = encode_task_text(task.render(), s.text_encoder, s.text_weights)
     inst = None
     if s.ivp_tokens and s.ivp_source == "encoder":

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .bundle import load_bundle, read_manifest
 from .errors import BundleError
 from .model import PathoTuneModel
 
@@ -51,7 +52,6 @@ class MultiTaskModel(nn.Module):
     @classmethod
     def from_bundles(cls, paths: Sequence[str | Path], weights: str | Path | None = None) -> MultiTaskModel:
         """Load bundles onto a single backbone instance (loaded once, fingerprint checked for each bundle)."""
-        from .bundle import load_bundle, read_manifest
 
         if not paths:
             raise BundleError("MultiTaskModel needs at least one bundle")

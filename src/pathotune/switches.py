@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ConfigError
+from .prompts import VRM_KINDS
+from .prompts.attention import PROMPT_ATTENTION
+from .prompts.textual import TTP_MODES
 
 IVP_SOURCES = ("backbone", "early", "encoder")
 TRAIN_MODES = ("head", "prompts", "all", "lora")
@@ -55,9 +58,6 @@ class Switches:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        from .prompts import VRM_KINDS
-        from .prompts.attention import PROMPT_ATTENTION
-        from .prompts.textual import TTP_MODES
 
         check_types(self)
         for name in ("tvp_tokens", "ttp_tokens", "ivp_tokens", "tvp_layer", "ttp_layer", "ivp_layer"):

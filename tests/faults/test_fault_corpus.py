@@ -263,7 +263,7 @@ def enospc(target: str) -> Callable:
             def st_full(*a, **k):
                 raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-            monkeypatch.setattr("safetensors.torch.save_file", st_full)
+            monkeypatch.setattr("pathotune.bundle.save_file", st_full)
         elif target == "figure":
             monkeypatch.setattr("matplotlib.figure.Figure.savefig", full)
         elif target == "text":

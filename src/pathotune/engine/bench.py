@@ -20,9 +20,14 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
 import yaml
+from tqdm.auto import tqdm
 
+from ..data import load_source
 from ..errors import PathoTuneError
+from ..report import atomic_write_json, atomic_write_text, markdown_table, plot_metric_vs_params
+from ..report.plots import plot_fewshot_curves
 from .bench_config import (
     BENCH_KEYS,
     FEWSHOT_DIR,
@@ -33,6 +38,8 @@ from .bench_config import (
     resolve_data,
     slug,
 )
+from .compare import N_RESAMPLES, compare_runs, read_predictions
+from .fewshot import fewshot_table, manifest_csv, sample_episode, summarise_fewshot
 from .metrics import aggregate_seeds
 
 __all__ = ["BenchConfig", "load_bench_config", "run_bench", "run_cell", "summarise"]
@@ -61,7 +68,6 @@ def run_cell(cell: dict, cell_dir: Path) -> dict:
 
 def _run_or_load(make_cell: Callable[[], dict], cell_dir: Path) -> dict:
     """A finished cell's metrics, else train it (through the module's ``run_cell``) and record them."""
-    from ..report import atomic_write_json
 
     done = cell_dir / "metrics.json"
     if done.is_file():
@@ -84,9 +90,6 @@ def prepare_fewshot(cfg: BenchConfig, root: Path, data_paths: dict[str, str]) ->
 
     Returns (dataset, k, episode) -> {manifest, notes}; draws are deterministic, so notes are the same on reruns.
     """
-    from ..data import load_source
-    from ..report import atomic_write_json, atomic_write_text
-    from .fewshot import manifest_csv, sample_episode
 
     fs = cfg.fewshot
     if fs is None:
@@ -112,9 +115,6 @@ def prepare_fewshot(cfg: BenchConfig, root: Path, data_paths: dict[str, str]) ->
 
 def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path:
     """Run (or resume) every grid and few-shot cell, then write the markdown summary and the plots."""
-    from tqdm.auto import tqdm
-
-    from ..report import atomic_write_json
 
     root = Path(cfg.runs_dir) / cfg.name
     data_paths = {d: resolve_data(e, root) for d, e in cfg.datasets.items()}
@@ -156,7 +156,6 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path
 
 def run_comparisons(cfg: BenchConfig, root: Path) -> list[dict]:
     """Every configured pair on every dataset, from the cells' predictions.csv over the seeds both finished."""
-    from .compare import compare_runs, read_predictions
 
     rows = []
     for dataset in cfg.datasets:
@@ -180,7 +179,6 @@ def summarise_fewshot_results(
     cfg: BenchConfig, shots: dict[str, dict[tuple[str, int], list[dict]]], episodes: dict
 ) -> dict[str, dict]:
     """Per dataset: t-interval rows per (method, k), the notes about short classes, and one recipe per method."""
-    from .fewshot import summarise_fewshot
 
     out: dict[str, dict] = {}
     for dataset, cells in shots.items():
@@ -264,7 +262,6 @@ def _per_seed(runs: list[dict]) -> str:
 
 
 def machine_line() -> str:
-    import torch
 
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -280,7 +277,6 @@ def _signed(x: float | None) -> str:
 
 def comparison_table(rows: list[dict]) -> str:
     """Paired differences: mean, interval, each seed's difference and the verdict."""
-    from ..report import markdown_table
 
     table = []
     for r in rows:
@@ -311,10 +307,6 @@ def write_summary(
     comparisons: list[dict] | None = None,
     fewshot: dict[str, dict] | None = None,
 ) -> Path:
-    from ..report import atomic_write_text, markdown_table, plot_metric_vs_params
-    from ..report.plots import plot_fewshot_curves
-    from .compare import N_RESAMPLES
-    from .fewshot import fewshot_table
 
     comparisons = comparisons or []
     fewshot = fewshot or {}
@@ -412,7 +404,6 @@ def write_summary(
 
 def _merge_into(path: Path, name: str, section: str) -> None:
     """Replace this benchmark's section in BENCHMARKS.md (between markers), keeping everything else."""
-    from ..report import atomic_write_text
 
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n{section}\n{end}"

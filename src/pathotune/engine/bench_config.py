@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..data.demo import build_slide_qc_tiles
 from ..errors import ConfigError
 from ..methods import list_methods
 from .config import TrainConfig
@@ -174,7 +175,6 @@ def resolve_data(entry: DatasetEntry, root: Path) -> str:
     name = entry.data.split(":", 1)[1]
     if name not in BUILTIN_DATA:
         raise ConfigError(f"unknown builtin dataset '{name}'; available: {list(BUILTIN_DATA)}")
-    from ..data.demo import build_slide_qc_tiles
 
     out = root / "data" / name
     build_slide_qc_tiles(out)

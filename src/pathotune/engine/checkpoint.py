@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def _disk_full(folder: Path, state) -> bool:
     """Whether ``folder``'s file system has less room than the tensors of ``state`` need."""
-    import shutil
 
     def nbytes(x) -> int:
         if isinstance(x, torch.Tensor):

@@ -16,10 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 
 from ..data import PatchSource, Sample
 from ..data.sources import H5Ref
 from ..errors import ConfigError
+from ..report import format_cell, markdown_table
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,6 @@ def manifest_csv(episode: Episode, classes: Sequence[str]) -> str:
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict:
     """Mean with a Student-t interval over replicates (episodes); no interval from a single value."""
-    from scipy import stats
 
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(x.size)
@@ -100,7 +101,6 @@ def summarise_fewshot(scores: Mapping[tuple[str, int], Sequence[float]], level: 
 
 def fewshot_table(rows: Sequence[Mapping], shots: Sequence[int]) -> str:
     """One row per method, one column per k: 'mean [low, high]' (n episodes in the last column)."""
-    from ..report import format_cell, markdown_table
 
     table = []
     for method in dict.fromkeys(r["method"] for r in rows):

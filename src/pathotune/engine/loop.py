@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
 from ..errors import PathoTuneError
 from .budget import Budget
@@ -231,7 +232,6 @@ class _Fit:
         self.state = FitState(**{k: ck["fit"][k] for k in FitState.__dataclass_fields__ if k in ck["fit"]})
 
     def train(self) -> None:
-        from tqdm.auto import tqdm
 
         fabric, st, budget = self.fabric, self.state, self.budget
         self.ddp_model, self.optimizer = fabric.setup(self.model, self.optimizer)
@@ -298,7 +298,6 @@ class _Fit:
 
     def evaluate(self, train_loss: float | None = None) -> None:
         """Judge on validation, keep the best state, update early stopping, write the checkpoint."""
-        from tqdm.auto import tqdm
 
         fabric, st, budget = self.fabric, self.state, self.budget
         t0 = time.perf_counter()

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from ..errors import ConfigError
 from .metrics import classification_metrics
@@ -42,8 +44,6 @@ class Probe:
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, clf=None):
     """Standardise, then L-BFGS to convergence; ``clf`` warm-starts from the previous C on the grid."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
     clf = clf or LogisticRegression(max_iter=MAX_ITER, tol=1e-6, warm_start=True)

@@ -17,6 +17,7 @@ A failed staged run is deleted and the old run is left exactly as it was.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ..errors import ConfigError, OutputError, PathoTuneError, describe_os_error, write_error
+from .config import TrainConfig
+from .loop import TrainingError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 FINAL = ".pathotune-final"  # a run's final outputs, moved into its folder together once all are written
@@ -87,9 +92,6 @@ def run_state(out: Path) -> str:
 
 def _is_resolved_config(path: Path) -> bool:
     """Whether ``path`` is a config.yaml that a run wrote (every key resolved), not a user's own config file."""
-    import yaml
-
-    from .config import TrainConfig
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -160,7 +162,6 @@ class RunFolder:
         if not isinstance(error, PathoTuneError):
             return error
         kept = f"nothing was replaced: {self.out} still holds the previous run, unchanged"
-        from .loop import TrainingError
 
         if isinstance(error, TrainingError):
             reason = error.reason.replace(str(self.workdir), str(self.out))
@@ -184,8 +185,6 @@ def open_run_folder(out: str | Path, resume: bool, overwrite: bool, checkpoint: 
         return direct
     if state == "finished":
         if resume:
-            import json
-
             try:
                 metrics = json.loads((out / "metrics.json").read_text())
             except (OSError, ValueError) as e:

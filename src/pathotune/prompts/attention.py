@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
 from torch import nn
+
+from ..errors import ConfigError
 
 PROMPT_ATTENTION = ("gated", "joint")
 
 
 def check_block(block: nn.Module) -> None:
     """Prompts re-run a block's parts in timm's order; refuse block kinds whose forward differs."""
-    from timm.models.vision_transformer import Attention, Block
-
-    from ..errors import ConfigError
 
     if type(block).forward is not Block.forward or type(block.attn).forward is not Attention.forward:
         raise ConfigError(
