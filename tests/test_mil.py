@@ -381,3 +381,29 @@ def test_split_column_is_used(cohort, tmp_path: Path) -> None:
         assert meta["slides"][part] == [r["slide_id"] for i, r in enumerate(rows) if split_of[i] == part]
     with open(tmp_path / "run" / "oof_predictions.csv", newline="") as handle:
         assert [r["slide_id"] for r in csv.DictReader(handle)] == meta["slides"]["test"]
+
+
+def test_model_folder_written_by_0_1_0_still_predicts(tmp_path: Path) -> None:
+    """``tests/data/legacy_0.1.0/mil_fold`` is a fold folder written by pathotune 0.1.0 (commit 1b28e50): ABMIL
+    (hidden 8) on 16-d synthetic bags of extractor 'toy_vit'. Today's code loads it and scores a fixed bag as
+    0.1.0 did (the reference numbers were printed by that version)."""
+    fold = Path(__file__).parent / "data" / "legacy_0.1.0" / "mil_fold"
+    model, meta = load_mil_model(fold)
+    assert meta["format_version"] == 1 and meta["aggregator"] == "abmil" and meta["classes"] == ["normal", "tumor"]
+    x = np.linspace(-1, 1, 5 * 16, dtype=np.float32).reshape(5, 16)
+    probe = write_slide(tmp_path / "probe.h5", x, coords=np.stack([np.arange(5) * 32, np.zeros(5)], 1), tile_size=32)
+    with h5py.File(probe, "a") as f:  # the attributes the legacy bags had, no more
+        for k in ("mpp", "target_mpp", "level", "slide_path", "n_tiles"):
+            del f.attrs[k]
+    (pred,) = predict_slides(fold, [probe])
+    np.testing.assert_allclose(pred["probs"], [0.46516165137290955, 0.5348382592201233], atol=1e-6)
+    expected_scores = [
+        0.20374415814876556,
+        0.19993405044078827,
+        0.19708389043807983,
+        0.19851996004581451,
+        0.2007180005311966,
+    ]
+    np.testing.assert_allclose(pred["tile_scores"], expected_scores, atol=1e-6)
+    with pytest.raises(DataError, match="trained on 'toy_vit'"):
+        predict_slides(fold, [write_slide(tmp_path / "uni.h5", x, backbone="uni")])

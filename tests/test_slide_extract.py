@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import pickle
 import shutil
 from pathlib import Path
@@ -303,18 +304,19 @@ def test_find_slides(tmp_path: Path, slides_dir: Path) -> None:
 
 def test_worker_errors_stay_one_line(model, slides_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tile that fails in a DataLoader worker surfaces as the worker's own message, not its traceback."""
-    import pathotune.slides.extract as extract_mod
+    import pathotune.slides.dataset as dataset_mod
 
     def broken(reader, plan, i):
         raise DataError(f"cannot read slide {reader.path} (tile {i}): the file is truncated or corrupt")
 
-    monkeypatch.setattr(extract_mod, "read_tile", broken)  # forked workers inherit the patched module
+    monkeypatch.setattr(dataset_mod, "read_tile", broken)  # forked workers inherit the patched module
     with pytest.raises(DataError) as err:
         extract_slides(
             model, [slides_dir / "a.tif"], tmp_path, tiling=SMALL, batch_size=2, num_workers=2, progress=False
         )
     assert str(err.value).startswith("cannot read slide") and "\n" not in str(err.value)
-    assert list(tmp_path.glob("a.h5*")) == []
+    assert list(tmp_path.glob("a.h5*")) == [] and list(tmp_path.glob(".a.h5*")) == []
+    assert multiprocessing.active_children() == []  # the worker pool was shut down at once, not at a later gc
 
 
 def test_planning_ahead_changes_nothing(model, slides_dir: Path, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Frozen vision foundation models: registry, token-level ViT wrapper, weight loading."""
 
-from .registry import BackboneSpec, get_backbone_spec, list_backbones, register_backbone
+from .registry import BackboneSpec, get_backbone_spec, list_backbones, register_backbone, resolve_weights
 from .vit import TokenViT, create_backbone
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "get_backbone_spec",
     "list_backbones",
     "register_backbone",
+    "resolve_weights",
 ]

@@ -76,3 +76,20 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     raise ConfigError(
         f"unknown backbone '{name}'; use one of {list_backbones()} or a timm ViT model name (see `pathotune backbones`)"
     )
+
+
+def resolve_weights(backbone: str, weights: str | None) -> str | None:
+    """Which weights ``backbone`` gets: ``weights`` when given ('random': none), else the bundled ones where the
+    package ships them; a named natural or pathology FM needs a local file, so it fails asking for one."""
+    spec = get_backbone_spec(backbone)
+    if weights == "random":
+        return None
+    if weights is not None:
+        return weights
+    if spec.bundled:
+        return "bundled"
+    if spec.family in ("natural", "pathology"):
+        raise ConfigError(
+            f"backbone '{backbone}' needs --weights: {spec.weights_hint} (or --weights random for a smoke test)"
+        )
+    return None

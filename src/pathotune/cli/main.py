@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 from pathlib import Path
@@ -132,25 +130,20 @@ def evaluate(
     ] = None,
 ) -> None:
     """Judge a trained bundle on labelled data."""
-    from ..engine.infer import eval_output_dir
     from ..engine.infer import evaluate as run_eval
+    from ..engine.infer import write_evaluation
+    from ..engine.metrics import METRIC_NAMES
     from ..engine.runfolder import check_out_usable
-    from ..report import atomic_write_json, write_run_report
 
     if out is not None:
-        check_out_usable(out)
+        check_out_usable(out)  # before any work
     m = run_eval(bundle, data, split=split, weights=weights, batch_size=batch_size, progress=_progress())
-    keys = ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc"]
     print_table(
-        [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in keys],
+        [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in METRIC_NAMES],
         title=f"{bundle} on {data} ({m['split']}, n={m['n']})",
     )
     if out is not None:
-        target = eval_output_dir(out, m)
-        names = list(m["per_class"])
-        write_run_report(target, m, [], names, {"bundle": str(bundle), "data": str(data)}, title=f"eval of {bundle}")
-        atomic_write_json(target / "metrics.json", m)
-        console.print(f"written to {target}")
+        console.print(f"written to {write_evaluation(out, m)}")
 
 
 @app.command()
@@ -164,31 +157,15 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 32,
 ) -> None:
     """Per-class probabilities for images, as CSV. Several --bundle share one backbone forward."""
-    from ..engine.infer import check_output_file, predict_files
+    from ..engine.infer import predict_to_csv
     from ..errors import ConfigError
-    from ..report import atomic_write_text
 
     bundles = list(bundle or [])
     if not bundles:
         if len(inputs) < 2:
             raise ConfigError("predict needs a bundle and images: `pathotune predict BUNDLE IMAGES...`")
         bundles, inputs = [inputs[0]], inputs[1:]
-    check_output_file(out)
-    files, results = predict_files(bundles, inputs, weights=weights, batch_size=batch_size, progress=_progress())
-    single = len(results) == 1
-    header = ["path"]
-    for name, (classes, _) in results.items():
-        prefix = "" if single else f"{name}:"
-        header += [f"{prefix}pred", *[f"{prefix}prob_{c}" for c in classes]]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    for i, f in enumerate(files):
-        row = [str(f)]
-        for classes, probs in results.values():
-            row += [classes[int(probs[i].argmax())], *[f"{p:.6f}" for p in probs[i]]]
-        w.writerow(row)
-    atomic_write_text(out, buf.getvalue())
+    files, results = predict_to_csv(bundles, inputs, out, weights=weights, batch_size=batch_size, progress=_progress())
     console.print(f"{len(files)} images x {len(results)} task(s) written to {out}")
 
 
@@ -241,8 +218,7 @@ def methods() -> None:
 @app.command()
 def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")]) -> None:
     """What a bundle holds and what it was trained on."""
-    from ..bundle import TENSORS, read_manifest
-    from ..engine.infer import resolve_bundle
+    from ..bundle import TENSORS, read_manifest, resolve_bundle
 
     path = resolve_bundle(bundle)
     m = read_manifest(path)  # checked: every key below is there, and (format 2) unedited

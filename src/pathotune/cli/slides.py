@@ -1,15 +1,17 @@
-"""`pathotune slides ...`: whole slides end to end: tile, extract features, train MIL, predict, heatmaps."""
+"""`pathotune slides ...`: whole slides end to end: tile, extract features, train MIL, predict, heatmaps.
+
+Commands parse flags, call one library function each and print its result; the library is imported inside each
+command so that `pathotune --help` does not load torch and the models.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from .common import console, print_table
 
 app = typer.Typer(
@@ -29,14 +31,6 @@ def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 @app.command()
 def tile(
     slides: SlidesOpt,
@@ -49,33 +43,12 @@ def tile(
     thumb_size: Annotated[int, typer.Option(help="Longer side of the QC thumbnail.")] = 1024,
 ) -> None:
     """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue)."""
-    from ..report.io import atomic_write_text
-    from ..slides import TilingConfig, open_slide, plan_tiles, qc_thumbnail
-    from ..slides.extract import find_slides, slide_id
+    from ..slides import TilingConfig, tile_slides
 
     cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)
-    rows, summary = [], []
-    for path in find_slides(slides):
-        sid = slide_id(path)
-        with open_slide(path, mpp=mpp) as reader:
-            plan = plan_tiles(reader, cfg)
-            qc_thumbnail(reader, plan, out / f"{sid}_qc.png", max_size=thumb_size)
-        tiles = [[int(x), int(y), f"{t:.4f}"] for (x, y), t in zip(plan.coords.tolist(), plan.tissue, strict=True)]
-        atomic_write_text(out / f"{sid}_tiles.csv", _csv_text(["x", "y", "tissue"], tiles))
-        info = {
-            "slide_id": sid,
-            "tiles": len(plan),
-            "candidates": plan.n_candidates,
-            "level": plan.level,
-            "read_size": plan.read_size,
-            "slide_mpp": plan.slide_mpp,
-            "tile_size_level0": plan.tile_size_level0,
-            "slide_path": str(path),
-        }
-        summary.append(info)
-        rows.append({k: info[k] for k in ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp")})
-    atomic_write_text(out / "tiles_summary.csv", _csv_text(list(summary[0]), [[r[k] for k in r] for r in summary]))
-    print_table(rows, title=f"tiles at {target_mpp:g} mpp, {tile_size} px")
+    summary = tile_slides(slides, out, cfg, mpp=mpp, thumb_size=thumb_size)
+    shown = ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp")
+    print_table([{k: r[k] for k in shown} for r in summary], title=f"tiles at {target_mpp:g} mpp, {tile_size} px")
     console.print(f"QC thumbnails and tile lists written to {out}")
 
 
@@ -102,15 +75,17 @@ def extract(
     quiet: QuietOpt = False,
 ) -> None:
     """Tile features per slide into <out>/<slide_id>.h5; finished slides are skipped on a rerun."""
-    from ..slides import TilingConfig
-    from ..slides.extract import extract_slides, find_slides, load_extractor, make_extract_fabric
+    from ..engine.runtime import make_fabric
+    from ..slides import TilingConfig, find_slides
+    from ..slides.extract import extract_slides
+    from ..slides.extractor import load_extractor
 
     paths = find_slides(slides)
     ex = load_extractor(backbone=backbone, weights=weights, bundle=bundle, image_size=image_size)
     cfg = TilingConfig(
         target_mpp=target_mpp, tile_size=tile_size or ex.image_size, overlap=overlap, min_tissue=min_tissue
     )
-    fabric = make_extract_fabric(accelerator, _devices(devices), strategy, precision)
+    fabric = make_fabric(accelerator, _devices(devices), strategy, precision)
     results = extract_slides(
         ex,
         paths,
@@ -185,15 +160,10 @@ def predict(
     out: Annotated[Path, typer.Option(help="CSV of slide-level predictions.")] = Path("slide_predictions.csv"),
 ) -> None:
     """Slide-level class probabilities (averaged over fold models) as CSV."""
-    from ..mil import predict_slides
-    from ..report.io import atomic_write_text
+    from ..mil import predict_slides, write_slide_predictions
 
     preds = predict_slides(model, features)
-    if not preds:
-        raise DataError(f"no slide features in {features}")
-    classes = list(preds[0]["classes"])
-    rows = [[p["slide_id"], p["pred"], len(p["coords"]), *[f"{float(v):.6f}" for v in p["probs"]]] for p in preds]
-    atomic_write_text(out, _csv_text(["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in classes]], rows))
+    write_slide_predictions(preds, out)
     console.print(f"{len(preds)} slide predictions written to {out}")
 
 
@@ -209,7 +179,7 @@ def heatmap(
     alpha: Annotated[float, typer.Option(help="Opacity of the colours over the slide.")] = 0.5,
 ) -> None:
     """Per slide: heatmap PNG(s) over the thumbnail and <id>.geojson of tile scores (QuPath: import objects)."""
-    from ..slides.heatmap import bundle_heatmaps, mil_heatmaps
+    from ..heatmaps import bundle_heatmaps, mil_heatmaps
 
     if (model is None) == (bundle is None):
         raise ConfigError("pass exactly one of --model (a MIL run) or --bundle (a patch bundle)")

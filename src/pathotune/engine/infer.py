@@ -1,48 +1,62 @@
-"""Judging and applying a trained bundle: evaluation on labelled data, prediction on image files."""
+"""Judging and applying a trained bundle: evaluation on labelled data, prediction on image files.
+
+Both run on the CPU through the engine's inference loop (:func:`engine.runtime.infer`); ``pathotune eval`` and
+``pathotune predict`` are :func:`evaluate` + :func:`write_evaluation` and :func:`predict_to_csv`.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from ..bundle import load_bundle
-from ..errors import DataError
+from ..bundle import load_bundle, resolve_bundle
+from ..data import PatchDataset, Sample, build_transforms, check_source, list_images, load_source, quiet_native_stderr
+from ..errors import DataError, OutputError
 from ..model import PathoTuneModel
-from .metrics import bootstrap_ci, classification_metrics
+from ..multitask import MultiTaskModel
+from ..report import atomic_path, atomic_write_json, write_run_report
+from .metrics import METRIC_NAMES, bootstrap_ci, classification_metrics
+from .runfolder import check_out_usable, is_run_output, run_state
+from .runtime import Runtime, infer
 
-EVAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
+__all__ = [
+    "check_output_file",
+    "eval_output_dir",
+    "evaluate",
+    "image_files",
+    "predict_files",
+    "predict_to_csv",
+    "resolve_bundle",
+    "run_probs",
+    "write_evaluation",
+]
 
-
-def resolve_bundle(path: str | Path) -> Path:
-    """A bundle folder, or a run folder that holds one in ``bundle/``."""
-    p = Path(path)
-    return p / "bundle" if (p / "bundle" / "manifest.json").is_file() else p
+# What makes two evaluations the same one (an `eval --out` folder may be reused for it).
+EVAL_IDENTITY = ("bundle", "data", "split")
 
 
 def eval_transform(model: PathoTuneModel):
-    from ..data import build_transforms
-
     spec = model.backbone.spec
     return build_transforms(spec.mean, spec.std, model.backbone.img_size, train=False, augment="none")
 
 
-@torch.inference_mode()
-def run_probs(model: PathoTuneModel, dataset, batch_size: int = 32, workers: int = 0, progress: bool = True):
-    from tqdm.auto import tqdm
-
+def run_probs(model: PathoTuneModel, dataset: Dataset, batch_size: int = 32, workers: int = 0, progress: bool = True):
+    """Class probabilities of every sample of ``dataset`` (its ``(image, label, index)`` items), in order."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    from ..data.validate import quiet_native_stderr
 
-    with (
-        quiet_native_stderr() as stream,  # a bad TIFF's libtiff chatter would print before the error line
-        tqdm(loader, desc="predict", disable=not progress, leave=False, file=stream) as bar,
-    ):
-        probs = [model(x).float().softmax(-1) for x, _, _ in bar]
-    return torch.cat(probs).numpy() if probs else np.zeros((0, model.num_classes))
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        return model(x).float().softmax(-1)
+
+    with quiet_native_stderr() as stream:  # a bad TIFF's libtiff chatter would print before the error line
+        probs = infer(Runtime.of(), loader, probabilities, progress=progress, desc="predict", file=stream)
+    return probs.numpy() if len(probs) else np.zeros((0, model.num_classes))
 
 
 def evaluate(
@@ -55,9 +69,11 @@ def evaluate(
     bootstrap: int = 1000,
     progress: bool = True,
 ) -> dict:
-    """Metrics of a bundle on labelled data; class names are matched by name, not by position."""
-    from ..data import PatchDataset, check_source, load_source
+    """Metrics of a bundle on labelled data; class names are matched by name, not by position.
 
+    ``split`` ``auto`` is test, else val, else all samples. The result is :func:`classification_metrics` (with
+    bootstrap CIs under ``ci`` unless ``bootstrap`` is 0) plus split, n, bundle, data and ``evaluation: True``.
+    """
     model = load_bundle(resolve_bundle(bundle), weights=weights)
     source = load_source(data, val_fraction=0.0, test_fraction=0.0)
     source, _ = check_source(source, progress=progress)
@@ -75,12 +91,9 @@ def evaluate(
     probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress)
     metrics = classification_metrics(labels, probs, names)
     if bootstrap:
-        metrics["ci"] = bootstrap_ci(labels, probs, EVAL_KEYS, n=bootstrap)
+        metrics["ci"] = bootstrap_ci(labels, probs, METRIC_NAMES, n=bootstrap)
     metrics.update({"split": split, "n": len(samples), "bundle": str(bundle), "data": str(data), "evaluation": True})
     return metrics
-
-
-EVAL_IDENTITY = ("bundle", "data", "split")
 
 
 def eval_output_dir(out: str | Path, metrics: dict) -> Path:
@@ -90,11 +103,6 @@ def eval_output_dir(out: str | Path, metrics: dict) -> Path:
     otherwise (a run folder, a bundle, anything else) ``out/eval/<data>-<split>/``, which is refused when it
     holds an evaluation of something else.
     """
-    import re
-
-    from ..errors import OutputError
-    from .runfolder import check_out_usable
-
     out = Path(out)
     check_out_usable(out)
     if _holds_same_eval(out, metrics) or not out.exists() or not any(out.iterdir()):
@@ -110,8 +118,6 @@ def eval_output_dir(out: str | Path, metrics: dict) -> Path:
 
 
 def _holds_same_eval(folder: Path, metrics: dict) -> bool:
-    import json
-
     try:
         old = json.loads((folder / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -123,11 +129,18 @@ def _holds_same_eval(folder: Path, metrics: dict) -> bool:
     )
 
 
+def write_evaluation(out: str | Path, metrics: dict) -> Path:
+    """``report.md`` and ``metrics.json`` of an :func:`evaluate` result in :func:`eval_output_dir`; returns it."""
+    target = eval_output_dir(out, metrics)
+    names = list(metrics["per_class"])
+    bundle, data = metrics["bundle"], metrics["data"]
+    write_run_report(target, metrics, [], names, {"bundle": bundle, "data": data}, title=f"eval of {bundle}")
+    atomic_write_json(target / "metrics.json", metrics)
+    return target
+
+
 def check_output_file(path: str | Path) -> None:
     """Fail before any work when ``path`` cannot be an output file (a folder, under a file, read-only)."""
-    from ..errors import OutputError
-    from .runfolder import check_out_usable, is_run_output, run_state
-
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"--out {path} is a folder; pass a file name such as {path / 'predictions.csv'}")
@@ -138,15 +151,13 @@ def check_output_file(path: str | Path) -> None:
         )
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files from files and folders (searched recursively), in a stable order."""
-    from ..data import IMAGE_EXTENSIONS
-
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Image files from files and folders (folders searched as :func:`pathotune.data.list_images` does), in order."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            files += list_images(p)
         elif p.is_file():
             files.append(p)
         else:
@@ -156,7 +167,6 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-@torch.inference_mode()
 def predict_files(
     bundles: list[str | Path],
     inputs: list[str | Path],
@@ -166,32 +176,56 @@ def predict_files(
     progress: bool = True,
 ) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
     """Per-class probabilities of every image for every bundle; all bundles share one backbone forward."""
-    from tqdm.auto import tqdm
-
-    from ..data import PatchDataset, Sample
-    from ..multitask import MultiTaskModel
-
-    files = list_images(inputs)
+    files = image_files(inputs)
     multi = MultiTaskModel.from_bundles([resolve_bundle(b) for b in bundles], weights=weights)
     n_tasks = len(multi.tasks)
+    sizes = [len(task.class_names) for task in multi.tasks]
     dataset = PatchDataset([Sample(f, 0, "test") for f in files], eval_transform(multi.tasks[0]))
     loader = DataLoader(dataset, batch_size=max(1, batch_size // n_tasks), num_workers=workers)
-    probs: list[list[torch.Tensor]] = [[] for _ in range(n_tasks)]
-    from ..data.validate import quiet_native_stderr
 
-    with (
-        quiet_native_stderr() as stream,  # a bad TIFF's libtiff chatter would print before the error line
-        tqdm(loader, desc="predict", disable=not progress, leave=False, file=stream) as bar,
-    ):
-        for x, _, _ in bar:
-            # Every image once per task, in one batch: each sample carries its own task's prompts and head.
-            xs = x.repeat(n_tasks, 1, 1, 1)
-            task_ids = torch.arange(n_tasks).repeat_interleave(x.shape[0])
-            logits = multi(xs, task_ids)
-            for t in range(n_tasks):
-                probs[t] += [logits[t * x.shape[0] + i].float().softmax(-1) for i in range(x.shape[0])]
+    def every_task(x: torch.Tensor) -> torch.Tensor:
+        # Every image once per task, in one batch: each sample carries its own task's prompts and head.
+        n = x.shape[0]
+        logits = multi(x.repeat(n_tasks, 1, 1, 1), torch.arange(n_tasks).repeat_interleave(n))
+        return torch.cat([torch.stack(logits[t * n : (t + 1) * n]).float().softmax(-1) for t in range(n_tasks)], 1)
+
+    with quiet_native_stderr() as stream:  # a bad TIFF's libtiff chatter would print before the error line
+        probs = infer(Runtime.of(), loader, every_task, progress=progress, desc="predict", file=stream).numpy()
+    ends = np.cumsum(sizes)
     out = {
-        name: (task.class_names, torch.stack(p).numpy())
-        for name, task, p in zip(multi.names, multi.tasks, probs, strict=True)
+        name: (task.class_names, probs[:, end - size : end])
+        for name, task, size, end in zip(multi.names, multi.tasks, sizes, ends, strict=True)
     }
     return files, out
+
+
+def predict_to_csv(
+    bundles: list[str | Path],
+    inputs: list[str | Path],
+    out: str | Path,
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
+    """:func:`predict_files` written as CSV to ``out`` (checked before any work), and returned.
+
+    Columns: ``path``, then per bundle ``pred`` and ``prob_<class>``; with several bundles each column is
+    prefixed by the bundle's name and a colon.
+    """
+    check_output_file(out)
+    files, results = predict_files(bundles, inputs, weights, batch_size, workers, progress)
+    single = len(results) == 1
+    header = ["path"]
+    for name, (classes, _) in results.items():
+        prefix = "" if single else f"{name}:"
+        header += [f"{prefix}pred", *[f"{prefix}prob_{c}" for c in classes]]
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i, path in enumerate(files):
+            row = [str(path)]
+            for classes, probs in results.values():
+                row += [classes[int(probs[i].argmax())], *[f"{p:.6f}" for p in probs[i]]]
+            w.writerow(row)
+    return files, results

@@ -16,63 +16,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbones import get_backbone_spec
+from ..backbones import resolve_weights
 from ..bundle import save_bundle
 from ..errors import ConfigError, DataError
 from ..methods import Recipe, get_method
 from ..model import PathoTuneModel, create_model
 from ..task import Task
+from . import runtime
 from .budget import plan_budget
 from .config import TrainConfig, dump_config
 from .loop import FitState, fit, predict, sharded_loader
-from .metrics import aggregate_seeds, bootstrap_ci, classification_metrics
+from .metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
 from .probe import Probe, fit_probe
 from .runfolder import CHECKPOINT, RunFolder, final_outputs, open_run_folder, settings_changed
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
+SUMMARY_KEYS = METRIC_NAMES
 
 
 def make_fabric(cfg: TrainConfig):
-    """Fabric for the config's accelerator, devices and precision; anything it cannot do fails on one line."""
-    from lightning_fabric import Fabric
-
-    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"accelerator '{cfg.accelerator}' was asked for, but no CUDA GPU is visible to torch "
-            "(torch.cuda.is_available() is False); use --accelerator cpu or auto"
-        )
-    try:
-        fabric = Fabric(
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            num_nodes=cfg.num_nodes,
-            strategy=cfg.strategy,
-            precision=cfg.precision,
-        )
-    except (ValueError, TypeError, RuntimeError) as e:
-        detail = " ".join(str(e).split()).replace("`", "'")
-        raise ConfigError(
-            f"accelerator '{cfg.accelerator}', devices {cfg.devices!r}, strategy '{cfg.strategy}', precision "
-            f"'{cfg.precision}' cannot run here: {detail}"
-        ) from e
-    fabric.launch()
-    return fabric
-
-
-def resolve_weights(backbone: str, weights: str | None) -> str | None:
-    """The bundled weights by default where a package ships them; named FMs need a local file."""
-    spec = get_backbone_spec(backbone)
-    if weights == "random":
-        return None
-    if weights is not None:
-        return weights
-    if spec.bundled:
-        return "bundled"
-    if spec.family in ("natural", "pathology"):
-        raise ConfigError(
-            f"backbone '{backbone}' needs --weights: {spec.weights_hint} (or --weights random for a smoke test)"
-        )
-    return None
+    """The engine's Fabric (:func:`runtime.make_fabric`) for the config's accelerator, devices and precision."""
+    return runtime.make_fabric(cfg.accelerator, cfg.devices, cfg.strategy, cfg.precision, cfg.num_nodes)
 
 
 def resolve_recipe(cfg: TrainConfig) -> Recipe:
@@ -132,21 +95,13 @@ class HeadOnly(nn.Module):
         return self.model.param_groups(lr, head_lr, weight_decay)
 
 
-@torch.inference_mode()
 def extract_features(
     fabric, encode, dataset: Dataset, batch_size: int, workers: int, desc: str, progress: bool = True
 ) -> torch.Tensor:
     """``encode(images)`` over a dataset, in order, on the Fabric device."""
-    from tqdm.auto import tqdm
-
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    feats = []
     bars = progress and fabric.is_global_zero and sys.stderr.isatty()  # bars only on a terminal
-    with tqdm(loader, desc=desc, disable=not bars, leave=False) as bar:
-        for x, _, _ in bar:
-            with fabric.autocast():
-                feats.append(encode(x.to(fabric.device)).float().cpu())
-    return torch.cat(feats)
+    return runtime.infer(runtime.Runtime.of(fabric), loader, encode, progress=bars, desc=desc)
 
 
 def frozen_features(fabric, model: PathoTuneModel, datasets: dict, cfg: TrainConfig, progress: bool) -> dict:
@@ -217,16 +172,19 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     :func:`pathotune.engine.runfolder.open_run_folder` before any work.
     """
     folder = open_run_folder(cfg.out, cfg.resume, cfg.overwrite)
-    if folder.finished is not None:
+    if folder.finished is not None:  # before Fabric starts: resuming a finished run costs nothing
         print(*folder.notes, sep="\n")
         return folder.finished
-    fabric = fabric or make_fabric(cfg)
-    return _in_folder(folder, cfg, fabric, progress)
+    return _in_folder(folder, cfg, fabric or make_fabric(cfg), progress)
 
 
 def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> dict:
     """One run in its folder: resume checks, staging, the run, then the swap (or the clean-up on failure)."""
     main = fabric.is_global_zero
+    if folder.finished is not None:  # a finished seed of a resumed multi-seed run
+        if main:
+            print(*folder.notes, sep="\n")
+        return folder.finished
     if main and folder.notes:
         print(*folder.notes, sep="\n")
     if folder.resume:
@@ -501,6 +459,10 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
         return folder.finished
     fabric = make_fabric(cfg)
     main = fabric.is_global_zero
+    if folder.finished is not None:  # a finished seed of a resumed multi-seed run
+        if main:
+            print(*folder.notes, sep="\n")
+        return folder.finished
     if main and folder.notes:
         print(*folder.notes, sep="\n")
     folder.prepare(main)

@@ -1,5 +1,9 @@
-"""Slide-level multiple-instance learning on frozen tile features: aggregators, feature bags, training."""
+"""Slide-level multiple-instance learning on frozen tile features: aggregators, feature bags, training.
 
+Bags are read through :mod:`pathotune.features` (the feature-file contract); ``mil`` never imports ``slides``.
+"""
+
+from ..features import check_feature_compatibility, read_feature_attrs
 from .aggregators import (
     ABMIL,
     MIL_AGGREGATORS,
@@ -10,16 +14,11 @@ from .aggregators import (
     create_aggregator,
     list_aggregators,
 )
-from .features import (
-    FeatureBagDataset,
-    SlideLabel,
-    SlideLabels,
-    check_feature_compatibility,
-    read_feature_attrs,
-    read_slide_features,
-    read_slide_labels,
-)
-from .train import MILConfig, load_mil_config, load_mil_model, plan_folds, predict_slides, train_mil
+from .bags import FeatureBagDataset, read_slide_features
+from .config import MILConfig, load_mil_config
+from .labels import SlideLabel, SlideLabels, plan_folds, read_slide_labels
+from .models import load_mil_model, predict_slides, write_slide_predictions
+from .train import train_mil
 
 __all__ = [
     "ABMIL",
@@ -43,4 +42,5 @@ __all__ = [
     "read_slide_features",
     "read_slide_labels",
     "train_mil",
+    "write_slide_predictions",
 ]

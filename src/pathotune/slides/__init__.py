@@ -1,11 +1,16 @@
-"""Whole-slide images: open any slide behind one reader, find tissue, plan tiles at a physical scale, draw QC."""
+"""Whole-slide images: open any slide behind one reader, find tissue, plan tiles at a physical scale, draw QC.
+
+Feature extraction (``slides.extract``), its model factory (``slides.extractor``) and heat maps
+(``slides.heatmap``) load models and are imported from their modules.
+"""
 
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
 
-from .qc import qc_thumbnail
+from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
+from .qc import qc_thumbnail, tile_slides
 from .reader import (
     BACKENDS,
     ImageReader,
@@ -27,6 +32,7 @@ def sample_slide() -> Path:
 
 __all__ = [
     "BACKENDS",
+    "SLIDE_EXTENSIONS",
     "ImageReader",
     "OpenSlideReader",
     "SlideReader",
@@ -34,6 +40,7 @@ __all__ = [
     "TilePlan",
     "TilingConfig",
     "TissueConfig",
+    "find_slides",
     "iter_tiles",
     "open_slide",
     "plan_tiles",
@@ -41,6 +48,8 @@ __all__ = [
     "read_tile",
     "require_mpp",
     "sample_slide",
+    "slide_id",
+    "tile_slides",
     "tissue_mask",
     "to_rgb",
 ]

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 
 from ..report.io import atomic_write_text
 
@@ -25,8 +26,6 @@ OBJECT_TYPES = ("tile", "annotation", "detection")
 
 def class_colour(i: int) -> list[int]:
     """A distinct RGB colour per class index (matplotlib's tab10 cycle)."""
-    from matplotlib import colormaps
-
     r, g, b, _ = colormaps["tab10"](i % 10)
     return [round(r * 255), round(g * 255), round(b * 255)]
 

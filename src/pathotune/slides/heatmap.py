@@ -4,22 +4,43 @@ Each tile is painted at its level-0 position scaled to the thumbnail; where tile
 averaged, and the slide shows through wherever there is no tile. Colours come from a matplotlib colormap on
 scores scaled to [vmin, vmax] (by default the scores' own min and max); a colour bar with both ends labelled
 sits to the right so the picture can be read on its own.
+
+:func:`bundle_heatmaps` paints a patch bundle's class probabilities from features extracted with it; MIL
+attention maps are :func:`pathotune.heatmaps.mil_heatmaps` (slides never import ``mil``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
+from ..bundle import load_bundle, read_manifest, resolve_bundle
 from ..errors import ConfigError, DataError
+from ..features import SlideFeatures, list_feature_files, read_slide_features, tile_side
+from ..model import PathoTuneModel
 from ..report.io import atomic_path
+from .discover import find_slides, slide_id
+from .geojson import tiles_geojson
 from .reader import SlideReader, open_slide
 
-__all__ = ["COLORBAR_WIDTH", "bundle_heatmaps", "feature_files", "mil_heatmaps", "paint_scores", "score_heatmap"]
+__all__ = [
+    "COLORBAR_WIDTH",
+    "bundle_heatmaps",
+    "check_heatmap_options",
+    "open_source_slide",
+    "paint_scores",
+    "paint_slide",
+    "safe_name",
+    "score_heatmap",
+    "slide_map",
+]
 
 COLORBAR_WIDTH = 72  # pixels added on the right of the thumbnail for the colour bar and its labels
 
@@ -93,8 +114,6 @@ def score_heatmap(
     plus a ``COLORBAR_WIDTH`` strip when ``colorbar``. Pass ``thumbnail`` (and ``dimensions``, the slide's
     level-0 size) to paint several maps without reading the slide again; ``reader`` may then be None.
     """
-    from matplotlib import colormaps
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in 0..1, got {alpha}")
     if thumbnail is None:
@@ -130,29 +149,17 @@ def score_heatmap(
 
 
 # -- whole folders: feature files in, heatmaps and GeoJSON out ------------------------------------------------
-def feature_files(features: str | Path) -> list[Path]:
-    """``<slide_id>.h5`` files of a folder (sorted), or the one file given."""
-    p = Path(features)
-    if p.is_file():
-        return [p]
-    files = sorted(p.glob("*.h5")) if p.is_dir() else []
-    if not files:
-        raise DataError(f"no <slide_id>.h5 feature files in {features}; run `pathotune slides extract` first")
-    return files
-
-
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A class name as a file-name part."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
 
 
-def _slide_map(slides: str | Path | None) -> dict[str, Path] | None:
-    from .extract import find_slides, slide_id
-
+def slide_map(slides: str | Path | None) -> dict[str, Path] | None:
+    """Slide id -> path of the slides in ``slides`` (a folder, a slide or a CSV), or None when not given."""
     return None if slides is None else {slide_id(p): p for p in find_slides(slides)}
 
 
-def _open_for(sid: str, attrs: dict, slides: dict[str, Path] | None) -> SlideReader:
+def open_source_slide(sid: str, attrs: Mapping[str, Any], slides: dict[str, Path] | None) -> SlideReader:
     """The slide a feature file came from: by id in ``slides``, else the path recorded at extraction.
 
     Its level-0 size must be the one recorded, so a heatmap is never painted over another slide.
@@ -176,29 +183,53 @@ def _open_for(sid: str, attrs: dict, slides: dict[str, Path] | None) -> SlideRea
     return reader
 
 
-def _tile_side(attrs: dict) -> float:
-    """Tile side in level-0 pixels, as recorded (or rebuilt from tile size and the two mpps)."""
-    side = attrs.get("tile_size_level0")
-    if side is not None:
-        return float(side)
-    target, mpp = attrs.get("target_mpp"), attrs.get("mpp")
-    scale = 1.0 if target is None or not np.isfinite(target) else float(target) / float(mpp)
-    return float(attrs["tile_size"]) * scale
-
-
-def _check_options(max_size: int, alpha: float) -> None:
+def check_heatmap_options(max_size: int, alpha: float) -> None:
     if max_size < 1:
         raise ConfigError(f"max_size must be >= 1, got {max_size}")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must lie in 0..1, got {alpha}")
 
 
-def _check_bundle_features(sf: Any, model: Any, manifest: dict, bundle: Path) -> None:
+def paint_slide(
+    sid: str,
+    attrs: Mapping[str, Any],
+    coords: np.ndarray,
+    layers: Sequence[tuple[Path, np.ndarray, str]],
+    slides: dict[str, Path] | None,
+    max_size: int,
+    alpha: float,
+    **style: Any,
+) -> list[Path]:
+    """One PNG per ``(path, tile scores, label)`` layer over the slide a feature file came from (its id and
+    attributes), whose thumbnail is read once; ``style`` goes to :func:`score_heatmap`."""
+    pngs = []
+    side = tile_side(attrs)
+    with open_source_slide(sid, attrs, slides) as reader:
+        thumb = reader.thumbnail(max_size)
+        for path, scores, label in layers:
+            pngs.append(
+                score_heatmap(
+                    reader,
+                    coords,
+                    scores,
+                    side,
+                    path,
+                    max_size=max_size,
+                    alpha=alpha,
+                    label=label,
+                    thumbnail=thumb,
+                    **style,
+                )
+            )
+    return pngs
+
+
+def _check_bundle_features(sf: SlideFeatures, model: PathoTuneModel, manifest: dict, bundle: Path) -> None:
     """A head only means something on its own model's features (a linear probe's: its plain backbone's)."""
     attrs = sf.attrs
     if attrs.get("bundle_fingerprint") == manifest.get("sha256"):
         return
-    probe = model.switches.train == "head" and all(m is None for m in (model.tvp, model.ttp, model.ivp))
+    probe = model.switches.train == "head" and not model.groups
     same_backbone = (
         attrs.get("backbone_fingerprint") == model.provenance.fingerprint
         and int(attrs.get("image_size", -1)) == model.backbone.img_size
@@ -227,16 +258,9 @@ def bundle_heatmaps(
     classes) and ``<slide_id>.geojson`` (``prob_<class>`` measurements, the top class as classification).
     Returns per slide: slide_id, n_tiles, heatmaps, geojson, class_share (fraction of tiles per top class).
     """
-    import torch
-
-    from ..bundle import load_bundle, read_manifest
-    from ..engine.infer import resolve_bundle
-    from .extract import read_slide_features
-    from .geojson import tiles_geojson
-
-    _check_options(max_size, alpha)
-    files = feature_files(features)
-    slide_paths = _slide_map(slides)
+    check_heatmap_options(max_size, alpha)
+    files = list_feature_files(features)
+    slide_paths = slide_map(slides)
     path = resolve_bundle(bundle)
     manifest = read_manifest(path)
     net = load_bundle(path, weights=weights)
@@ -248,31 +272,14 @@ def bundle_heatmaps(
         _check_bundle_features(sf, net, manifest, path)
         with torch.inference_mode():
             probs = net.forward_head(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
-        side, sid = _tile_side(sf.attrs), sf.slide_id
-        pngs = []
-        with _open_for(sid, sf.attrs, slide_paths) as reader:
-            thumb = reader.thumbnail(max_size)
-            for j, c in enumerate(classes):
-                pngs.append(
-                    score_heatmap(
-                        reader,
-                        sf.coords,
-                        probs[:, j],
-                        side,
-                        out / f"{sid}_{_safe(c)}.png",
-                        max_size=max_size,
-                        alpha=alpha,
-                        cmap="RdBu_r",
-                        vmin=0.0,
-                        vmax=1.0,
-                        label=c,
-                        thumbnail=thumb,
-                    )
-                )
+        sid = sf.slide_id
+        layers = [(out / f"{sid}_{safe_name(c)}.png", probs[:, j], c) for j, c in enumerate(classes)]
+        style = {"cmap": "RdBu_r", "vmin": 0.0, "vmax": 1.0}
+        pngs = paint_slide(sid, sf.attrs, sf.coords, layers, slide_paths, max_size, alpha, **style)
         top = [classes[int(i)] for i in probs.argmax(1)] if len(probs) else []
         geo = tiles_geojson(
             sf.coords,
-            side,
+            sf.tile_side,
             {f"prob_{c}": probs[:, j] for j, c in enumerate(classes)},
             out / f"{sid}.geojson",
             classification=top,
@@ -281,67 +288,5 @@ def bundle_heatmaps(
         share = {c: (sum(t == c for t in top) / len(top)) if top else 0.0 for c in classes}
         done.append(
             {"slide_id": sid, "n_tiles": len(sf.coords), "heatmaps": pngs, "geojson": geo, "class_share": share}
-        )
-    return done
-
-
-def mil_heatmaps(
-    model_dir: str | Path,
-    features: str | Path,
-    out: str | Path,
-    slides: str | Path | None = None,
-    max_size: int = 1024,
-    alpha: float = 0.5,
-) -> list[dict]:
-    """Per slide, a MIL run's tile scores (attention, averaged over fold models): PNG and GeoJSON.
-
-    Writes ``<slide_id>_heatmap.png`` (scores min-max scaled per slide; one PNG per class when the
-    aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, pred, probs,
-    n_tiles, heatmaps, geojson.
-    """
-    from ..mil import predict_slides
-    from .extract import read_slide_features
-    from .geojson import tiles_geojson
-
-    _check_options(max_size, alpha)
-    files = {p.stem: p for p in feature_files(features)}
-    slide_paths = _slide_map(slides)
-    out = Path(out)
-    done = []
-    for pred in predict_slides(model_dir, features):
-        sid = pred["slide_id"]
-        sf = read_slide_features(files[sid])
-        scores = np.asarray(pred["tile_scores"], dtype=np.float64).reshape(len(sf.coords), -1)
-        names = ["attention"] if scores.shape[1] == 1 else [f"score_{c}" for c in pred["classes"]]
-        side = _tile_side(sf.attrs)
-        pngs = []
-        with _open_for(sid, sf.attrs, slide_paths) as reader:
-            thumb = reader.thumbnail(max_size)
-            for j, name in enumerate(names):
-                suffix = "" if len(names) == 1 else f"_{_safe(name)}"
-                pngs.append(
-                    score_heatmap(
-                        reader,
-                        sf.coords,
-                        scores[:, j],
-                        side,
-                        out / f"{sid}_heatmap{suffix}.png",
-                        max_size=max_size,
-                        alpha=alpha,
-                        cmap="inferno",
-                        label=name,
-                        thumbnail=thumb,
-                    )
-                )
-        geo = tiles_geojson(sf.coords, side, {n: scores[:, j] for j, n in enumerate(names)}, out / f"{sid}.geojson")
-        done.append(
-            {
-                "slide_id": sid,
-                "pred": pred["pred"],
-                "probs": pred["probs"],
-                "n_tiles": len(sf.coords),
-                "heatmaps": pngs,
-                "geojson": geo,
-            }
         )
     return done

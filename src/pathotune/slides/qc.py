@@ -1,23 +1,27 @@
 """A quality-control picture per slide: the thumbnail with the tissue outline and the kept tiles drawn on it.
 
 One glance shows whether the mask missed faint tissue, kept pen marks or glass, or the grid sits at the wrong
-scale, which is cheaper than finding out after feature extraction.
+scale, which is cheaper than finding out after feature extraction. :func:`tile_slides` (``pathotune slides
+tile``) does that for a whole set of slides and writes each slide's tile list beside its picture.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .reader import SlideReader
-from .tiling import TilePlan
+from ..report.io import atomic_path
+from .discover import find_slides, slide_id
+from .reader import SlideReader, open_slide
+from .tiling import TilePlan, TilingConfig, plan_tiles
 
-__all__ = ["MASK_COLOUR", "TILE_COLOUR", "qc_thumbnail"]
+__all__ = ["MASK_COLOUR", "TILE_COLOUR", "qc_thumbnail", "tile_slides"]
 
 MASK_COLOUR = (0, 200, 0)
 TILE_COLOUR = (0, 90, 255)
@@ -31,7 +35,7 @@ def _outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def qc_thumbnail(reader: SlideReader, plan: TilePlan, path: str | Path, max_size: int = 1024) -> Path:
-    """Write the QC PNG to ``path`` atomically (temp file in the same folder, then rename) and return the path.
+    """Write the QC PNG to ``path`` atomically (:func:`report.io.atomic_path`) and return the path.
 
     Readers of the folder never see a half-written PNG, even if the process dies mid-write.
     """
@@ -51,13 +55,47 @@ def qc_thumbnail(reader: SlideReader, plan: TilePlan, path: str | Path, max_size
         x1, y1 = (x + side) / sx, (y + side) / sy
         draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=TILE_COLOUR, width=1)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def tile_slides(
+    slides: str | Path, out: str | Path, tiling: TilingConfig, mpp: float | None = None, thumb_size: int = 1024
+) -> list[dict[str, Any]]:
+    """Plan the tiles of every slide in ``slides`` (a folder, a slide or a CSV, see :func:`find_slides`).
+
+    Writes per slide ``<id>_qc.png`` (:func:`qc_thumbnail`, longer side ``thumb_size``) and ``<id>_tiles.csv``
+    (level-0 x, y and tissue fraction of each kept tile), then ``tiles_summary.csv`` with one row per slide,
+    which is also what this returns.
+    """
+    out = Path(out)
+    summary = []
+    for path in find_slides(slides):
+        sid = slide_id(path)
+        with open_slide(path, mpp=mpp) as reader:
+            plan = plan_tiles(reader, tiling)
+            qc_thumbnail(reader, plan, out / f"{sid}_qc.png", max_size=thumb_size)
+        tiles = [[int(x), int(y), f"{t:.4f}"] for (x, y), t in zip(plan.coords.tolist(), plan.tissue, strict=True)]
+        _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue"], tiles)
+        summary.append(
+            {
+                "slide_id": sid,
+                "tiles": len(plan),
+                "candidates": plan.n_candidates,
+                "level": plan.level,
+                "read_size": plan.read_size,
+                "slide_mpp": plan.slide_mpp,
+                "tile_size_level0": plan.tile_size_level0,
+                "slide_path": str(path),
+            }
+        )
+    _write_csv(out / "tiles_summary.csv", list(summary[0]), [list(r.values()) for r in summary])
+    return summary

@@ -3,6 +3,9 @@
 Coordinates follow OpenSlide: ``read_region`` takes the top-left corner in LEVEL-0 pixels and a size in
 pixels of the requested level. Every read comes back as 8-bit RGB; transparent pixels (outside the scanned
 area, or an alpha channel) are composited on white, the colour of empty glass.
+
+About 420 lines on purpose: the interface, its three backends and the order ``open_slide`` tries them in are
+read together (each backend is short; the fallback rules only make sense beside all three).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import openslide
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, one_line
 
 __all__ = [
     "BACKENDS",
@@ -37,11 +41,6 @@ BACKENDS = ("auto", "openslide", "tiffslide", "image")
 LEVEL_TOLERANCE = 0.01
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _THUMB_BLOCK = 512  # thumbnail pixels per block, so a thumbnail never needs a whole level in memory
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -174,7 +173,7 @@ class SlideReader(ABC):
         except self._read_errors as e:
             raise DataError(
                 f"cannot read slide {self.path} (level {level} at {location}): the file is truncated or corrupt "
-                f"({_one_line(e)}); re-copy or re-export the slide"
+                f"({one_line(e, 200)}); re-copy or re-export the slide"
             ) from None
         img = to_rgb(img)
         if img.size != size:  # a backend that silently returned less data is as broken as one that raised
@@ -242,8 +241,6 @@ class OpenSlideReader(SlideReader):
     backend = "openslide"
 
     def __init__(self, path: Path, mpp: float | None = None) -> None:
-        import openslide
-
         super().__init__(path, mpp)
         self._read_errors = (openslide.OpenSlideError, *SlideReader._read_errors)
         self._slide = openslide.OpenSlide(str(path))
@@ -267,6 +264,7 @@ class TiffSlideReader(SlideReader):
     backend = "tiffslide"
 
     def __init__(self, path: Path, mpp: float | None = None) -> None:
+        # kept here: the fallback backend costs about 0.2 s to import (zarr, fsspec); most slides never need it
         import tifffile
         import tiffslide
 
@@ -312,8 +310,9 @@ class ImageReader(SlideReader):
                 f"cannot open slide {path}: too large for a plain image; convert it to a tiled pyramidal TIFF"
             ) from None
         except (OSError, ValueError, SyntaxError, struct.error, zlib.error) as e:
+            detail = one_line(e, 200)
             raise DataError(
-                f"cannot open slide {path}: the image is truncated or corrupt ({_one_line(e)}); re-copy or re-export it"
+                f"cannot open slide {path}: the image is truncated or corrupt ({detail}); re-copy or re-export it"
             ) from None
         self._level_dimensions = (self._image.size,)
         self._level_downsamples = (1.0,)
@@ -327,8 +326,6 @@ class ImageReader(SlideReader):
 
 
 def _try_openslide(path: Path, mpp: float | None) -> SlideReader | None:
-    import openslide
-
     try:
         return OpenSlideReader(path, mpp)
     except openslide.OpenSlideError:  # includes OpenSlideUnsupportedFormatError
@@ -354,7 +351,7 @@ def _try_openslide_then_pyramid(path: Path, mpp: float | None) -> SlideReader | 
 
 
 def _try_tiffslide(path: Path, mpp: float | None) -> SlideReader | None:
-    import tifffile
+    import tifffile  # kept here, with the tiffslide fallback it serves (see TiffSlideReader)
 
     try:
         return TiffSlideReader(path, mpp)
@@ -399,7 +396,7 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise DataError(f"cannot read slide {path}: {e.strerror or _one_line(e)}; check its permissions") from None
+        raise DataError(f"cannot read slide {path}: {e.strerror or one_line(e, 200)}; check its permissions") from None
     mpp = None if mpp is None else float(mpp)
     single = {"openslide": _try_openslide, "tiffslide": _try_tiffslide, "image": _try_image}
     chain = [_try_openslide_then_pyramid, _try_tiffslide, _try_image] if backend == "auto" else [single[backend]]

@@ -16,6 +16,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, opening
 
 from ..errors import ConfigError
+from .reader import to_rgb
 
 __all__ = ["CHANNELS", "METHODS", "TissueConfig", "tissue_mask"]
 
@@ -69,8 +70,6 @@ class TissueConfig:
 
 def _as_rgb_array(thumbnail: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(thumbnail, Image.Image):
-        from .reader import to_rgb
-
         return np.asarray(to_rgb(thumbnail))
     arr = np.asarray(thumbnail)
     if arr.ndim == 2:

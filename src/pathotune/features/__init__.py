@@ -1,0 +1,42 @@
+"""The slide feature file (``<slide_id>.h5``): the contract between extraction, MIL and heat maps.
+
+It sits below both ``slides`` (which writes it) and ``mil`` (which reads it), so neither needs the other.
+"""
+
+from .h5 import (
+    ATTRIBUTES,
+    EXTRACTOR_KEYS,
+    REQUEST_KEYS,
+    SUFFIX,
+    FeatureFileWriter,
+    SlideFeatures,
+    check_feature_compatibility,
+    extractor_mismatch,
+    feature_path,
+    finished_tiles,
+    list_feature_files,
+    read_feature_attrs,
+    read_slide_features,
+    remove_partial_files,
+    tile_side,
+    write_feature_file,
+)
+
+__all__ = [
+    "ATTRIBUTES",
+    "EXTRACTOR_KEYS",
+    "REQUEST_KEYS",
+    "SUFFIX",
+    "FeatureFileWriter",
+    "SlideFeatures",
+    "check_feature_compatibility",
+    "extractor_mismatch",
+    "feature_path",
+    "finished_tiles",
+    "list_feature_files",
+    "read_feature_attrs",
+    "read_slide_features",
+    "remove_partial_files",
+    "tile_side",
+    "write_feature_file",
+]

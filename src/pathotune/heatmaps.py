@@ -1,0 +1,60 @@
+"""Heat maps over whole slides: a patch bundle's tile probabilities, or a MIL run's tile scores, as PNG + GeoJSON.
+
+This is the one module that joins ``slides`` (slide readers, painting) and ``mil`` (the fold ensemble), which
+never import each other; both lean on :mod:`pathotune.features` for the files in between.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .features import list_feature_files, read_feature_attrs, tile_side
+from .mil import predict_slides
+from .slides.geojson import tiles_geojson
+from .slides.heatmap import bundle_heatmaps, check_heatmap_options, paint_slide, safe_name, slide_map
+
+__all__ = ["bundle_heatmaps", "mil_heatmaps"]
+
+
+def mil_heatmaps(
+    model_dir: str | Path,
+    features: str | Path,
+    out: str | Path,
+    slides: str | Path | None = None,
+    max_size: int = 1024,
+    alpha: float = 0.5,
+) -> list[dict]:
+    """Per slide, a MIL run's tile scores (attention, averaged over fold models): PNG and GeoJSON.
+
+    Writes ``<slide_id>_heatmap.png`` (scores min-max scaled per slide; one PNG per class when the
+    aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, pred, probs,
+    n_tiles, heatmaps, geojson.
+    """
+    check_heatmap_options(max_size, alpha)
+    files = {p.stem: p for p in list_feature_files(features)}
+    slide_paths = slide_map(slides)
+    out = Path(out)
+    done = []
+    for pred in predict_slides(model_dir, features):
+        sid, coords = pred["slide_id"], pred["coords"]
+        attrs = read_feature_attrs(files[sid])
+        scores = np.asarray(pred["tile_scores"], dtype=np.float64).reshape(len(coords), -1)
+        names = ["attention"] if scores.shape[1] == 1 else [f"score_{c}" for c in pred["classes"]]
+        suffix = (lambda n: "") if len(names) == 1 else (lambda n: f"_{safe_name(n)}")
+        layers = [(out / f"{sid}_heatmap{suffix(n)}.png", scores[:, j], n) for j, n in enumerate(names)]
+        pngs = paint_slide(sid, attrs, coords, layers, slide_paths, max_size, alpha, cmap="inferno")
+        side = tile_side(attrs)
+        geo = tiles_geojson(coords, side, {n: scores[:, j] for j, n in enumerate(names)}, out / f"{sid}.geojson")
+        done.append(
+            {
+                "slide_id": sid,
+                "pred": pred["pred"],
+                "probs": pred["probs"],
+                "n_tiles": len(coords),
+                "heatmaps": pngs,
+                "geojson": geo,
+            }
+        )
+    return done
