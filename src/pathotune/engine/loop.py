@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..errors import PathoTuneError
+from . import runtime
 from .budget import Budget
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import classification_metrics
@@ -152,28 +153,26 @@ def sharded_loader(fabric, dataset: Dataset, batch_size: int, shuffle: bool, see
     )
 
 
-@torch.no_grad()
 def predict(fabric, model: nn.Module, loader: DataLoader, n: int) -> tuple[np.ndarray, float]:
-    """Probabilities for all ``n`` samples, gathered across ranks and ordered by dataset index."""
+    """Probabilities for all ``n`` samples, gathered across ranks and ordered by dataset index, and the mean loss.
+
+    The forward pass is the engine's one inference loop (``runtime.infer_batches``); batches are
+    ``(input, label, index)``.
+    """
     model.eval()
-    idx_parts, prob_parts, loss_parts = [], [], []
-    for batch in loader:
-        x, y, idx = fabric.to_device(batch)
-        with fabric.autocast():
-            logits = model(x).float()
-        loss_parts.append(F.cross_entropy(logits, y, reduction="none"))
-        idx_parts.append(idx)
-        prob_parts.append(logits.softmax(-1))
-    idx, probs, losses = torch.cat(idx_parts), torch.cat(prob_parts), torch.cat(loss_parts)
+    outputs = list(runtime.infer_batches(runtime.Runtime.of(fabric), loader, model))
+    logits = torch.cat([o for o, _ in outputs])
+    labels = torch.cat([rest[0] for _, rest in outputs])
+    idx = torch.cat([rest[1] for _, rest in outputs])
+    probs, losses = logits.softmax(-1), F.cross_entropy(logits, labels, reduction="none")
     if fabric.world_size > 1:
-        idx = fabric.all_gather(idx).reshape(-1)
-        probs = fabric.all_gather(probs).reshape(-1, probs.shape[-1])
-        losses = fabric.all_gather(losses).reshape(-1)
+        idx, probs, losses = (fabric.all_gather(t.to(fabric.device)).cpu() for t in (idx, probs, losses))
+        idx, probs, losses = idx.reshape(-1), probs.reshape(-1, probs.shape[-1]), losses.reshape(-1)
     # DistributedSampler pads with repeats: they land on the same rows, so each sample counts once.
     out = torch.zeros(n, probs.shape[-1])
-    out[idx.cpu()] = probs.cpu()
+    out[idx] = probs
     per_sample = torch.zeros(n)
-    per_sample[idx.cpu()] = losses.float().cpu()
+    per_sample[idx] = losses.float()
     return out.numpy(), float(per_sample.sum()) / max(n, 1)
 
 

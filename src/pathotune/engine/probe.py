@@ -115,3 +115,20 @@ def fit_probe(
         w, b = _fold(scaler, clf, n_classes)
         iters = int(np.max(clf.n_iter_))
     return Probe(w, b, c, score, loss, refit, iters, converged, rows)
+
+
+def fit_probe_head(model, feats: dict, classes: list[str], monitor: str, refit: bool) -> Probe:
+    """Fit the strong probe on ``feats`` (split -> FeatureSet; C chosen on val) and make it ``model``'s head."""
+    probe = fit_probe(
+        feats["train"].features.numpy(),
+        np.asarray(feats["train"].labels),
+        feats["val"].features.numpy(),
+        np.asarray(feats["val"].labels),
+        classes,
+        monitor=monitor,
+        refit=refit,
+    )
+    with torch.no_grad():
+        model.head.weight.copy_(probe.weight)
+        model.head.bias.copy_(probe.bias)
+    return probe

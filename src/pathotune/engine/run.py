@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict, replace
@@ -14,21 +12,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from ..backbones import resolve_weights
 from ..bundle import save_bundle
+from ..data import PatchDataset, build_transforms, check_source, load_source
 from ..errors import ConfigError, DataError
 from ..methods import Recipe, get_method
-from ..model import PathoTuneModel, create_model
+from ..model import create_model
+from ..report import atomic_write_json, atomic_write_text, csv_text, markdown_table, write_run_report
 from ..task import Task
 from . import runtime
 from .budget import plan_budget
+from .cached import FeatureSet, HeadOnly, frozen_features
 from .config import TrainConfig, dump_config
 from .loop import FitState, fit, predict, sharded_loader
 from .metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
-from .probe import Probe, fit_probe
-from .runfolder import CHECKPOINT, RunFolder, final_outputs, open_run_folder, settings_changed
+from .probe import fit_probe_head
+from .runfolder import CHECKPOINT, RunFolder, check_resume_settings, final_outputs, open_run_folder
+from .selection import select_prompt_groups
 
 SUMMARY_KEYS = METRIC_NAMES
 
@@ -66,101 +67,20 @@ def build_task(cfg: TrainConfig, classes: list[str]) -> Task:
     return replace(task, text_classes=tuple(classes[k:] + classes[:k]))
 
 
-class FeatureSet(Dataset):
-    """Frozen features computed once, for head-only training (the linear probe trains to convergence fast)."""
-
-    def __init__(self, features: torch.Tensor, labels: list[int]) -> None:
-        self.features, self._labels = features, list(labels)
-
-    @property
-    def labels(self) -> list[int]:
-        return self._labels
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, i: int):
-        return self.features[i], self._labels[i], i
-
-
-class HeadOnly(nn.Module):
-    def __init__(self, model: PathoTuneModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(features)
-
-    def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-        return self.model.param_groups(lr, head_lr, weight_decay)
-
-
-def extract_features(
-    fabric, encode, dataset: Dataset, batch_size: int, workers: int, desc: str, progress: bool = True
-) -> torch.Tensor:
-    """``encode(images)`` over a dataset, in order, on the Fabric device."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    bars = progress and fabric.is_global_zero and sys.stderr.isatty()  # bars only on a terminal
-    return runtime.infer(runtime.Runtime.of(fabric), loader, encode, progress=bars, desc=desc)
-
-
-def frozen_features(fabric, model: PathoTuneModel, datasets: dict, cfg: TrainConfig, progress: bool) -> dict:
-    """The frozen backbone's pooled features per split: what the probe fits, and what a zero-gated prompted
-    model (or LoRA with B = 0, or full fine-tuning before its first step) computes at step 0."""
-    model.eval().to(fabric.device)
-    out = {}
-    for split, ds in datasets.items():
-        f = extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"features {split}", progress)
-        out[split] = FeatureSet(f, ds.labels)
-    return out
-
-
-def fit_probe_head(model: PathoTuneModel, feats: dict, classes: list[str], cfg: TrainConfig, refit: bool) -> Probe:
-    """Fit the strong probe on train (C chosen on val) and make it the model's head."""
-    probe = fit_probe(
-        feats["train"].features.numpy(),
-        np.asarray(feats["train"].labels),
-        feats["val"].features.numpy(),
-        np.asarray(feats["val"].labels),
-        classes,
-        monitor=cfg.monitor,
-        refit=refit,
-    )
-    with torch.no_grad():
-        model.head.weight.copy_(probe.weight)
-        model.head.bias.copy_(probe.bias)
-    return probe
-
-
 def peak_memory_mb(fabric) -> float:
     """Peak CUDA allocation on GPU; else this process's peak resident set (a cell runs in its own process)."""
     if fabric.device.type == "cuda":
         return torch.cuda.max_memory_allocated(fabric.device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _history_csv(history: list[dict]) -> str:
-    if not history:
-        return ""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    return buf.getvalue()
-
-
-def _predictions_csv(dataset, probs: np.ndarray, class_names: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", "pred", *[f"prob_{c}" for c in class_names]])
-    samples = getattr(dataset, "samples", None)
+def predictions_csv(dataset, probs: np.ndarray, class_names: list[str]) -> str:
+    """One row per evaluated image: its path, label, predicted class and per-class probabilities."""
+    rows = []
     for i, row in enumerate(probs):
-        path = str(samples[i].path_or_key) if samples is not None else str(i)
-        label = class_names[dataset.labels[i]]
-        w.writerow([path, label, class_names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
-    return buf.getvalue()
+        path = str(dataset.samples[i].path_or_key) if hasattr(dataset, "samples") else str(i)
+        rows.append([path, class_names[dataset.labels[i]], class_names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+    return csv_text(rows, ["path", "label", "pred", *[f"prob_{c}" for c in class_names]])
 
 
 def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
@@ -188,7 +108,7 @@ def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> d
     if main and folder.notes:
         print(*folder.notes, sep="\n")
     if folder.resume:
-        check_resume_settings(cfg, folder.workdir / CHECKPOINT)
+        check_resume_settings(cfg, folder.workdir / CHECKPOINT, asdict(resolve_recipe(cfg)))
     folder.prepare(main)
     try:
         metrics = _train(cfg, folder.workdir, fabric, progress, resume=folder.resume)
@@ -202,36 +122,8 @@ def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> d
     return metrics
 
 
-def check_resume_settings(cfg: TrainConfig, ckpt: Path) -> None:
-    """Refuse to resume under settings that change the trajectory from those the checkpoint was written under."""
-    import yaml
-
-    from .checkpoint import load_checkpoint
-
-    ck = load_checkpoint(ckpt)
-    old, old_recipe = ck.get("config"), ck.get("recipe")
-    if not isinstance(old, dict):  # a checkpoint from before configs were stored: the folder's config.yaml
-        try:
-            old = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            old = None
-    if not isinstance(old, dict):
-        return
-    changed = settings_changed(old, cfg.model_dump(mode="json"), old_recipe, asdict(resolve_recipe(cfg)))
-    if changed:
-        shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
-        raise ConfigError(
-            f"cannot resume {cfg.out}: its checkpoint was written under other settings that change training "
-            f"({shown}); resume with the original values (see {Path(cfg.out) / 'config.yaml'}) or start over "
-            "with --overwrite"
-        )
-
-
 def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool) -> dict:
     """The run itself, written into ``workdir`` (``cfg.out``, or a staging folder that replaces it at the end)."""
-    from ..data import PatchDataset, build_transforms, check_source, load_source
-    from ..report import atomic_write_json, atomic_write_text, write_run_report
-
     out = workdir
     fabric.seed_everything(cfg.seed, verbose=False)
     source = load_source(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
@@ -283,7 +175,8 @@ def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool
         wanted = plain if cached else {k: plain[k] for k in ("train", "val")}
         feats = frozen_features(fabric, model, wanted, cfg, progress)
     if recipe.trainer == "probe" or recipe.head_init == "probe":
-        probe = fit_probe_head(model, feats, classes, cfg, refit=cfg.probe_refit and recipe.trainer == "probe")
+        refit = cfg.probe_refit and recipe.trainer == "probe"
+        probe = fit_probe_head(model, feats, classes, cfg.monitor, refit=refit)
 
     if fabric.is_global_zero and not resume:  # a resumed run keeps its config.yaml until it has finished
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -388,8 +281,8 @@ def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool
     if fabric.is_global_zero:
         with final_outputs(out) as final:  # all of them appear together, metrics.json (a finished run) last
             save_bundle(model, final / "bundle", extra={"metrics": {k: metrics[k] for k in SUMMARY_KEYS}})
-            atomic_write_text(final / "log.csv", _history_csv(state.history))
-            atomic_write_text(final / "predictions.csv", _predictions_csv(datasets[eval_split], probs, classes))
+            atomic_write_text(final / "log.csv", csv_text(state.history))
+            atomic_write_text(final / "predictions.csv", predictions_csv(datasets[eval_split], probs, classes))
             if resume:  # the resolved config differs from the checkpoint's in harmless keys only (num_workers...)
                 atomic_write_text(final / "config.yaml", dump_config(cfg))
             title = f"{cfg.method} on {cfg.backbone}"
@@ -410,47 +303,12 @@ def zero_rate_warning(lr: float, head_lr: float, head_only: bool) -> str | None:
     return None
 
 
-def select_prompt_groups(fabric, model: PathoTuneModel, val_set: Dataset, cfg: TrainConfig, classes: list[str]):
-    """Keep only the prompt groups that help on validation: every subset is judged with the others gated shut.
-
-    Ties on the monitored score go to the lower validation loss, then to fewer groups. Groups left out are
-    removed from the model, so the bundle neither stores nor runs them.
-    """
-    from itertools import combinations
-
-    groups = model.groups
-    trained = {g: model.gates[g].detach().clone() for g in groups}
-    loader = sharded_loader(fabric, val_set, max(1, cfg.batch_size // fabric.world_size), False, cfg.seed, 0)
-    labels = np.asarray(val_set.labels)
-    candidates = []
-    for r in range(len(groups), -1, -1):
-        for kept in combinations(groups, r):
-            with torch.no_grad():
-                for g in groups:
-                    model.gates[g].copy_(trained[g] if g in kept else torch.zeros_like(trained[g]))
-            probs, loss = predict(fabric, model, loader, len(val_set))
-            value = -loss if cfg.monitor == "loss" else classification_metrics(labels, probs, classes)[cfg.monitor]
-            candidates.append({"kept": list(kept), "val_score": value, "val_loss": loss})
-    best = max(candidates, key=lambda c: (c["val_score"] or -math.inf, -c["val_loss"], -len(c["kept"])))
-    with torch.no_grad():
-        for g in groups:
-            model.gates[g].copy_(trained[g])
-    dropped = [g for g in groups if g not in best["kept"]]
-    if dropped:
-        model.drop_groups(dropped)
-    if fabric.is_global_zero:
-        print(f"prompt groups kept on validation: {best['kept'] or 'none (the probe)'}; dropped: {dropped or 'none'}")
-    return {"kept": best["kept"], "dropped": dropped, "candidates": candidates}
-
-
 def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> dict:
     """Repeat a run over seeds (one sub-folder each) and report mean ± std.
 
     The folder rules of a single run apply to the whole: ``--resume`` skips finished seeds and continues the
     unfinished one; ``--overwrite`` replaces the whole set once every seed has finished.
     """
-    from ..report import atomic_write_json, atomic_write_text, markdown_table
-
     if len(seeds) <= 1:
         return train_run(cfg.model_copy(update={"seed": seeds[0] if seeds else cfg.seed}), progress=progress)
     folder = open_run_folder(cfg.out, cfg.resume, cfg.overwrite)

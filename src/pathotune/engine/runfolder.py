@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError, OutputError, PathoTuneError, describe_os_error, write_error
+from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .loop import TrainingError
 
@@ -274,3 +275,24 @@ def final_outputs(out: Path) -> Iterator[Path]:
         raise write_error(out, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_resume_settings(cfg: TrainConfig, ckpt: Path, recipe: dict) -> None:
+    """Refuse to resume under settings that change the trajectory from those the checkpoint was written under."""
+    ck = load_checkpoint(ckpt)
+    old, old_recipe = ck.get("config"), ck.get("recipe")
+    if not isinstance(old, dict):  # a checkpoint from before configs were stored: the folder's config.yaml
+        try:
+            old = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            old = None
+    if not isinstance(old, dict):
+        return
+    changed = settings_changed(old, cfg.model_dump(mode="json"), old_recipe, recipe)
+    if changed:
+        shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+        raise ConfigError(
+            f"cannot resume {cfg.out}: its checkpoint was written under other settings that change training "
+            f"({shown}); resume with the original values (see {Path(cfg.out) / 'config.yaml'}) or start over "
+            "with --overwrite"
+        )

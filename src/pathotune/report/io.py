@@ -7,6 +7,8 @@ a dataset cache): :func:`atomic_dir`.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -142,3 +144,18 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON (key order kept, numpy values converted) all-or-nothing."""
     text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False, ensure_ascii=False)
     return atomic_write_text(path, text + "\n")
+
+
+def csv_text(rows: list, header: list[str] | None = None) -> str:
+    """CSV text from dict rows (columns from the first row) or from list rows under ``header``."""
+    buf = io.StringIO()
+    if rows and isinstance(rows[0], dict):
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        w = csv.writer(buf)
+        if header is not None:
+            w.writerow(header)
+        w.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,63 @@
+"""Frozen features computed once: what the probe fits, what head-only methods train on, and what every prompt
+method computes at step 0 (its gates shut)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..model import PathoTuneModel
+from . import runtime
+from .config import TrainConfig
+
+
+class FeatureSet(Dataset):
+    """Frozen features computed once, for head-only training (the linear probe trains to convergence fast)."""
+
+    def __init__(self, features: torch.Tensor, labels: list[int]) -> None:
+        self.features, self._labels = features, list(labels)
+
+    @property
+    def labels(self) -> list[int]:
+        return self._labels
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i: int):
+        return self.features[i], self._labels[i], i
+
+
+class HeadOnly(nn.Module):
+    def __init__(self, model: PathoTuneModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features)
+
+    def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+        return self.model.param_groups(lr, head_lr, weight_decay)
+
+
+def extract_features(
+    fabric, encode, dataset: Dataset, batch_size: int, workers: int, desc: str, progress: bool = True
+) -> torch.Tensor:
+    """``encode(images)`` over a dataset, in order, on the Fabric device."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    bars = progress and fabric.is_global_zero and sys.stderr.isatty()  # bars only on a terminal
+    return runtime.infer(runtime.Runtime.of(fabric), loader, encode, progress=bars, desc=desc)
+
+
+def frozen_features(fabric, model: PathoTuneModel, datasets: dict, cfg: TrainConfig, progress: bool) -> dict:
+    """The frozen backbone's pooled features per split: what the probe fits, and what a zero-gated prompted
+    model (or LoRA with B = 0, or full fine-tuning before its first step) computes at step 0."""
+    model.eval().to(fabric.device)
+    out = {}
+    for split, ds in datasets.items():
+        f = extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"features {split}", progress)
+        out[split] = FeatureSet(f, ds.labels)
+    return out
