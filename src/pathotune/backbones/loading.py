@@ -6,6 +6,9 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from ..errors import WeightsError
@@ -49,8 +52,6 @@ def read_state_dict(path: str | Path, spec: BackboneSpec | None = None) -> dict[
     f = resolve_file(path, spec)
     try:
         if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             sd = load_file(str(f), device="cpu")
         else:
             sd = torch.load(str(f), map_location="cpu", weights_only=True)
@@ -73,7 +74,6 @@ def read_state_dict(path: str | Path, spec: BackboneSpec | None = None) -> dict[
 
 def resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Resize a learned position embedding to the model's grid (bicubic, no antialias, as DINOv2/HF do)."""
-    from timm.layers import resample_abs_pos_embed
 
     pe = sd.get("pos_embed")
     target = getattr(model, "pos_embed", None)
@@ -94,7 +94,6 @@ def resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 def load_into_vit(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load strictly, except the classifier head, which we never use."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
 
     sd = resample_pos_embed(sd, model)
     sd = checkpoint_filter_fn(sd, model)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import timm
+
 from ..errors import ConfigError
 
 StateDict = dict  # str -> torch.Tensor
@@ -48,23 +50,15 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    # Vendor modules register on import; imported lazily so `import pathotune` stays cheap.
-    from . import natural, pathology  # noqa: F401
-
-
 def list_backbones(family: str | None = None) -> list[str]:
     """Registered backbone ids (any timm ViT name is accepted by ``create_model`` as well)."""
-    _ensure_loaded()
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     """The spec for a registered id, or a generic spec for a timm ViT model name (``timm/`` prefix optional)."""
-    _ensure_loaded()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    import timm
 
     timm_name = name.removeprefix("timm/")
     if timm.is_model(timm_name):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from .bundled import bundled_weights_path
 from .loading import load_into_vit, read_state_dict
 from .registry import BackboneSpec, get_backbone_spec
 
@@ -24,7 +27,6 @@ class TokenViT(nn.Module):
 
     def __init__(self, vit: nn.Module, spec: BackboneSpec, pool: str = "default") -> None:
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(vit, VisionTransformer):
             raise ConfigError(
@@ -102,7 +104,6 @@ class TokenViT(nn.Module):
 
 
 def create_vit(spec: BackboneSpec, img_size: int | None = None, **overrides) -> nn.Module:
-    import timm
 
     kwargs = {**spec.model_kwargs, **overrides}
     kwargs.setdefault("img_size", img_size or spec.img_size)
@@ -141,8 +142,6 @@ def create_backbone(
         )
     if weights is not None:
         if str(weights) == "bundled":
-            from .bundled import bundled_weights_path
-
             path = bundled_weights_path(spec.name)
         else:
             path = Path(weights)

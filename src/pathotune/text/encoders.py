@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from ..backbones.loading import read_state_dict
 from ..errors import WeightsError
 from .registry import TextEncoderSpec, get_text_encoder_spec
 
@@ -18,8 +21,6 @@ class HFTextEncoder(nn.Module):
     def __init__(self, path: Path, normalize: bool, max_length: int = 128) -> None:
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
@@ -59,7 +60,6 @@ class OpenClipTextEncoder(nn.Module):
             import open_clip
         except ImportError as e:
             raise WeightsError("CLIP text encoders need open_clip: `pip install 'pathotune[clip]'`") from e
-        from ..backbones.loading import read_state_dict
 
         model = open_clip.create_model(arch, pretrained=None)
         sd = read_state_dict(weights)

