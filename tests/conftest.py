@@ -8,9 +8,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2}
-TINY_NAME = "vit_small_patch16_224"
-IMG = 32
+from helpers import IMG, TINY  # noqa: E402  (after the offline environment is set)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,16 @@ import yaml
 from PIL import Image
 
 PATHOTUNE = str(Path(sys.executable).with_name("pathotune"))
+# The tiny ViT every fast test builds: a timm architecture at embed dim 32, three blocks, 32 px inputs.
+TINY_NAME = "vit_small_patch16_224"
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2}
+TINY2 = {**TINY, "depth": 2}  # two blocks, where a test needs no third
+IMG = 32
 CLASSES = ("blue", "green", "red")
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 200)}
 TINY_CONFIG = {
-    "backbone": "vit_small_patch16_224",
-    "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+    "backbone": TINY_NAME,
+    "backbone_kwargs": TINY2,
     "image_size": 32,
     "batch_size": 8,
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import TINY2
 from safetensors.torch import load_file, save_file
 from timm.layers import SwiGLUPacked
 from torch import nn
@@ -19,8 +20,9 @@ from torch import nn
 from pathotune.backbones import create_backbone, get_backbone_spec, list_backbones
 from pathotune.backbones.vit import create_vit
 from pathotune.errors import WeightsError
+from pathotune.prompts.attention import check_block
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+TINY = TINY2
 # Smallest image with a 2x2 patch grid for each entry.
 TINY_IMG = {
     "dinov2_vits14": 28,
@@ -103,7 +105,7 @@ FULL = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FULL))
+@pytest.mark.parametrize("name", list_backbones())
 def test_full_size_architecture_on_meta_device(name: str) -> None:
     """The real-size model (never allocated) has the vendor's parameter count and tensor shapes."""
     millions, pos, fc1, prefix, patch = FULL[name]
@@ -115,6 +117,15 @@ def test_full_size_architecture_on_meta_device(name: str) -> None:
     assert tuple(sd["blocks.0.mlp.fc1.weight"].shape) == fc1
     assert vit.num_prefix_tokens == prefix
     assert vit.patch_embed.patch_size == (patch, patch)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_entry_takes_prompts(name: str) -> None:
+    """Prompted blocks re-run timm's Block/Attention parts; every registered architecture must be that kind."""
+    with torch.device("meta"):
+        vit = create_vit(get_backbone_spec(name))
+    for block in vit.blocks:
+        check_block(block)
 
 
 # ---------------------------------------------------------------------------------- errors and hints

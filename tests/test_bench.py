@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from helpers import TINY2
 from PIL import Image
 
 from pathotune import ConfigError
@@ -41,7 +42,7 @@ def grid(tmp_path_factory):
                 "methods": ["linear", "vpt-deep"],
                 "seeds": [0, 1],
                 "common": {
-                    "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+                    "backbone_kwargs": TINY2,
                     "batch_size": 8,
                     "steps": 2,
                     "bootstrap": 0,
@@ -134,7 +135,7 @@ def test_config_errors(tmp_path):
 # CLI, no interpreter start-up per cell) to keep the file fast; the grid fixture above covers child processes.
 
 TINY = {
-    "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+    "backbone_kwargs": TINY2,
     "batch_size": 8,
     "steps": 2,
     "bootstrap": 0,

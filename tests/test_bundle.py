@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import TINY, TINY_NAME
 from safetensors.torch import load_file, save_file
 
 from pathotune import BundleError, Task, create_model, load_bundle, save_bundle
 from pathotune.bundle import MANIFEST, TENSORS, manifest_checksum
 
-NAME = "vit_small_patch16_224"
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2}
+NAME = TINY_NAME
 
 
 @pytest.fixture

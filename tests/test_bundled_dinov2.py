@@ -20,6 +20,8 @@ from pathotune.backbones.registry import BackboneSpec, list_backbones
 from pathotune.backbones.vit import TokenViT, create_backbone
 from pathotune.errors import WeightsError
 
+pytestmark = pytest.mark.slow  # real weights at real size: `pytest -m 'not slow'` skips them
+
 NAME = "dinov2_vits14"
 REFERENCE = Path(__file__).parent / "data" / "dinov2_vits14_reference.safetensors"
 REFERENCE_TOKENS = (0, 1, 120, 256)  # cls, first patch, a middle patch, last patch

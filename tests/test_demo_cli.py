@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real weights at real size: `pytest -m 'not slow'` skips them
+
 
 @pytest.mark.timeout(600)
 def test_demo_runs_end_to_end(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from helpers import TINY2
 
 from pathotune import create_model
 
@@ -19,7 +20,7 @@ CASES = [
 @pytest.mark.parametrize("case,name,extra", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("method", ["linear", "vpt-shallow"])
 def test_prompts_off_equals_plain_timm(case, name, extra, method, images):
-    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, **extra}
+    kwargs = {**TINY2, **extra}
     torch.manual_seed(0)
     # vpt-shallow with zero tokens: the prompted code path with nothing to insert.
     switches = {"tvp_tokens": 0} if method == "vpt-shallow" else {}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY, TINY_NAME
 from safetensors.torch import save_file
 
 from pathotune import BundleError, Task, create_model, save_bundle
 from pathotune.multitask import MultiTaskModel
 
-NAME = "vit_small_patch16_224"
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2}
+NAME = TINY_NAME
 
 
 def make_bundles(tmp_path, text_features, specs):

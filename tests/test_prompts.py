@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import TINY2, TINY_NAME
 
 from pathotune import ConfigError, create_model
 from pathotune.model import GROUP_ORDER
 
-NAME = "vit_small_patch16_224"
+NAME = TINY_NAME
 METHODS_WITH_PROMPTS = ["vpt-shallow", "vpt-deep", "text", "instance", "tvp+ttp", "tvp+ivp", "ttp+ivp", "pathotune"]
 
 
@@ -62,7 +63,7 @@ def test_gated_prompts_start_exactly_at_the_frozen_model(method, tiny_kwargs, im
 def test_gated_start_is_exact_on_register_and_avg_pooled_backbones(images, text_features):
     # Image sizes are multiples of each patch size (14 and 16): anything else is refused.
     for name, size, extra in [("vit_small_patch14_reg4_dinov2", 28, {}), (NAME, 32, {"global_pool": "avg"})]:
-        kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, **extra}
+        kwargs = {**TINY2, **extra}
         model = create_model(
             name, "pathotune", 3, img_size=size, backbone_kwargs=kwargs, text_features=text_features
         ).eval()
@@ -172,7 +173,7 @@ def test_vrm_starts_as_plain_learnable_tokens(tiny_kwargs, images):
 
 def test_pooling_ignores_prompts_unless_switched(images):
     kwargs = {
-        "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"},
+        "backbone_kwargs": {**TINY2, "global_pool": "avg"},
         "img_size": 32,
     }
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import TINY2, TINY_NAME
 from PIL import Image
 from slide_fixtures import cmu_crop, tissue_and_glass, write_pyramid_tiff
 
@@ -33,8 +34,8 @@ from pathotune.slides.extract import (
     read_slide_features,
 )
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-NAME = "vit_small_patch16_224"
+TINY = TINY2
+NAME = TINY_NAME
 SMALL = TilingConfig(target_mpp=2.0, tile_size=32, min_tissue=0.5)  # 0.5 mpp slide: level 2 (ds 4), no resize
 CMU_COARSE = TilingConfig(target_mpp=4.0, tile_size=32)  # one-level SVS: 257 px reads shrunk to 32
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY2, TINY_NAME
 from PIL import Image
 from slide_fixtures import cmu_crop, tissue_and_glass, write_pyramid_tiff
 
@@ -21,8 +22,8 @@ from pathotune.slides.extract import extract_slides, read_slide_features
 from pathotune.slides.geojson import tiles_feature_collection, tiles_geojson
 from pathotune.slides.heatmap import COLORBAR_WIDTH, bundle_heatmaps, score_heatmap
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-NAME = "vit_small_patch16_224"
+TINY = TINY2
+NAME = TINY_NAME
 COARSE = ["--target-mpp", "2.0", "--num-workers", "0"]
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from fault_kit import Base, base_train_args, tmpfs
-from helpers import cli_cmd, cli_env, one_line_error, run_main, write_image
+from helpers import TINY2, cli_cmd, cli_env, one_line_error, run_main, write_image
 
 from pathotune.errors import PathoTuneError
 
@@ -227,7 +227,7 @@ def other_backbone_bundle(ctx: Ctx) -> list:
         len(names),
         task=Task(classes=tuple(names)),
         img_size=32,
-        backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
+        backbone_kwargs=TINY2,
     )
     save_bundle(other, ctx.root / "other")
     images, out = ctx.base.tiles / "test", ctx.root / "p.csv"

@@ -1,0 +1,96 @@
+"""The package's imports obey its layers (docs/ARCHITECTURE.md), read from the source, imports inside functions
+included; and nothing outside the CLI imports inside a function, but for the few reasons listed here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "pathotune"
+
+# Each unit (a subpackage or a top-level module) imports only units of a lower layer.
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "version"),
+    ("report", "backbones", "prompts", "task"),
+    ("text", "switches", "features"),
+    ("methods",),
+    ("model",),
+    ("bundle", "data"),
+    ("multitask",),
+    ("engine",),
+    ("slides", "mil"),
+    ("heatmaps",),
+    ("cli", "__init__", "__main__"),
+]
+LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+# Function-level imports kept on purpose (the reason stands beside each in the source).
+LAZY = {
+    ("slides/reader.py", "tifffile"),  # the fallback slide backend, only for files OpenSlide cannot read
+    ("slides/reader.py", "tiffslide"),
+    ("engine/runtime.py", "lightning_fabric"),  # ~1 s to import; eval, predict and readers never need it
+    ("backbones/bundled.py", "onnx"),  # only to fill the weights cache once
+    ("text/encoders.py", "open_clip"),  # optional dependency (the [clip] extra)
+    ("data/layouts/hgsc.py", "pyarrow"),  # optional dependency (the [hgsc] extra)
+    ("data/layouts/hgsc.py", "shapely"),
+    ("data/demo.py", "importlib"),  # a TYPE_CHECKING-only import
+}
+
+
+def unit_of(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(absolute module name, imported inside a function or conditional block) for every import in ``path``."""
+    package = path.relative_to(SRC.parent).with_suffix("").parts[:-1]
+    tree = ast.parse(path.read_text())
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.If))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, nested) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = list(package[: len(package) - (child.level - 1)])
+                    name = ".".join(base + ([child.module] if child.module else []))
+                    names = [name] if child.module else [f"{name}.{a.name}" for a in child.names]
+                else:
+                    names = [child.module or ""]
+                found.extend((n, nested) for n in names)
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+SOURCES = sorted(SRC.rglob("*.py"))
+
+
+def test_every_unit_has_a_layer():
+    assert {unit_of(p) for p in SOURCES} <= set(LAYER), sorted({unit_of(p) for p in SOURCES} - set(LAYER))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(SRC)) for p in SOURCES])
+def test_imports_point_down_the_layers(path: Path):
+    unit = unit_of(path)
+    bad = []
+    for name, _ in imports(path):
+        if not name.startswith("pathotune."):
+            continue
+        other = name.split(".")[1]
+        if other != unit and other in LAYER and LAYER[other] >= LAYER[unit]:
+            bad.append(f"{unit} (layer {LAYER[unit]}) imports {other} (layer {LAYER[other]})")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if unit_of(p) != "cli"], ids=lambda p: str(p.relative_to(SRC)))
+def test_no_function_level_imports(path: Path):
+    rel = str(path.relative_to(SRC))
+    bad = [name for name, nested in imports(path) if nested and (rel, name.split(".")[0]) not in LAZY]
+    assert not bad, f"{rel} imports inside a function: {bad}"
