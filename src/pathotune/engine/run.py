@@ -109,16 +109,8 @@ def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> d
         print(*folder.notes, sep="\n")
     if folder.resume:
         check_resume_settings(cfg, folder.workdir / CHECKPOINT, asdict(resolve_recipe(cfg)))
-    folder.prepare(main)
-    try:
-        metrics = _train(cfg, folder.workdir, fabric, progress, resume=folder.resume)
-        fabric.barrier()
-        folder.finish(main)
-    except BaseException as e:
-        err = folder.abort(e, main)
-        if err is e:
-            raise
-        raise err from e
+    with folder.staged_run(main, fabric.barrier) as workdir:
+        metrics = _train(cfg, workdir, fabric, progress, resume=folder.resume)
     return metrics
 
 
@@ -323,14 +315,13 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
         return folder.finished
     if main and folder.notes:
         print(*folder.notes, sep="\n")
-    folder.prepare(main)
-    try:
+    with folder.staged_run(main, fabric.barrier) as workdir:
         runs = []
         for s in seeds:
             sub = cfg.model_copy(
                 update={"seed": s, "out": os.path.join(cfg.out, f"seed_{s}"), "resume": False, "overwrite": False}
             )
-            sub_folder = open_run_folder(folder.workdir / f"seed_{s}", resume=folder.resume, overwrite=False)
+            sub_folder = open_run_folder(workdir / f"seed_{s}", resume=folder.resume, overwrite=False)
             runs.append(_in_folder(sub_folder, sub, fabric, progress))
         agg = aggregate_seeds(runs, list(SUMMARY_KEYS))
         summary = {
@@ -348,16 +339,9 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
             table = markdown_table([{"metric": k, "mean ± std": agg[k]} for k in SUMMARY_KEYS])
             per_seed = markdown_table(summary["per_seed"])
             atomic_write_text(
-                folder.workdir / "report.md",
+                workdir / "report.md",
                 f"# {cfg.method} on {cfg.backbone}: {len(seeds)} seeds\n\n{table}\n\n## Per seed\n\n{per_seed}\n\n"
                 + "".join(f"- [seed {s}](seed_{s}/report.md)\n" for s in seeds),
             )
-            atomic_write_json(folder.workdir / "metrics.json", summary)
-        fabric.barrier()
-        folder.finish(main)
-    except BaseException as e:
-        err = folder.abort(e, main)
-        if err is e:
-            raise
-        raise err from e
+            atomic_write_json(workdir / "metrics.json", summary)
     return summary

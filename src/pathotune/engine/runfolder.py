@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +171,20 @@ class RunFolder:
             new = type(error)(f"{str(error).replace(str(self.workdir), str(self.out))}; {kept}")
         new.__cause__ = error
         return new
+
+    @contextmanager
+    def staged_run(self, is_main: bool, barrier: Callable[[], None]) -> Iterator[Path]:
+        """prepare -> the run writes into the yielded folder -> finish (swap in); on any failure, abort."""
+        self.prepare(is_main)
+        try:
+            yield self.workdir
+            barrier()
+            self.finish(is_main)
+        except BaseException as e:
+            err = self.abort(e, is_main)
+            if err is e:
+                raise
+            raise err from e
 
 
 def open_run_folder(out: str | Path, resume: bool, overwrite: bool, checkpoint: Path = CHECKPOINT) -> RunFolder:
