@@ -113,6 +113,25 @@ def test_rerun_recomputes_nothing_and_replaces_its_section(grid, monkeypatch):
     assert text.count("<!-- bench:tiny:start -->") == 1
 
 
+def test_report_only_trains_nothing_and_names_missing_cells(grid, monkeypatch):
+    tmp, cfg, cfg_path, _ = grid
+
+    def refuse(*a, **k):
+        raise AssertionError("--report-only trained a cell")
+
+    monkeypatch.setattr(bench, "run_cell", refuse)
+    wider = cfg.model_copy(update={"seeds": [0, 1, 2]})
+    bench.run_bench(wider, str(cfg_path), progress=False, train=False)
+    text = (tmp / "BENCHMARKS.md").read_text()
+    assert "Not run (2 cells;" in text
+    assert "colours/linear (seed 2); colours/vpt-deep (seed 2)." in text
+    assert not (tmp / "runs" / "tiny" / "colours" / "linear" / "seed_2").exists()
+    (row,) = json.loads((tmp / "runs" / "tiny" / "comparisons.json").read_text())
+    assert row["n_seeds"] == 2  # the finished seeds only
+    bench.run_bench(cfg, str(cfg_path), progress=False, train=False)  # the whole grid again: nothing missing
+    assert "Not run" not in (tmp / "BENCHMARKS.md").read_text()
+
+
 def test_config_errors(tmp_path):
     p = tmp_path / "b.yaml"
     p.write_text(yaml.safe_dump({"name": "x", "datasets": {"d": {"data": "x"}}, "methods": ["vpt-huge"]}))

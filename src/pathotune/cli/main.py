@@ -243,14 +243,17 @@ def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run fo
 
 @app.command()
 def bench(
-    config: Annotated[Path, typer.Option(help="A benchmark grid, e.g. benchmarks/slide_qc.yaml.")],
+    config: Annotated[Path, typer.Option(help="A benchmark grid, e.g. benchmarks/real_tasks.yaml.")],
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Train nothing: report the finished cells and name the missing ones.")
+    ] = False,
 ) -> None:
     """Run (or resume) a grid of methods x datasets x seeds; writes its section of BENCHMARKS.md."""
     from ..engine.bench import load_bench_config, run_bench
 
     cfg = load_bench_config(config)
-    summary = run_bench(cfg, str(config), progress=not quiet)
+    summary = run_bench(cfg, str(config), progress=not quiet, train=not report_only)
     console.print(summary.read_text())
     console.print(f"summary: {summary}; merged into {cfg.output}")
 

@@ -113,8 +113,12 @@ def prepare_fewshot(cfg: BenchConfig, root: Path, data_paths: dict[str, str]) ->
     return out
 
 
-def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path:
-    """Run (or resume) every grid and few-shot cell, then write the markdown summary and the plots."""
+def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True, train: bool = True) -> Path:
+    """Run (or resume) every grid and few-shot cell, then write the markdown summary and the plots.
+
+    With ``train=False`` nothing trains: the summary covers the finished cells and names the missing ones, so a
+    long grid can be reported while (or after) it runs in pieces.
+    """
 
     root = Path(cfg.runs_dir) / cfg.name
     data_paths = {d: resolve_data(e, root) for d, e in cfg.datasets.items()}
@@ -135,9 +139,13 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path
     results: dict[tuple[str, str], list[dict]] = {}
     shots: dict[str, dict[tuple[str, int], list[dict]]] = {}
     seconds = 0.0
+    missing: list[str] = []
     bar = tqdm(jobs, desc="benchmark cells", disable=not progress)
     for key, label, cell_dir, make in bar:
         bar.set_postfix_str(label)
+        if not train and not (cell_dir / "metrics.json").is_file():
+            missing.append(label)
+            continue
         metrics = _run_or_load(make, cell_dir)
         seconds += metrics.get("cell_seconds") or metrics.get("train_seconds") or 0.0
         if key[0] == "grid":
@@ -151,7 +159,9 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True) -> Path
         atomic_write_json(root / "comparisons.json", comparisons)
     if fewshot:
         atomic_write_json(root / "fewshot.json", fewshot)
-    return write_summary(cfg, config_path, results, seconds, comparisons=comparisons, fewshot=fewshot)
+    return write_summary(
+        cfg, config_path, results, seconds, comparisons=comparisons, fewshot=fewshot, missing=missing
+    )
 
 
 def run_comparisons(cfg: BenchConfig, root: Path) -> list[dict]:
@@ -306,6 +316,7 @@ def write_summary(
     seconds: float,
     comparisons: list[dict] | None = None,
     fewshot: dict[str, dict] | None = None,
+    missing: list[str] | None = None,
 ) -> Path:
 
     comparisons = comparisons or []
@@ -394,12 +405,27 @@ def write_summary(
         + "\n\n".join(intro)
         + "\n\n"
         + f"Command: `pathotune bench --config {config_path}` (the cells took {seconds / 60:.0f} min in all).\n"
-        f"Machine: {machine_line()}.\n\n" + "\n".join(sections)
+        f"Machine: {machine_line()}.\n\n"
+        + (_missing_note(missing) if missing else "")
+        + "\n".join(sections)
     )
     out = Path(cfg.runs_dir) / cfg.name / "summary.md"
     atomic_write_text(out, text)
     _merge_into(Path(cfg.output), cfg.name, text)
     return out
+
+
+def _missing_note(missing: list[str]) -> str:
+    """The cells a partial report leaves out, so its seed counts and intervals are read for what they are."""
+    groups: dict[str, list[str]] = {}
+    for label in missing:
+        where, which = label.rsplit("/", 1)
+        groups.setdefault(where, []).append(which)
+    listed = "; ".join(f"{where} ({', '.join(which)})" for where, which in groups.items())
+    return (
+        f"Not run ({len(missing)} cells; this report covers the finished ones, and the `seeds` column and the "
+        f"paired comparisons use the seeds each method finished): {listed}.\n\n"
+    )
 
 
 def _merge_into(path: Path, name: str, section: str) -> None:
