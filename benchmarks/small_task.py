@@ -75,7 +75,8 @@ def main() -> None:
         t0 = time.perf_counter()
         m = train_run(cfg, progress=False)
         wall = time.perf_counter() - t0
-        log = list(csv.DictReader(open(out / method / "log.csv")))
+        with open(out / method / "log.csv") as f:
+            log = list(csv.DictReader(f))
         step0 = float(log[0]["val_balanced_accuracy"])
         rows.append(
             {

@@ -100,7 +100,7 @@ FULL = {
     "phikon_v2": (303.4, (1, 197, 1024), (4096, 1024), 1, 16),
     "h_optimus_0": (1134.8, (1, 256, 1536), (8192, 1536), 5, 14),
     "gigapath": (1135.0, (1, 197, 1536), (8192, 1536), 1, 16),
-    "conch": (86.3, (1, 785, 768), (3072, 768), 1, 16),
+    "conch": (87.6, (1, 785, 768), (3072, 768), 1, 16),  # trunk + contrastive attentional pooler
     "pathoduet": (85.8, (1, 198, 768), (3072, 768), 2, 16),
 }
 
@@ -430,31 +430,7 @@ def test_clip_hf_layout(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- CONCH
 
 
-class _CoCaLike(nn.Module):
-    """The module tree of CONCH's published file: ``visual.trunk``, pools, projections, a text tower."""
-
-    def __init__(self, trunk: nn.Module) -> None:
-        super().__init__()
-        self.visual = nn.Module()
-        self.visual.trunk = trunk
-        self.visual.attn_pool_contrast = nn.MultiheadAttention(32, 2)
-        self.visual.ln_contrast = nn.LayerNorm(32)
-        self.visual.proj_contrast = nn.Parameter(torch.randn(32, 16))
-        self.text = nn.Module()
-        self.text.token_embedding = nn.Embedding(10, 32)
-        self.logit_scale = nn.Parameter(torch.tensor(1.0))
-
-
-def test_conch_trunk_under_visual_prefix(tmp_path: Path) -> None:
-    trunk = randomize(timm.create_model("vit_base_patch16_224", img_size=32, num_classes=0, global_pool="", **TINY))
-    torch.save(_CoCaLike(trunk).state_dict(), tmp_path / "pytorch_model.bin")
-    bb = tiny("conch", weights=tmp_path / "pytorch_model.bin")
-    assert_landed(bb, trunk.state_dict())
-    x = pixels(32)
-    with torch.no_grad():
-        tokens = trunk.forward_features(x)  # what CONCH's attention pooler reads
-        torch.testing.assert_close(bb(x), tokens[:, 1:].mean(1), atol=ATOL, rtol=0)
-        torch.testing.assert_close(bb.forward_tokens(x), tokens, atol=ATOL, rtol=0)
+# The CoCa file layout, its attentional pooler and ln_contrast: tests/test_fm_entries.py.
 
 
 # ---------------------------------------------------------------------------------------- PathoDuet
@@ -472,7 +448,8 @@ def _moco_sincos(grid: int, dim: int) -> torch.Tensor:
 
 
 def _pathoduet_file(img: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    vit = randomize(timm.create_model("vit_base_patch16_224", img_size=img, num_classes=0, **TINY))
+    kw = {"img_size": img, "global_pool": "avg", "num_classes": 0}  # as PathoDuet builds it: fc_norm, no norm
+    vit = randomize(timm.create_model("vit_base_patch16_224", **kw, **TINY))
     grid = img // 16
     sd = {k: v for k, v in vit.state_dict().items() if k != "pos_embed"}
     sd["pos_embed"] = torch.cat([torch.zeros(2, 32), _moco_sincos(grid, 32)]).unsqueeze(0)  # [pretext][cls][...]
@@ -482,12 +459,12 @@ def _pathoduet_file(img: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
 
 def _pathoduet_reference(vit: nn.Module, sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """PathoDuet's forward from its own layout: [pretext][cls][patches] + table, blocks, norm, class token."""
+    """PathoDuet's forward from its own layout: [pretext][cls][patches] + table, blocks, fc_norm(mean patch)."""
     t = vit.patch_embed(x)
     n = t.shape[0]
     t = torch.cat([sd["pretext_token"].expand(n, -1, -1), sd["cls_token"].expand(n, -1, -1), t], dim=1)
     t = vit.norm(vit.blocks(t + sd["pos_embed"]))
-    return t[:, 1]
+    return vit.fc_norm(t[:, 2:].mean(1))
 
 
 def test_pathoduet_pretext_token_and_sincos_table(tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ def test_corrupt_images_fail_with_a_count(corrupt_data, tmp_path, monkeypatch, c
     line = one_line_error(err)
     total = sum(count_images(corrupt_data, s) for s in ("train", "val", "test"))
     assert f"2 of {total} images bad" in line
-    assert "skip_bad" in line
+    assert "--skip-bad" in line and "skip_bad" not in line
 
 
 def test_skip_bad_trains_without_them(corrupt_data, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ from pathotune import Task, create_model, save_bundle
 from pathotune.data import load_rgb
 from pathotune.engine.infer import eval_transform, evaluate, predict_to_csv, write_evaluation
 from pathotune.engine.metrics import METRIC_NAMES, classification_metrics
+from pathotune.engine.runtime import Runtime, infer_dataset
 from pathotune.errors import DataError, OutputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -111,3 +112,37 @@ def test_predict_to_csv(model, run, data: Path, tmp_path: Path) -> None:
     assert [r["pred"] for r in rows] == [classes[int(p.argmax())] for p in probs]
     with pytest.raises(OutputError, match="is a folder"):
         predict_to_csv([run], [data / "test"], tmp_path, progress=False)
+
+
+class Rows(torch.utils.data.Dataset):
+    """Items ``(x, label, index)`` whose input is the index itself, so outputs show where each row went."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), 0, i
+
+
+def test_infer_dataset_shards_and_gathers_in_order() -> None:
+    """Two ranks read interleaved shares (the sampler pads 5 to 6); the gather puts every row back in its place."""
+    double = lambda x: 2 * x  # noqa: E731
+    alone = infer_dataset(Runtime.of(), Rows(), double, batch_size=2)
+    assert alone.flatten().tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+    shares: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def rank(r: int) -> Runtime:
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            shares[r].append(t)
+            other = 1 - r
+            if not shares[other]:  # rank 1 runs first here: its own share stands in for both (shapes match)
+                return torch.stack([t, t])
+            theirs = shares[other][len(shares[r]) - 1]
+            return torch.stack([t, theirs] if r == 0 else [theirs, t])
+
+        return Runtime(torch.device("cpu"), rank=r, world_size=2, all_gather=gather)
+
+    infer_dataset(rank(1), Rows(), double, batch_size=2)
+    both = infer_dataset(rank(0), Rows(), double, batch_size=2)
+    assert both.flatten().tolist() == alone.flatten().tolist()
+    assert [len(s) for s in shares.values()] == [2, 2]  # outputs and indices, once each per rank

@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pathotune"
 # Each unit (a subpackage or a top-level module) imports only units of a lower layer.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
+    ("hub",),
     ("report", "backbones", "prompts", "task"),
     ("text", "switches", "features"),
     ("methods",),
@@ -30,7 +31,9 @@ LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 LAZY = {
     ("slides/reader.py", "tifffile"),  # the fallback slide backend, only for files OpenSlide cannot read
     ("slides/reader.py", "tiffslide"),
-    ("engine/runtime.py", "lightning_fabric"),  # ~1 s to import; eval, predict and readers never need it
+    ("engine/runtime.py", "lightning_fabric"),  # ~1 s to import; the feature readers never need it
+    ("engine/runtime.py", "pytorch_lightning"),  # optional dependency: MLflow logger (--logger mlflow)
+    ("engine/runtime.py", "wandb"),  # optional dependency: W&B's Fabric logger (--logger wandb)
     ("backbones/bundled.py", "onnx"),  # only to fill the weights cache once
     ("text/encoders.py", "open_clip"),  # optional dependency (the [clip] extra)
     ("data/layouts/hgsc.py", "pyarrow"),  # optional dependency (the [hgsc] extra)

@@ -1,4 +1,6 @@
-"""Prompt bundles: only the trained tensors (safetensors) plus a JSON manifest. Nothing is unpickled."""
+"""Prompt bundles: only the trained tensors (safetensors) plus a JSON manifest and a model card. Nothing is
+unpickled. A bundle is also what ``save_pretrained``/``from_pretrained``/``push_to_hub`` share (one format):
+a local folder, or a Hugging Face repo named ``hf-hub:owner/repo[@revision]``."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import BundleError, PathoTuneError, describe_os_error, write_error
-from .model import PathoTuneModel, Provenance, create_model
+from .backbones import get_backbone_spec
+from .errors import BundleError, ConfigError, PathoTuneError, describe_os_error, write_error
+from .hub import HUB_PREFIX, HubRef, download_folder, is_hub_ref, model_card, parse_hub_ref, upload_folder
+from .model import BUNDLE_IO, PathoTuneModel, Provenance, create_model
 from .prompts import TextualPrompts
 from .task import Task
 from .version import __version__
@@ -25,6 +30,8 @@ from .version import __version__
 FORMAT_VERSION = 2  # 2: the manifest's own checksum and the input normalisation; 1: tensors only
 TENSORS = "prompts.safetensors"
 MANIFEST = "manifest.json"
+CARD = "README.md"  # the model card; documentation only, so no checksum covers it
+RUN_FILES = ("config.yaml", "metrics.json")  # what a run folder adds beside its bundle when pushed
 
 
 def bundle_state(model: PathoTuneModel) -> dict[str, torch.Tensor]:
@@ -37,7 +44,8 @@ def bundle_state(model: PathoTuneModel) -> dict[str, torch.Tensor]:
 
 
 def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``path/`` with prompts.safetensors and manifest.json, atomically (a crash leaves no half bundle).
+    """Write ``path/`` with prompts.safetensors, manifest.json and a model card README.md, atomically (a crash
+    leaves no half bundle). ``extra`` may hold ``metrics`` and ``command``, which the card shows.
 
     An existing ``path`` is refused unless ``overwrite``; even then only a bundle folder (or an empty one) is
     replaced, and only once the new bundle is complete. The manifest carries a checksum over everything that
@@ -81,6 +89,7 @@ def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = No
         manifest["manifest_sha256"] = manifest_checksum(manifest)
         try:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (tmp / CARD).write_text(bundle_card(manifest))
             if path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
                 os.replace(path, old / "bundle")
@@ -117,9 +126,140 @@ PROVENANCE_KEYS = ("backbone", "weights", "fingerprint", "img_size")
 
 
 def resolve_bundle(path: str | Path) -> Path:
-    """A bundle folder, or a run folder that holds one in ``bundle/``."""
+    """A bundle folder, a run folder that holds one in ``bundle/``, or ``hf-hub:owner/repo[@revision]`` (fetched
+    into HF's cache; ``HF_HUB_OFFLINE`` uses the cached copy)."""
+    if is_hub_ref(path):
+        return _hub_bundle(parse_hub_ref(str(path), BundleError), "pass a local bundle folder")
     p = Path(path)
     return p / "bundle" if (p / "bundle" / MANIFEST).is_file() else p
+
+
+def _hub_bundle(ref: HubRef, instead: str) -> Path:
+    if ref.filename:
+        raise BundleError(f"'{ref}' names a file; a bundle is a whole repo: hf-hub:{ref.repo_id}[@revision]")
+    return download_folder(ref, (MANIFEST, TENSORS), "bundle", instead, BundleError)
+
+
+def resolve_pretrained(source: str | Path) -> Path:
+    """Where ``from_pretrained`` reads: a local bundle or run folder if one exists, else a Hub repo (``owner/repo``
+    as peft takes it, or ``hf-hub:owner/repo[@revision]``)."""
+    text = str(source)
+    if is_hub_ref(text) or Path(text).exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return resolve_bundle(source)
+    ref = parse_hub_ref(HUB_PREFIX + text, BundleError)
+    return _hub_bundle(ref, f"pass a local bundle folder (there is no folder {text} here)")
+
+
+def bundle_card(
+    manifest: dict, repo_id: str | None = None, metrics: dict | None = None, command: str | None = None
+) -> str:
+    """The model card of a bundle: metrics and command default to what the manifest's ``extra`` holds."""
+    prov, extra = manifest["provenance"], manifest.get("extra") or {}
+    try:
+        spec = get_backbone_spec(prov["backbone"])
+    except ConfigError:  # a backbone this version does not know: the card still describes the bundle
+        spec = None
+    weights = str(prov.get("weights") or "")
+    base = parse_hub_ref(weights, BundleError).repo_id if is_hub_ref(weights) else None
+    return model_card(
+        manifest,
+        base_model=base or (spec.hub_repo if spec is not None and spec.hub_repo else None),
+        weights_hint="" if spec is None or is_hub_ref(weights) else spec.weights_hint,
+        repo_id=repo_id,
+        metrics=metrics if metrics is not None else extra.get("metrics"),
+        command=command if command is not None else extra.get("command"),
+    )
+
+
+def save_pretrained(
+    model: PathoTuneModel,
+    path: str | Path,
+    metrics: dict | None = None,
+    command: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """peft's ``save_pretrained`` for a PathoTune model: the bundle (the trained tensors only, never the frozen
+    backbone) and its model card, with ``metrics`` and the training ``command`` kept in the manifest's extra."""
+    extra = {k: v for k, v in {"metrics": metrics, "command": command}.items() if v is not None}
+    return save_bundle(model, path, extra=extra, overwrite=overwrite)
+
+
+def from_pretrained(source: str | Path, weights: str | Path | None = None, **kwargs) -> PathoTuneModel:
+    """peft's ``from_pretrained``: a local bundle or run folder, or a Hub repo (see ``resolve_pretrained``);
+    ``weights`` and ``kwargs`` as ``load_bundle`` takes them."""
+    return load_bundle(resolve_pretrained(source), weights=weights, **kwargs)
+
+
+def push_bundle(
+    source: str | Path,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload pathotune bundle",
+) -> str:
+    """Upload a saved bundle (or a run folder's) to ``repo_id`` as one commit; returns the commit URL.
+
+    The backbone is never loaded. From a run folder the run's ``config.yaml`` and ``metrics.json`` go along, the
+    card shows the metrics with their confidence intervals and ``pathotune train --config config.yaml``.
+    """
+    path = resolve_bundle(source)
+    manifest = read_manifest(path)
+    if not (path / TENSORS).is_file():
+        raise BundleError(f"bundle {path} has no {TENSORS}; it is incomplete, re-export it")
+    if _sha256(path / TENSORS) != manifest["sha256"]:
+        raise BundleError(f"bundle file {path / TENSORS} is corrupt (checksum mismatch); re-export the bundle")
+    run = path.parent if path.name == "bundle" and (path.parent / "metrics.json").is_file() else None
+    run_files = [run / f for f in RUN_FILES if run is not None and (run / f).is_file()]
+    metrics, command = _run_card_inputs(manifest, run_files)
+    with tempfile.TemporaryDirectory(prefix=".pathotune-push.") as tmp:
+        stage = Path(tmp)
+        for f in (path / MANIFEST, path / TENSORS, *run_files):
+            shutil.copyfile(f, stage / f.name)
+        (stage / CARD).write_text(bundle_card(manifest, repo_id=repo_id, metrics=metrics, command=command))
+        return upload_folder(stage, repo_id, BundleError, private=private, token=token, commit_message=commit_message)
+
+
+def _run_card_inputs(manifest: dict, run_files: list[Path]) -> tuple[dict | None, str | None]:
+    """Metrics (the bundle's summary, with the run's confidence intervals) and command for a pushed card."""
+    extra = manifest.get("extra") or {}
+    metrics = dict(extra.get("metrics") or {}) or None
+    command = extra.get("command")
+    for f in run_files:
+        try:
+            if f.name == "metrics.json":
+                run_metrics = json.loads(f.read_text())
+                if isinstance(run_metrics, dict):
+                    names = list(metrics or {}) or [k for k, v in run_metrics.items() if isinstance(v, float)]
+                    metrics = {k: run_metrics[k] for k in names if k in run_metrics}
+                    if isinstance(run_metrics.get("ci"), dict):
+                        metrics["ci"] = {k: _ci_text(v) for k, v in run_metrics["ci"].items()}
+            elif f.name == "config.yaml" and command is None and isinstance(yaml.safe_load(f.read_text()), dict):
+                command = "pathotune train --config config.yaml  # config.yaml is in this repo"
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise BundleError(f"run file {f} is unreadable ({describe_os_error(e)}); fix or remove it") from e
+    return metrics, command
+
+
+def _ci_text(v: object) -> str:
+    """A bootstrap interval as metrics.json stores it, [low, high] (null where it was undefined)."""
+    if isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v):
+        return f"{float(v[0]):.4f}–{float(v[1]):.4f}"
+    return "–"
+
+
+def push_to_hub(
+    model: PathoTuneModel,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload pathotune bundle",
+    metrics: dict | None = None,
+    command: str | None = None,
+) -> str:
+    """peft's ``push_to_hub``: ``save_pretrained`` into a temporary folder, then ``push_bundle``."""
+    with tempfile.TemporaryDirectory(prefix=".pathotune-save.") as tmp:
+        saved = save_pretrained(model, Path(tmp) / "bundle", metrics=metrics, command=command)
+        return push_bundle(saved, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -295,3 +435,7 @@ def _format1_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 k = new + k[len(old) :]
         out[k] = v
     return out
+
+
+# PathoTuneModel.save_pretrained / from_pretrained / push_to_hub call these; model.py sits below this layer.
+BUNDLE_IO.update(save=save_pretrained, load=from_pretrained, push=push_to_hub)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import list_feature_files, read_feature_attrs, tile_side
+from .features import read_feature_attrs, require_coords, slide_feature_files, tile_side
 from .mil import predict_slides
 from .slides.geojson import tiles_geojson
 from .slides.heatmap import bundle_heatmaps, check_heatmap_options, paint_slide, safe_name, slide_map
@@ -30,10 +30,12 @@ def mil_heatmaps(
 
     Writes ``<slide_id>_heatmap.png`` (scores min-max scaled per slide; one PNG per class when the
     aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, pred, probs,
-    n_tiles, heatmaps, geojson.
+    n_tiles, heatmaps, geojson. TRIDENT and CLAM ``.h5`` features work as PathoTune's; ``.pt`` files, which hold
+    no coordinates, are refused before any model runs.
     """
     check_heatmap_options(max_size, alpha)
-    files = {p.stem: p for p in list_feature_files(features)}
+    files = slide_feature_files(features)
+    require_coords(list(files.values()))
     slide_paths = slide_map(slides)
     out = Path(out)
     done = []

@@ -22,9 +22,20 @@ from .errors import ConfigError
 from .methods import get_method
 from .prompts import GROUP_ORDER, InstanceEncoder, InstancePrompts, PromptGroup, TextualPrompts, VisualPrompts
 from .prompts.attention import check_block, prompted_block
+from .report import trainable_percent
 from .switches import Switches
 from .task import Task
 from .text import encode_task_text
+
+# How a model is saved, loaded and shared as a bundle: ``pathotune.bundle`` (a higher layer, imported by the
+# package's __init__) fills it with "save", "load" and "push", so the methods below need no upward import.
+BUNDLE_IO: dict[str, Callable] = {}
+
+
+def _bundle_io(name: str) -> Callable:
+    if name not in BUNDLE_IO:  # only when pathotune.model was loaded without the package (never by `import`)
+        raise RuntimeError("pathotune.bundle is not imported; `import pathotune` before saving or loading models")
+    return BUNDLE_IO[name]
 
 
 class PromptSource(Protocol):
@@ -197,11 +208,12 @@ class PathoTuneModel(nn.Module):
         return {
             "trainable": trainable,
             "total": total,
-            "percent": 100.0 * trainable / max(total, 1),
+            "percent": trainable_percent(trainable, total),
             "by_module": by_module,
         }
 
     def print_trainable_parameters(self) -> None:
+        """peft's line, with peft's four decimals (reports round the same value to two)."""
         t = self.trainable_parameters()
         print(f"trainable params: {t['trainable']:,} || all params: {t['total']:,} || trainable%: {t['percent']:.4f}")
 
@@ -291,6 +303,36 @@ class PathoTuneModel(nn.Module):
     @property
     def class_names(self) -> list[str]:
         return list(self.task.classes) if self.task.classes else [f"class_{i}" for i in range(self.num_classes)]
+
+    def save_pretrained(
+        self, path: str | Path, metrics: dict | None = None, command: str | None = None, overwrite: bool = False
+    ) -> Path:
+        """Save as peft does: a bundle (manifest.json: the config; prompts.safetensors: the trained prompts, head
+        and needed buffers, never the frozen backbone) and a model card README.md showing ``metrics`` and the
+        training ``command``. Refuses an existing ``path`` unless ``overwrite``."""
+        return _bundle_io("save")(self, path, metrics=metrics, command=command, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, weights: str | Path | None = None, **kwargs) -> PathoTuneModel:
+        """Load a bundle: a local bundle or run folder, else a Hub repo (``owner/repo`` or
+        ``hf-hub:owner/repo[@revision]``). ``weights``: the backbone's, if not where the bundle says; ``kwargs``
+        as ``load_bundle`` takes them (``backbone_module``, ``instance_weights``...)."""
+        return _bundle_io("load")(source, weights=weights, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload pathotune bundle",
+        metrics: dict | None = None,
+        command: str | None = None,
+    ) -> str:
+        """``save_pretrained`` into a temporary folder and upload it to ``repo_id`` (created if needed) as one
+        commit, with the user's token; returns the commit URL."""
+        return _bundle_io("push")(
+            self, repo_id, private=private, token=token, commit_message=commit_message, metrics=metrics, command=command
+        )
 
 
 class InstanceCache:

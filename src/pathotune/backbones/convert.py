@@ -143,11 +143,24 @@ def clip_to_timm(sd: StateDict) -> StateDict:
     return sd
 
 
+CONCH_POOL = "visual.attn_pool_contrast."
+CONCH_NORM = "visual.ln_contrast."
+
+
 def conch_to_timm(sd: StateDict) -> StateDict:
-    """CONCH ``pytorch_model.bin`` -> its timm ViT trunk; text tower, attention pools, projections dropped."""
-    if not any(k.startswith("visual.trunk.") for k in sd):
-        return sd  # already a bare trunk
-    return strip_prefix(sd, "visual.trunk.")
+    """CONCH ``pytorch_model.bin`` -> its timm ViT trunk with the contrastive attentional pooler as ``attn_pool``.
+
+    ``attn_pool_contrast`` keeps its names under ``attn_pool.``; ``ln_contrast`` becomes ``attn_pool.norm``. The text
+    tower, the caption pooler and ``proj_contrast`` (into the joint space) are dropped: the features are CONCH's
+    ``encode_image(proj_contrast=False)``. A file without the pooler raises ``KeyError`` naming what is missing.
+    """
+    missing = [k for k in ("visual.trunk.pos_embed", f"{CONCH_POOL}query", f"{CONCH_NORM}weight") if k not in sd]
+    if missing:
+        raise KeyError(missing[0])
+    out = strip_prefix(sd, "visual.trunk.")
+    out.update({f"attn_pool.{k[len(CONCH_POOL) :]}": v for k, v in sd.items() if k.startswith(CONCH_POOL)})
+    out.update({f"attn_pool.norm.{k[len(CONCH_NORM) :]}": v for k, v in sd.items() if k.startswith(CONCH_NORM)})
+    return out
 
 
 def sincos_2d_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -166,13 +179,16 @@ def sincos_2d_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> to
 def pathoduet_to_timm(sd: StateDict, grid: int = 14) -> StateDict:
     """PathoDuet (MoCo v3 ViT with a ``pretext_token``) -> timm ViT with one register token.
 
-    PathoDuet runs ``[pretext][cls][patches]`` with a position table whose two prefix rows are zero; timm with
+    PathoDuet builds timm's ViT with ``global_pool='avg'``: ``norm`` is Identity and ``fc_norm`` normalises the
+    mean patch token, so ``fc_norm.*`` is kept (and the MoCo projector ``head.*`` dropped at loading). It runs
+    ``[pretext][cls][patches]`` with a position table whose two prefix rows are zero; timm with
     ``reg_tokens=1`` runs ``[cls][reg][patches]``, so the two prefix rows swap places and the pretext token
     becomes ``reg_token``. Files without ``pos_embed`` get the fixed sin-cos table rebuilt for a ``grid``
-    square (14 = 224 px / 16), again with zero rows for both prefix tokens.
+    square (14 = 224 px / 16), again with zero rows for both prefix tokens. A training checkpoint's
+    ``base_encoder.`` keys are used when present.
     """
     sd = strip_prefix(sd, "base_encoder.")
-    out = {k: v for k, v in sd.items() if k not in ("pretext_token", "pos_embed") and not k.startswith("fc_norm.")}
+    out = {k: v for k, v in sd.items() if k not in ("pretext_token", "pos_embed")}
     out["reg_token"] = sd["pretext_token"]
     pe = sd.get("pos_embed")
     if pe is None:

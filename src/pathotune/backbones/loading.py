@@ -1,4 +1,4 @@
-"""Read local checkpoints (never unpickling code), fit them to a timm ViT, and fingerprint weights."""
+"""Read local or Hub checkpoints (never unpickling code), fit them to a timm ViT, and fingerprint weights."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from ..errors import WeightsError
+from ..hub import HUB_PREFIX, download_file, is_hub_ref, parse_hub_ref
 from .registry import BackboneSpec
 
 # Files looked for, in order, when ``weights`` is a folder (HF, timm and open_clip layouts).
@@ -27,8 +28,26 @@ FOLDER_FILES = (
 NESTED_KEYS = ("state_dict", "model", "module", "teacher", "model_state_dict")
 
 
+def hub_file(ref: str, spec: BackboneSpec | None = None) -> Path:
+    """The local copy of ``hf-hub:owner/repo[@revision][:file]`` in HF's cache, downloaded if needed (the user's
+    token, ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` apply). Without ``:file``: the spec's file when the repo is its
+    own, else the usual names, safetensors first. Bare ``hf-hub``: the spec's own repo."""
+    if ref == HUB_PREFIX.rstrip(":"):
+        if spec is None or not spec.hub_repo:
+            name = f"'{spec.name}'" if spec is not None else "this backbone"
+            raise WeightsError(f"{name} has no registered Hugging Face repo; pass weights hf-hub:owner/repo[:file]")
+        ref = f"{HUB_PREFIX}{spec.hub_repo}" + (f":{spec.hub_file}" if spec.hub_file else "")
+    parsed = parse_hub_ref(ref, WeightsError)
+    own = spec is not None and spec.hub_file and spec.hub_repo == parsed.repo_id
+    defaults = (spec.hub_file,) if own else FOLDER_FILES
+    return download_file(parsed, defaults, "weights", "pass --weights with a local file", WeightsError)
+
+
 def resolve_file(path: str | Path, spec: BackboneSpec | None = None) -> Path:
-    """A weight file from a file or folder path, with an error that says what file is expected."""
+    """A weight file from a file or folder path, or a Hub reference (``hf-hub:...``, fetched into HF's cache),
+    with an error that says what file is expected."""
+    if is_hub_ref(path) or str(path) == HUB_PREFIX.rstrip(":"):
+        return hub_file(str(path), spec)
     p = Path(path).expanduser()
     expected = f" ({spec.name} expects {spec.weights_hint})" if spec is not None else ""
     if p.is_dir():
@@ -73,7 +92,11 @@ def read_state_dict(path: str | Path, spec: BackboneSpec | None = None) -> dict[
 
 
 def resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Resize a learned position embedding to the model's grid (bicubic, no antialias, as DINOv2/HF do)."""
+    """Resize a learned position embedding to the model's grid, bicubic, as its vendor would at that size.
+
+    Vendors that build the model with ``dynamic_img_size`` (UNI, UNI2-h, Virchow2, CONCH) let timm resample at
+    run time, with antialias; the others resample without it, as DINOv2 and HF do.
+    """
 
     pe = sd.get("pos_embed")
     target = getattr(model, "pos_embed", None)
@@ -86,7 +109,7 @@ def resample_pos_embed(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
         new_size=list(model.patch_embed.grid_size),
         num_prefix_tokens=n_prefix,
         interpolation="bicubic",
-        antialias=False,
+        antialias=bool(getattr(model, "dynamic_img_size", False)),
         verbose=False,
     ).to(pe.dtype)
     return sd

@@ -13,6 +13,7 @@ _DINOV2_FILES = (
 DINOV2_VITS14 = register_backbone(
     BackboneSpec(
         name="dinov2_vits14",
+        hub_repo="facebook/dinov2-small",
         timm_name="vit_small_patch14_dinov2",
         family="natural",
         img_size=224,  # trained at 518 px; the position table is resampled to the 16x16 grid
@@ -27,6 +28,7 @@ DINOV2_VITS14 = register_backbone(
 DINOV2_VITB14 = register_backbone(
     BackboneSpec(
         name="dinov2_vitb14",
+        hub_repo="facebook/dinov2-base",
         timm_name="vit_base_patch14_dinov2",
         family="natural",
         img_size=224,
@@ -40,6 +42,8 @@ DINOV2_VITB14 = register_backbone(
 VIT_B16_IMAGENET = register_backbone(
     BackboneSpec(
         name="vit_b16_imagenet",
+        hub_repo="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+        hub_file="model.safetensors",
         timm_name="vit_base_patch16_224",
         family="natural",
         img_size=224,
@@ -58,6 +62,7 @@ VIT_B16_IMAGENET = register_backbone(
 CLIP_VITB16 = register_backbone(
     BackboneSpec(
         name="clip_vitb16",
+        hub_repo="timm/vit_base_patch16_clip_224.openai",
         timm_name="vit_base_patch16_clip_quickgelu_224",
         family="natural",
         img_size=224,

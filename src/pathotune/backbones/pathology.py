@@ -1,7 +1,8 @@
 """Pathology foundation models: the architecture and checkpoint layout each vendor publishes.
 
 The ``model_kwargs`` repeat each vendor's published timm recipe, so a downloaded file loads strictly; only the
-checkpoint keys that differ from timm's are translated (see ``convert``).
+checkpoint keys that differ from timm's are translated (see ``convert``). ``dynamic_img_size`` where the vendor
+sets it: at other image sizes the position table is then resampled as the vendor's timm does (with antialias).
 """
 
 from __future__ import annotations
@@ -9,21 +10,39 @@ from __future__ import annotations
 from functools import partial
 
 from timm.layers import SwiGLUPacked
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .convert import conch_to_timm, hf_dinov2_to_timm, hf_vit_to_timm, pathoduet_to_timm
 from .registry import CLIP_MEAN, CLIP_STD, BackboneSpec, register_backbone
+from .vit import AttentionalPool, HeadSpec
 
 # SwiGLU ViTs as UNI2-h, Virchow2, H-optimus-0 and Prov-GigaPath build them with timm.
 _SWIGLU = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+# Vendors whose published recipe builds the model with dynamic_img_size (UNI, UNI2-h, Virchow2, CONCH).
+_DYNAMIC = {"dynamic_img_size": True}
+# CONCH's contrastive image embedding: width and attention heads of its attentional pooler (conch_ViT-B-16.json).
+CONCH_EMBED_DIM = 512
+CONCH_POOL_HEADS = 8
+
+
+def conch_head(vit: VisionTransformer) -> None:
+    """CONCH's image head: one learned query attends over every trunk token (class token included), then
+    ``ln_contrast``; the 512-d result is ``encode_image(proj_contrast=False)``."""
+    vit.attn_pool = AttentionalPool(CONCH_EMBED_DIM, vit.embed_dim, num_heads=CONCH_POOL_HEADS)
+    vit.pool_include_prefix = True
+    vit.head_hidden_size = CONCH_EMBED_DIM
+
 
 UNI = register_backbone(
     BackboneSpec(
         name="uni",
+        hub_repo="MahmoodLab/UNI",
+        hub_file="pytorch_model.bin",
         timm_name="vit_large_patch16_224",
         family="pathology",
         img_size=224,
-        model_kwargs={"init_values": 1e-5},
+        model_kwargs={"init_values": 1e-5, **_DYNAMIC},
         weights_hint="pytorch_model.bin from the MahmoodLab/UNI Hugging Face repo",
         pool="token",
         description="UNI (Mahmood Lab): DINOv2 ViT-L/16 trained on 100M tiles from 100k H&E and IHC slides.",
@@ -33,6 +52,8 @@ UNI = register_backbone(
 UNI2_H = register_backbone(
     BackboneSpec(
         name="uni2_h",
+        hub_repo="MahmoodLab/UNI2-h",
+        hub_file="pytorch_model.bin",
         timm_name="vit_giant_patch14_224",
         family="pathology",
         img_size=224,
@@ -46,6 +67,7 @@ UNI2_H = register_backbone(
             "reg_tokens": 8,
             "no_embed_class": True,
             **_SWIGLU,
+            **_DYNAMIC,
         },
         weights_hint="pytorch_model.bin from the MahmoodLab/UNI2-h Hugging Face repo",
         pool="token",
@@ -56,10 +78,11 @@ UNI2_H = register_backbone(
 VIRCHOW2 = register_backbone(
     BackboneSpec(
         name="virchow2",
+        hub_repo="paige-ai/Virchow2",
         timm_name="vit_huge_patch14_224",
         family="pathology",
         img_size=224,
-        model_kwargs={"mlp_ratio": 5.3375, "init_values": 1e-5, "reg_tokens": 4, **_SWIGLU},
+        model_kwargs={"mlp_ratio": 5.3375, "init_values": 1e-5, "reg_tokens": 4, **_SWIGLU, **_DYNAMIC},
         weights_hint="pytorch_model.bin (or model.safetensors) from the paige-ai/Virchow2 Hugging Face repo",
         pool="token+avg",  # Paige's recommended tile embedding: class token ++ mean of patch tokens
         description="Virchow2 (Paige): ViT-H/14, SwiGLU, 4 registers; 3.1M slides at mixed magnifications.",
@@ -69,6 +92,7 @@ VIRCHOW2 = register_backbone(
 PHIKON = register_backbone(
     BackboneSpec(
         name="phikon",
+        hub_repo="owkin/phikon",
         timm_name="vit_base_patch16_224",
         family="pathology",
         img_size=224,
@@ -84,6 +108,8 @@ PHIKON = register_backbone(
 PHIKON_V2 = register_backbone(
     BackboneSpec(
         name="phikon_v2",
+        hub_repo="owkin/phikon-v2",
+        hub_file="model.safetensors",
         timm_name="vit_large_patch16_224",
         family="pathology",
         img_size=224,
@@ -98,6 +124,7 @@ PHIKON_V2 = register_backbone(
 H_OPTIMUS_0 = register_backbone(
     BackboneSpec(
         name="h_optimus_0",
+        hub_repo="bioptimus/H-optimus-0",
         timm_name="vit_giant_patch14_reg4_dinov2",
         family="pathology",
         img_size=224,
@@ -113,6 +140,8 @@ H_OPTIMUS_0 = register_backbone(
 GIGAPATH = register_backbone(
     BackboneSpec(
         name="gigapath",
+        hub_repo="prov-gigapath/prov-gigapath",
+        hub_file="pytorch_model.bin",
         timm_name="vit_giant_patch14_dinov2",  # SwiGLU ViT-G, with GigaPath's 16 px patches
         family="pathology",
         img_size=224,
@@ -131,19 +160,21 @@ GIGAPATH = register_backbone(
 )
 
 CONCH = register_backbone(
-    BackboneSpec(
+    HeadSpec(
         name="conch",
+        hub_repo="MahmoodLab/CONCH",
+        hub_file="pytorch_model.bin",
         timm_name="vit_base_patch16_224",
         family="pathology",
         img_size=448,
         mean=CLIP_MEAN,
         std=CLIP_STD,
+        model_kwargs=_DYNAMIC,
         key_map=conch_to_timm,
-        weights_hint="pytorch_model.bin from the MahmoodLab/CONCH Hugging Face repo (image trunk is used)",
-        # CONCH pools the trunk's tokens with a learned attention pooler that a timm ViT cannot hold; its
-        # class token is never read directly in training, so the mean patch token is the closer stand-in.
-        pool="avg",
-        description="CONCH (Mahmood Lab): CoCa vision-language model; its ViT-B/16 image trunk at 448 px.",
+        weights_hint="pytorch_model.bin from the MahmoodLab/CONCH Hugging Face repo (image tower is used)",
+        head=conch_head,
+        pool="default",  # the attentional pooler + ln_contrast, CONCH's published 512-d image embedding
+        description="CONCH (Mahmood Lab): CoCa vision-language model; ViT-B/16 image tower at 448 px, 512-d.",
     )
 )
 
@@ -153,11 +184,14 @@ PATHODUET = register_backbone(
         timm_name="vit_base_patch16_224",
         family="pathology",
         img_size=224,
+        mean=(0.0, 0.0, 0.0),  # PathoDuet feeds ToTensor() pixels in [0, 1], with no normalisation
+        std=(1.0, 1.0, 1.0),
         # The pretext token rides in timm's register slot: [cls][pretext][patches], neither with a position.
-        model_kwargs={"reg_tokens": 1},
+        # global_pool='avg' as PathoDuet builds it: norm is Identity, fc_norm normalises the mean patch token.
+        model_kwargs={"reg_tokens": 1, "global_pool": "avg"},
         key_map=pathoduet_to_timm,
         weights_hint="checkpoint_p2.pth (or checkpoint_HE.pth) from the openmedlab/PathoDuet release",
-        pool="token",  # the MoCo v3 objective trains the normalised class token
+        pool="default",  # fc_norm(mean of the patch tokens), as PathoDuet's forward_head
         description="PathoDuet (OpenMedLab): MoCo v3 ViT-B/16 with a pretext token, TCGA H&E tiles.",
     )
 )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import timm
 
 from ..errors import ConfigError
+from ..hub import HUB_PREFIX, is_hub_ref, parse_hub_ref
 
 StateDict = dict  # str -> torch.Tensor
 KeyMap = Callable[[StateDict], StateDict]
@@ -35,6 +36,8 @@ class BackboneSpec:
     model_kwargs: dict = field(default_factory=dict)
     key_map: KeyMap | None = None
     weights_hint: str = "a timm/safetensors state dict for this architecture"
+    hub_repo: str = ""  # the Hugging Face repo publishing the weights: `--weights hf-hub` fetches from it
+    hub_file: str = ""  # the weight file in ``hub_repo`` (empty: the usual names, safetensors first)
     pool: str = "default"  # "default" (the model's own global_pool), "token", "avg" or "token+avg"
     bundled: bool = False
     description: str = ""
@@ -73,17 +76,30 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def resolve_weights(backbone: str, weights: str | None) -> str | None:
-    """Which weights ``backbone`` gets: ``weights`` when given ('random': none), else the bundled ones where the
-    package ships them; a named natural or pathology FM needs a local file, so it fails asking for one."""
+    """Which weights ``backbone`` gets: ``weights`` when given ('random': none; 'hf-hub': the spec's own Hugging
+    Face repo and file; 'hf-hub:owner/repo[@revision][:file]' checked here, fetched when the backbone is built),
+    else the bundled ones where the package ships them; a named natural or pathology FM needs weights, so it
+    fails asking for a local file or a Hub reference. Local files stay the default: nothing is downloaded unasked.
+    """
     spec = get_backbone_spec(backbone)
     if weights == "random":
         return None
+    if weights == HUB_PREFIX.rstrip(":"):
+        if not spec.hub_repo:
+            raise ConfigError(
+                f"backbone '{backbone}' has no registered Hugging Face repo; pass --weights hf-hub:owner/repo[:file]"
+            )
+        return f"{HUB_PREFIX}{spec.hub_repo}" + (f":{spec.hub_file}" if spec.hub_file else "")
     if weights is not None:
+        if is_hub_ref(weights):
+            parse_hub_ref(weights, ConfigError)  # a malformed reference fails before any data is read
         return weights
     if spec.bundled:
         return "bundled"
     if spec.family in ("natural", "pathology"):
+        repo = spec.hub_repo or "owner/repo[:file]"
+        hub = f", or --weights hf-hub:{repo} to download it"
         raise ConfigError(
-            f"backbone '{backbone}' needs --weights: {spec.weights_hint} (or --weights random for a smoke test)"
+            f"backbone '{backbone}' needs --weights: {spec.weights_hint}{hub} (or --weights random for a smoke test)"
         )
     return None

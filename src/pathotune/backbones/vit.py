@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -16,6 +18,39 @@ from .registry import BackboneSpec, get_backbone_spec
 
 POOLS = ("default", "token", "avg", "token+avg")
 RANDOM_INIT_SEED = 0
+
+
+class AttentionalPool(nn.Module):
+    """CoCa's attentional pooler followed by a LayerNorm (CONCH's ``attn_pool_contrast`` then ``ln_contrast``).
+
+    Learned queries (``ln_q``) cross-attend over every normalised token (``ln_k``) with ``num_heads`` heads; the
+    first query's output, normalised by ``norm``, is the image embedding of width ``dim``.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int = 8, num_queries: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.query = nn.Parameter(torch.randn(num_queries, dim))
+        self.attn = nn.MultiheadAttention(dim, num_heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_k(x)
+        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.norm(self.attn(q, kv, kv, need_weights=False)[0][:, 0])
+
+
+@dataclass(frozen=True)
+class HeadSpec(BackboneSpec):
+    """A spec whose vendor pools with a head that timm's ViT lacks (CONCH's attentional pooler).
+
+    ``head(vit)`` fits that head into the built model as its ``attn_pool`` (setting ``head_hidden_size``), so
+    timm's ``forward_head`` runs it, strict loading fills it and the weight fingerprint covers it.
+    """
+
+    head: Callable[[VisionTransformer], None] | None = None
 
 
 class TokenViT(nn.Module):
@@ -47,6 +82,8 @@ class TokenViT(nn.Module):
 
     @property
     def feature_dim(self) -> int:
+        if self.pool_mode == "default":  # the model's own head, which may change the width (CONCH: 512)
+            return int(getattr(self.vit, "head_hidden_size", self.embed_dim))
         return self.embed_dim * (2 if self.pool_mode == "token+avg" else 1)
 
     @property
@@ -83,17 +120,21 @@ class TokenViT(nn.Module):
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and the backbone's own pooling over [prefix][patches] tokens (prompts already removed)."""
+        """Final norm and the backbone's own pooling over [prefix][patches] tokens (prompts already removed).
+
+        The overrides pool as timm does: ``fc_norm`` after pooling (a LayerNorm in models trained on pooled
+        features, whose ``norm`` is then Identity; Identity otherwise).
+        """
         v = self.vit
         x = v.norm(x)
         if self.pool_mode == "default":
             return v.forward_head(x, pre_logits=True)
         patches = x[:, self.num_prefix_tokens :]
         if self.pool_mode == "token":
-            return x[:, 0]
+            return v.fc_norm(x[:, 0])
         if self.pool_mode == "avg":
-            return patches.mean(1)
-        return torch.cat([x[:, 0], patches.mean(1)], dim=-1)
+            return v.fc_norm(patches.mean(1))
+        return torch.cat([v.fc_norm(x[:, 0]), v.fc_norm(patches.mean(1))], dim=-1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All output tokens (normalised), used as instance features."""
@@ -108,9 +149,12 @@ def create_vit(spec: BackboneSpec, img_size: int | None = None, **overrides) -> 
     kwargs = {**spec.model_kwargs, **overrides}
     kwargs.setdefault("img_size", img_size or spec.img_size)
     try:
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+        vit = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:
         raise ConfigError(f"backbone '{spec.name}' does not accept {sorted(kwargs)}: {e}") from e
+    if isinstance(spec, HeadSpec) and spec.head is not None:
+        spec.head(vit)
+    return vit
 
 
 def create_backbone(

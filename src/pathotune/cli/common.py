@@ -1,14 +1,24 @@
-"""Small pieces shared by command modules."""
+"""Small pieces shared by command modules: tables, switches, machine-readable output, where inference runs."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
 import yaml
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..report import to_jsonable
 
 console = Console()
+UNBOUNDED = 100_000  # columns a table may take when measured for a pipe
 
 
 def parse_switches(items: list[str] | None) -> dict:
@@ -29,10 +39,15 @@ def print_table(rows: list[dict], title: str | None = None, columns: list[str] |
     columns = columns or list(rows[0])
     table = Table(title=title)
     for c in columns:
-        table.add_column(c)
+        table.add_column(c, overflow="fold")  # never an ellipsis: a cut name cannot be copied back
     for r in rows:
         table.add_row(*[fmt(r.get(c)) for c in columns])
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:  # piped or logged: as wide as the table needs, so no cell wraps or folds (80 columns otherwise)
+        natural = Measurement.get(console, console.options.update_width(UNBOUNDED), table).maximum
+        wide = Console(file=console.file, width=max(console.width, natural), no_color=console.no_color)
+        wide.print(table)
 
 
 def fmt(v) -> str:
@@ -47,3 +62,45 @@ def fmt(v) -> str:
     if isinstance(v, dict) and "mean" in v:
         return f"{v['mean']:.4f} ± {v['std']:.4f}"
     return str(v)
+
+
+@contextlib.contextmanager
+def human_output(json_mode: bool) -> Iterator[None]:
+    """With ``--json``, whatever a command prints for people goes to stderr, so stdout holds the JSON alone."""
+    if not json_mode:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def print_json(obj: Any) -> None:
+    """``obj`` as one JSON document on stdout (numpy values converted, NaN and infinities as null)."""
+    sys.stdout.write(json.dumps(_finite(to_jsonable(obj)), indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def parse_devices(devices: str) -> int | str:
+    """``--devices``: a count (``2``, ``-1`` for all) or Fabric's own spellings (``auto``, ``0,1``)."""
+    text = devices.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def inference_runtime(accelerator: str, devices: str, precision: str) -> Any:
+    """The Runtime ``eval`` and ``predict`` run on: the engine's one Fabric factory, as training uses it."""
+    from ..engine.config import PRECISIONS
+    from ..engine.runtime import Runtime, make_fabric
+
+    if precision not in (*PRECISIONS, "auto"):
+        raise ConfigError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)} or auto")
+    return Runtime.of(make_fabric(accelerator, parse_devices(devices), "auto", precision))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import sys
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import console, parse_switches, print_table
+from ..version import __version__
+from .common import console, fmt, human_output, inference_runtime, parse_switches, print_json, print_table
 from .errors import run_cli
 
 app = typer.Typer(
@@ -21,11 +21,29 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"pathotune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_show_version, is_eager=True)
+    ] = False,
 ) -> None:
     """Errors print one line and exit 2; --debug shows the traceback."""
+
+
+# Options shared by the commands that run a model (train, eval, predict).
+JsonOpt = Annotated[bool, typer.Option("--json", help="Results as JSON on stdout (everything else on stderr).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars (TQDM_DISABLE=1 does the same).")]
+DevicesOpt = Annotated[str, typer.Option(help="Devices: a count, -1 (all), 'auto' or indices such as '0,1'.")]
+AcceleratorOpt = Annotated[str, typer.Option(help="auto, cpu, gpu...")]
+PrecisionOpt = Annotated[str, typer.Option(help="32-true, bf16-mixed, 16-mixed... or auto (bf16 on a GPU).")]
+WorkersOpt = Annotated[int, typer.Option(help="Image-decoding loader processes.")]
 
 
 @app.command()
@@ -34,7 +52,13 @@ def train(
     backbone: Annotated[str | None, typer.Option(help="Backbone id (see `pathotune backbones`).")] = None,
     method: Annotated[str | None, typer.Option(help="Method (see `pathotune methods`).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Local weights file/folder, 'bundled' or 'random'.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Local weights file/folder (the default), 'bundled', 'random', or hf-hub:owner/repo[@rev][:file] "
+            "via the Hugging Face cache ('hf-hub': the backbone's own repo; HF_TOKEN, HF_HUB_OFFLINE apply)."
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Budget in optimizer steps (default: the method's).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Budget in epochs, converted to steps (with a floor).")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between validation passes.")] = None,
@@ -70,11 +94,17 @@ def train(
         bool | None,
         typer.Option("--overwrite", help="Replace the run in --out, once the new one has finished."),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    logger: Annotated[
+        list[str] | None,
+        typer.Option(help="Experiment logger: csv (default), tensorboard, mlflow, wandb, none; repeat or a,b."),
+    ] = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Train a method on a backbone; writes config, metrics, report, bundle, checkpoints and a CSV log."""
     from ..engine.config import load_config
     from ..engine.run import train_seeds
+    from ..report import format_percent, trainable_percent
 
     task = {k: v for k, v in {"text": task_text, "organ": organ, "stain": stain}.items() if v is not None}
     dev = None if devices is None else (int(devices) if devices.isdigit() else devices)
@@ -109,12 +139,19 @@ def train(
         out=out,
         resume=resume,
         overwrite=overwrite,
+        logger=logger,
     )
-    result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
-    keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
-    print_table([{"metric": k, "value": result.get(k)} for k in keys], title=f"{cfg.method} on {cfg.backbone}")
-    console.print(f"trainable params: {result['trainable_params']:,} of {result['total_params']:,}")
-    console.print(f"run written to {cfg.out} (report.md, metrics.json, bundle/)")
+    with human_output(json_out):
+        result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
+        keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
+        print_table([{"metric": k, "value": result.get(k)} for k in keys], title=f"{cfg.method} on {cfg.backbone}")
+        trainable, total = result["trainable_params"], result["total_params"]
+        console.print(
+            f"trainable params: {trainable:,} of {total:,} ({format_percent(trainable_percent(trainable, total))})"
+        )
+        console.print(f"run written to {cfg.out} (report.md, metrics.json, bundle/)")
+    if json_out:
+        print_json({**result, "out": cfg.out})
 
 
 @app.command("eval")
@@ -122,12 +159,22 @@ def evaluate(
     bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
     data: Annotated[str, typer.Option(help="Labelled data: folder, CSV or layout:<name>:<path>.")],
     split: Annotated[str, typer.Option(help="auto (test, else val, else all), test, val, train or all.")] = "auto",
-    weights: Annotated[str | None, typer.Option(help="Backbone weights, if not where the bundle says.")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Backbone weights (a local path or hf-hub:owner/repo[:file]), if not where the bundle says."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    num_workers: WorkersOpt = 0,
+    devices: DevicesOpt = "1",
+    accelerator: AcceleratorOpt = "auto",
+    precision: PrecisionOpt = "32-true",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Go on without unreadable files.")] = False,
     out: Annotated[
         Path | None,
         typer.Option(help="Write metrics.json and report.md here (into OUT/eval/<data>-<split>/ if OUT holds a run)."),
     ] = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Judge a trained bundle on labelled data."""
     from ..engine.infer import evaluate as run_eval
@@ -137,13 +184,30 @@ def evaluate(
 
     if out is not None:
         check_out_usable(out)  # before any work
-    m = run_eval(bundle, data, split=split, weights=weights, batch_size=batch_size, progress=_progress())
-    print_table(
-        [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in METRIC_NAMES],
-        title=f"{bundle} on {data} ({m['split']}, n={m['n']})",
-    )
-    if out is not None:
-        console.print(f"written to {write_evaluation(out, m)}")
+    with human_output(json_out):
+        rt = inference_runtime(accelerator, devices, precision)
+        m = run_eval(
+            bundle,
+            data,
+            split=split,
+            weights=weights,
+            batch_size=batch_size,
+            workers=num_workers,
+            progress=not quiet,
+            runtime=rt,
+            skip_bad=skip_bad,
+        )
+        if not rt.main:
+            return
+        print_table(
+            [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in METRIC_NAMES],
+            title=f"{bundle} on {data} ({m['split']}, n={m['n']})",
+        )
+        if out is not None:
+            m["written_to"] = str(write_evaluation(out, m))
+            console.print(f"written to {m['written_to']}")
+    if json_out:
+        print_json(m)
 
 
 @app.command()
@@ -153,11 +217,20 @@ def predict(
         list[str] | None, typer.Option("--bundle", help="A bundle or run folder; repeat to serve several tasks.")
     ] = None,
     out: Annotated[Path, typer.Option(help="CSV of per-class probabilities.")] = Path("predictions.csv"),
-    weights: Annotated[str | None, typer.Option()] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Backbone weights (a local path or hf-hub:owner/repo[:file]), if not where the bundle says."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images x tasks per forward pass.")] = 32,
+    num_workers: WorkersOpt = 0,
+    devices: DevicesOpt = "1",
+    accelerator: AcceleratorOpt = "auto",
+    precision: PrecisionOpt = "32-true",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Per-class probabilities for images, as CSV. Several --bundle share one backbone forward."""
-    from ..engine.infer import predict_to_csv
+    from ..engine.infer import check_output_file, predict_to_csv, settings
     from ..errors import ConfigError
 
     bundles = list(bundle or [])
@@ -165,13 +238,37 @@ def predict(
         if len(inputs) < 2:
             raise ConfigError("predict needs a bundle and images: `pathotune predict BUNDLE IMAGES...`")
         bundles, inputs = [inputs[0]], inputs[1:]
-    files, results = predict_to_csv(bundles, inputs, out, weights=weights, batch_size=batch_size, progress=_progress())
-    console.print(f"{len(files)} images x {len(results)} task(s) written to {out}")
-
-
-def _progress() -> bool:
-    """Progress bars only on a terminal: in logs and pipes they are noise before any error line."""
-    return sys.stderr.isatty()
+    check_output_file(out)  # before Fabric starts
+    with human_output(json_out):
+        rt = inference_runtime(accelerator, devices, precision)
+        files, results = predict_to_csv(
+            bundles,
+            inputs,
+            out,
+            weights=weights,
+            batch_size=batch_size,
+            workers=num_workers,
+            progress=not quiet,
+            runtime=rt,
+        )
+        if not rt.main:
+            return
+        console.print(f"{len(files)} images x {len(results)} task(s) written to {out}")
+    if json_out:
+        rows = [
+            {
+                "path": str(path),
+                "tasks": {
+                    name: {
+                        "pred": classes[int(probs[i].argmax())],
+                        "probs": dict(zip(classes, probs[i].tolist(), strict=True)),
+                    }
+                    for name, (classes, probs) in results.items()
+                },
+            }
+            for i, path in enumerate(files)
+        ]
+        print_json({"out": str(out), **settings(rt, batch_size, num_workers), "predictions": rows})
 
 
 @app.command()
@@ -216,15 +313,40 @@ def methods() -> None:
 
 
 @app.command()
-def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")]) -> None:
+def info(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
+    json_out: JsonOpt = False,
+) -> None:
     """What a bundle holds and what it was trained on."""
     from ..bundle import TENSORS, read_manifest, resolve_bundle
 
     path = resolve_bundle(bundle)
     m = read_manifest(path)  # checked: every key below is there, and (format 2) unedited
     prov = m["provenance"]
-    n = sum(int(__import__("math").prod(s)) for s in m["tensors"].values())
+    n = sum(int(math.prod(s)) for s in m["tensors"].values())
     size = (path / TENSORS).stat().st_size if (path / TENSORS).is_file() else 0
+    extra = m.get("extra")
+    metrics = extra.get("metrics") if isinstance(extra, dict) and isinstance(extra.get("metrics"), dict) else {}
+    if json_out:
+        print_json(
+            {
+                "path": str(path),
+                "method": m["method"],
+                "backbone": prov["backbone"],
+                "img_size": prov["img_size"],
+                "weights": prov["weights"],
+                "fingerprint": prov["fingerprint"],
+                "classes": m["class_names"],
+                "task_text": m.get("task_text", ""),
+                "tensors": len(m["tensors"]),
+                "values": n,
+                "bytes": size,
+                "format_version": m["format_version"],
+                "pathotune_version": m.get("pathotune_version"),
+                "metrics": metrics,
+            }
+        )
+        return
     rows = [
         {"field": "method", "value": m["method"]},
         {"field": "backbone", "value": f"{prov['backbone']} ({prov['img_size']} px)"},
@@ -235,10 +357,22 @@ def info(bundle: Annotated[str, typer.Argument(help="A bundle folder or a run fo
         {"field": "tensors", "value": f"{len(m['tensors'])} ({n:,} values, {size / 1024:.1f} KiB)"},
         {"field": "format", "value": f"{m['format_version']} (pathotune {m.get('pathotune_version', '?')})"},
     ]
-    extra = m.get("extra")
-    if isinstance(extra, dict) and extra.get("metrics"):
-        rows.append({"field": "metrics", "value": json.dumps(extra["metrics"])})
+    if metrics:  # rounded as every table shows them; --json gives the stored values
+        rows.append({"field": "metrics", "value": ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())})
     print_table(rows, title=str(path))
+
+
+@app.command()
+def push(
+    bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder (its metrics and config go along).")],
+    repo: Annotated[str, typer.Option(help="Hugging Face model repo, owner/name (created if it does not exist).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+) -> None:
+    """Share a bundle on the Hugging Face Hub with a generated model card (log in first: `hf auth login`)."""
+    from ..bundle import push_bundle
+
+    url = push_bundle(bundle, repo, private=True if private else None)
+    console.print(f'pushed to {url}; load it with PathoTuneModel.from_pretrained("{repo}") or hf-hub:{repo}')
 
 
 @app.command()

@@ -7,7 +7,7 @@ command so that `pathotune --help` does not load torch and the models.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,34 +22,175 @@ app = typer.Typer(
     add_completion=False,
 )
 
-SlidesOpt = Annotated[str, typer.Option("--slides", help="Folder of slides, one slide, or a CSV with slide_path.")]
-MppOpt = Annotated[float | None, typer.Option("--mpp", help="Microns per pixel for slides whose file lacks it.")]
+SlidesOpt = Annotated[
+    str, typer.Option("--slides", help="Folder of slides, one slide, or a CSV with slide_path (optional mpp column).")
+]
+MppOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--mpp", help="Microns per level-0 pixel for every slide (over its metadata); a slide list's mpp column wins."
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+# -- tiling and tissue options, shared by `slides tile` and `slides extract` -------------------------------------
+TargetMppOpt = Annotated[
+    float | None, typer.Option(help="Microns per pixel of the tiles; default 0.5 (20x). Or give --mag.")
+]
+MagOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--mag", help="Tile magnification instead of --target-mpp: mpp = 10 / mag (40x = 0.25, 20x = 0.5, 10x = 1)."
+    ),
+]
+OverlapOpt = Annotated[int | None, typer.Option(help="Pixels shared by neighbouring tiles; default 0.")]
+MinTissueOpt = Annotated[
+    float | None,
+    typer.Option(help="Keep tiles with at least this tissue fraction; default 0.5 (0 with --coords: keep all)."),
+]
+CoordsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="TRIDENT or CLAM output folder (<slide>_patches.h5 or patches/<slide>.h5): use its tiles instead of a "
+        "grid, at their size and scale (so no --target-mpp, --mag, --tile-size, --overlap)."
+    ),
+]
+TissueGeojsonOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of <slide_id>.geojson (QuPath or TRIDENT polygons with holes, level-0 pixels; or one file for "
+        "one slide): the tissue mask, instead of Otsu's."
+    ),
+]
+TissueMethodOpt = Annotated[
+    str, typer.Option(help="Otsu mask: 'otsu' picks a threshold per slide, 'fixed' uses --tissue-threshold.")
+]
+TissueChannelOpt = Annotated[
+    str, typer.Option(help="'saturation' (HSV S, stained tissue) or 'darkness' (1 - grey, unstained or grey).")
+]
+TissueThresholdOpt = Annotated[
+    float | None, typer.Option(help="A fixed cut on the channel's 0..1 scale; when given it replaces Otsu's.")
+]
+TissueMinThresholdOpt = Annotated[
+    float, typer.Option(help="Otsu never cuts below this, so blank glass gives no tissue instead of split noise.")
+]
+TissueCloseOpt = Annotated[
+    int, typer.Option(help="Closing radius (mask pixels): joins nearby fragments, bridges pale gaps; 0 = off.")
+]
+TissueOpenOpt = Annotated[int, typer.Option(help="Opening radius (mask pixels): removes dust and specks; 0 = off.")]
+FillHolesOpt = Annotated[bool, typer.Option(help="Fill holes enclosed by tissue (pale, nuclei-poor areas).")]
+MaxHoleFracOpt = Annotated[
+    float, typer.Option(help="Holes above this fraction of the mask stay open (lumen, tears); 1 fills every hole.")
+]
+MinAreaFracOpt = Annotated[
+    float, typer.Option(help="Drop tissue pieces below this fraction of the mask (debris, dirt); 0 keeps all.")
+]
+MaskSizeOpt = Annotated[
+    int, typer.Option(help="Longer side (px) of the thumbnail the tissue mask is found on, or a GeoJSON drawn on.")
+]
 
 
 def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+def _target_mpp(
+    target_mpp: float | None, mag: float | None, tile_size: int | None, overlap: int | None, coords: Path | None
+) -> float | None:
+    """The tiles' resolution from --target-mpp or --mag (default 0.5); None with --coords, whose files give the
+    tiles' size and scale, so flags that set them too are refused."""
+    from ..slides.tiling import resolve_target_mpp
+
+    if coords is None:
+        return resolve_target_mpp(target_mpp, mag)
+    flags = (("--target-mpp", target_mpp), ("--mag", mag), ("--tile-size", tile_size), ("--overlap", overlap))
+    given = [f for f, v in flags if v is not None]
+    if given:
+        raise ConfigError(f"--coords takes the tiles' size and scale from {coords}; drop {', '.join(given)}")
+    return None
+
+
+def _min_tissue(min_tissue: float | None, coords: Path | None) -> float:
+    """--min-tissue, by default 0.5 on a grid and 0 on another tool's tiles (which that tool already chose)."""
+    return min_tissue if min_tissue is not None else 0.0 if coords is not None else 0.5
+
+
+def _tissue(
+    method: str,
+    channel: str,
+    threshold: float | None,
+    min_threshold: float,
+    close: int,
+    open_: int,
+    fill_holes: bool,
+    max_hole_frac: float,
+    min_area_frac: float,
+) -> Any:
+    """The TissueConfig of the --tissue-* flags (the Otsu mask; unused for slides with a tissue GeoJSON)."""
+    from ..slides.tissue import TissueConfig
+
+    return TissueConfig(
+        method=method,
+        channel=channel,
+        threshold=threshold,
+        min_threshold=min_threshold,
+        close_radius=close,
+        open_radius=open_,
+        fill_holes=fill_holes,
+        max_hole_frac=max_hole_frac,
+        min_area_frac=min_area_frac,
+    )
+
+
 @app.command()
 def tile(
     slides: SlidesOpt,
-    out: Annotated[Path, typer.Option(help="Folder for QC thumbnails and tile coordinate CSVs.")],
-    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the tiles.")] = 0.5,
-    tile_size: Annotated[int, typer.Option(help="Tile side in pixels at the target mpp.")] = 224,
-    overlap: Annotated[int, typer.Option(help="Pixels shared by neighbouring tiles.")] = 0,
-    min_tissue: Annotated[float, typer.Option(help="Keep tiles with at least this tissue fraction.")] = 0.5,
+    out: Annotated[Path, typer.Option(help="Folder for QC thumbnails, tile coordinate CSVs and tissue GeoJSON.")],
+    target_mpp: TargetMppOpt = None,
+    mag: MagOpt = None,
+    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels at the target mpp; default 224.")] = None,
+    overlap: OverlapOpt = None,
+    min_tissue: MinTissueOpt = None,
     mpp: MppOpt = None,
     thumb_size: Annotated[int, typer.Option(help="Longer side of the QC thumbnail.")] = 1024,
+    coords: CoordsOpt = None,
+    tissue_geojson: TissueGeojsonOpt = None,
+    tissue_method: TissueMethodOpt = "otsu",
+    tissue_channel: TissueChannelOpt = "saturation",
+    tissue_threshold: TissueThresholdOpt = None,
+    tissue_min_threshold: TissueMinThresholdOpt = 0.05,
+    tissue_close: TissueCloseOpt = 2,
+    tissue_open: TissueOpenOpt = 1,
+    fill_holes: FillHolesOpt = True,
+    max_hole_frac: MaxHoleFracOpt = 0.02,
+    min_area_frac: MinAreaFracOpt = 0.0005,
+    mask_size: MaskSizeOpt = 1024,
 ) -> None:
-    """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue)."""
-    from ..slides import TilingConfig, tile_slides
+    """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue) and
+    <id>_tissue.geojson (the tissue as QuPath annotations)."""
+    from ..slides.inputs import slide_inputs
+    from ..slides.qc import tile_slides
+    from ..slides.tiling import TilingConfig
 
-    cfg = TilingConfig(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)
-    summary = tile_slides(slides, out, cfg, mpp=mpp, thumb_size=thumb_size)
+    target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
+    cfg = TilingConfig(target, tile_size or 224, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
+    tissue = _tissue(
+        tissue_method,
+        tissue_channel,
+        tissue_threshold,
+        tissue_min_threshold,
+        tissue_close,
+        tissue_open,
+        fill_holes,
+        max_hole_frac,
+        min_area_frac,
+    )
+    inputs = slide_inputs(slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson)
+    summary = tile_slides(inputs, out, cfg, thumb_size=thumb_size, tissue=tissue)
     shown = ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp")
-    print_table([{k: r[k] for k in shown} for r in summary], title=f"tiles at {target_mpp:g} mpp, {tile_size} px")
-    console.print(f"QC thumbnails and tile lists written to {out}")
+    what = f"tiles of {coords}" if coords else f"tiles at {cfg.target_mpp:g} mpp, {cfg.tile_size} px"
+    print_table([{k: r[k] for k in shown} for r in summary], title=what)
+    console.print(f"QC thumbnails, tile lists and tissue GeoJSON written to {out}")
 
 
 @app.command()
@@ -59,14 +200,27 @@ def extract(
     backbone: Annotated[str | None, typer.Option(help="Backbone id (see `pathotune backbones`).")] = None,
     weights: Annotated[str | None, typer.Option(help="Local weights file/folder, 'bundled' or 'random'.")] = None,
     bundle: Annotated[Path | None, typer.Option(help="Prompt bundle (or run folder): its prompted model.")] = None,
-    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the tiles.")] = 0.5,
+    target_mpp: TargetMppOpt = None,
+    mag: MagOpt = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile side at the target mpp (default: model input).")] = None,
-    overlap: Annotated[int, typer.Option(help="Pixels shared by neighbouring tiles.")] = 0,
-    min_tissue: Annotated[float, typer.Option(help="Keep tiles with at least this tissue fraction.")] = 0.5,
+    overlap: OverlapOpt = None,
+    min_tissue: MinTissueOpt = None,
     image_size: Annotated[int | None, typer.Option(help="Model input size (default: the backbone's).")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     num_workers: Annotated[int | None, typer.Option(help="Tile-decoding processes (default min(4, CPUs)).")] = None,
     mpp: MppOpt = None,
+    coords: CoordsOpt = None,
+    tissue_geojson: TissueGeojsonOpt = None,
+    tissue_method: TissueMethodOpt = "otsu",
+    tissue_channel: TissueChannelOpt = "saturation",
+    tissue_threshold: TissueThresholdOpt = None,
+    tissue_min_threshold: TissueMinThresholdOpt = 0.05,
+    tissue_close: TissueCloseOpt = 2,
+    tissue_open: TissueOpenOpt = 1,
+    fill_holes: FillHolesOpt = True,
+    max_hole_frac: MaxHoleFracOpt = 0.02,
+    min_area_frac: MinAreaFracOpt = 0.0005,
+    mask_size: MaskSizeOpt = 1024,
     devices: Annotated[str, typer.Option(help="Devices per node: a count or 'auto'.")] = "1",
     accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu...")] = "auto",
     strategy: Annotated[str, typer.Option(help="auto, ddp...; slides are shared out across ranks.")] = "auto",
@@ -76,22 +230,33 @@ def extract(
 ) -> None:
     """Tile features per slide into <out>/<slide_id>.h5; finished slides are skipped on a rerun."""
     from ..engine.runtime import make_fabric
-    from ..slides import TilingConfig, find_slides
     from ..slides.extract import extract_slides
     from ..slides.extractor import load_extractor
+    from ..slides.inputs import slide_inputs
+    from ..slides.tiling import TilingConfig
 
-    paths = find_slides(slides)
-    ex = load_extractor(backbone=backbone, weights=weights, bundle=bundle, image_size=image_size)
-    cfg = TilingConfig(
-        target_mpp=target_mpp, tile_size=tile_size or ex.image_size, overlap=overlap, min_tissue=min_tissue
+    target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
+    tissue = _tissue(
+        tissue_method,
+        tissue_channel,
+        tissue_threshold,
+        tissue_min_threshold,
+        tissue_close,
+        tissue_open,
+        fill_holes,
+        max_hole_frac,
+        min_area_frac,
     )
+    inputs = slide_inputs(slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson)
+    ex = load_extractor(backbone=backbone, weights=weights, bundle=bundle, image_size=image_size)
+    cfg = TilingConfig(target, tile_size or ex.image_size, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
     fabric = make_fabric(accelerator, _devices(devices), strategy, precision)
     results = extract_slides(
         ex,
-        paths,
+        inputs,
         out,
         tiling=cfg,
-        mpp_override=mpp,
+        tissue=tissue,
         batch_size=batch_size,
         num_workers=num_workers,
         fabric=fabric,
@@ -111,7 +276,8 @@ def extract(
         for r in results
     ]
     model = f"bundle {ex.bundle_path}" if ex.bundle_path else ex.backbone
-    print_table(rows, title=f"{model}: {ex.feature_dim}-d features, {cfg.tile_size} px tiles at {target_mpp:g} mpp")
+    tiles = f"the tiles of {coords}" if coords else f"{cfg.tile_size} px tiles at {cfg.target_mpp:g} mpp"
+    print_table(rows, title=f"{model}: {ex.feature_dim}-d features, {tiles}")
     if fabric.world_size > 1:
         console.print(f"rank 0's share shown; extract_log.csv lists the slides of all {fabric.world_size} ranks")
     console.print(f"features written to {out} (extract_log.csv has per-slide timing)")
@@ -119,7 +285,10 @@ def extract(
 
 @app.command()
 def train(
-    features: Annotated[str, typer.Option(help="Folder of <slide_id>.h5 from `slides extract`.")],
+    features: Annotated[
+        str,
+        typer.Option(help="Folder of <slide_id>.h5 from `slides extract` or TRIDENT, or CLAM's features (.h5/.pt)."),
+    ],
     labels: Annotated[str, typer.Option(help="CSV with slide_id and label (optional split or fold column).")],
     aggregator: Annotated[str, typer.Option(help="MIL aggregator (abmil, ...).")] = "abmil",
     folds: Annotated[int, typer.Option(help="Cross-validation folds when the CSV has no split/fold column.")] = 5,
@@ -156,7 +325,7 @@ def train(
 @app.command()
 def predict(
     model: Annotated[str, typer.Option("--model", help="Run folder from `slides train` (or one fold).")],
-    features: Annotated[str, typer.Option(help="Folder of <slide_id>.h5 (or one file).")],
+    features: Annotated[str, typer.Option(help="Folder of <slide_id>.h5 (ours, TRIDENT's, CLAM's) or .pt, or a file.")],
     out: Annotated[Path, typer.Option(help="CSV of slide-level predictions.")] = Path("slide_predictions.csv"),
 ) -> None:
     """Slide-level class probabilities (averaged over fold models) as CSV."""
@@ -169,12 +338,17 @@ def predict(
 
 @app.command()
 def heatmap(
-    features: Annotated[str, typer.Option(help="Folder of <slide_id>.h5 (or one file).")],
+    features: Annotated[str, typer.Option(help="Folder of <slide_id>.h5 (ours, TRIDENT's, CLAM's), or one file.")],
     out: Annotated[Path, typer.Option(help="Folder for heatmap PNGs and GeoJSON.")],
     model: Annotated[str | None, typer.Option("--model", help="MIL run folder: paints attention.")] = None,
     bundle: Annotated[Path | None, typer.Option(help="Patch bundle: paints its per-tile class probabilities.")] = None,
     slides: Annotated[str | None, typer.Option(help="Slides (folder/CSV); default: paths in the features.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Backbone weights for --bundle, if not where it says.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Backbone weights for --bundle (a local path or hf-hub:owner/repo[:file]), if not where it says."
+        ),
+    ] = None,
     max_size: Annotated[int, typer.Option(help="Longer side of the heatmap thumbnail.")] = 1024,
     alpha: Annotated[float, typer.Option(help="Opacity of the colours over the slide.")] = 0.5,
 ) -> None:

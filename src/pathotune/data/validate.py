@@ -9,6 +9,7 @@ from training into evaluation) or under two labels stops the run, naming the fil
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import logging
@@ -24,13 +25,14 @@ from pathlib import Path
 
 import h5py
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from ..errors import DataError, one_line
+from ..report import progress_bar
 from .images import READ_ERRORS, to_rgb
 from .types import SPLITS, H5Ref, PatchSource, Sample
 
 PROBLEM_KINDS = ("missing", "unreadable", "corrupt", "truncated")
+SHOWN_BAD = 3  # bad files named in the one-line summary; the rest are counted (and listed in bad_files.csv)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ScanReport:
     conflicts: list[list[Sample]] = field(default_factory=list)  # one split, several labels
     duplicates: list[list[Sample]] = field(default_factory=list)  # one split, one label: safe to drop
     classes: list[str] = field(default_factory=list)  # class names, for messages
+    listing: Path | None = None  # where every bad file is listed (a run's bad_files.csv), named in the summary
 
     @property
     def ok(self) -> bool:
@@ -75,9 +78,13 @@ class ScanReport:
         if self.bad:
             kinds = Counter(b.kind for b in self.bad)
             detail = ", ".join(f"{kinds[k]} {k}" for k in PROBLEM_KINDS if kinds[k])
-            first = self.bad[0]
-            parts.append(f"{len(self.bad)} of {self.checked} images bad ({detail}; first: {first.key})")
-            advice.append("fix or remove the bad files, or skip them with skip_bad")
+            shown = ", ".join(str(b.key) for b in self.bad[:SHOWN_BAD])
+            more = len(self.bad) - SHOWN_BAD
+            if more > 0:
+                shown += f" and {more} more"
+            where = f"; all listed in {self.listing}" if self.listing is not None else ""
+            parts.append(f"{len(self.bad)} of {self.checked} images bad ({detail}: {shown}{where})")
+            advice.append("fix or remove the bad files, or skip them with --skip-bad")
         if self.empty_classes:
             parts.append(
                 f"{len(self.empty_classes)} class(es) without training images ({', '.join(self.empty_classes)})"
@@ -91,12 +98,12 @@ class ScanReport:
             g = self.leaks[0]
             where = " and ".join(f"{s.path_or_key} in {s.split}" for s in g[:2])
             parts.append(f"{len(self.leaks)} image(s) in more than one split, a leak into evaluation (first: {where})")
-            advice.append("remove the copies from val/test, or drop them there with skip_bad")
+            advice.append("remove the copies from val/test, or drop them there with --skip-bad")
         if self.conflicts:
             g = self.conflicts[0]
             labels = " and ".join(f"{s.path_or_key} as '{self._name(s.label)}'" for s in g[:2])
             parts.append(f"{len(self.conflicts)} image(s) under more than one label (first: {labels})")
-            advice.append("fix their labels, or drop them with skip_bad")
+            advice.append("fix their labels, or drop them with --skip-bad")
         if not parts and self.duplicates:
             return self.duplicate_note()
         return f"{self.origin}: {', '.join(parts)}; {' and '.join(advice)}"
@@ -113,6 +120,14 @@ class ScanReport:
             f"{self.origin}: dropped {n} duplicate sample(s), so that each image counts once "
             f"(first: {first[1].path_or_key} in {first[1].split}, {what})"
         )
+
+    def bad_files_csv(self) -> str:
+        """Every bad file as CSV text: ``path,problem,detail``, one row each, in path order."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", "problem", "detail"])
+        writer.writerows([str(b.key), b.kind, b.detail] for b in self.bad)
+        return buffer.getvalue()
 
     def lines(self) -> list[str]:
         """One line per problem, for a full listing (the summary names only the first bad file)."""
@@ -276,9 +291,7 @@ def scan(source: PatchSource, progress: bool = False, workers: int | None = None
         with (
             warnings.catch_warnings(),
             quiet_native_stderr() as stream,
-            tqdm(
-                total=len(keys), desc="scanning images", unit="img", disable=not progress, leave=False, file=stream
-            ) as bar,
+            progress_bar(len(keys), "scanning images", "img", enabled=progress, file=stream) as bar,
             ThreadPoolExecutor(max_workers=n_workers) as pool,
         ):
             warnings.simplefilter("ignore")

@@ -22,11 +22,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from ..data import load_source
 from ..errors import PathoTuneError
-from ..report import atomic_write_json, atomic_write_text, markdown_table, plot_metric_vs_params
+from ..report import (
+    atomic_write_json,
+    atomic_write_text,
+    markdown_table,
+    plot_metric_vs_params,
+    progress_bar,
+    trainable_percent,
+)
 from ..report.plots import plot_fewshot_curves
 from .bench_config import (
     BENCH_KEYS,
@@ -140,18 +146,21 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True, train: 
     shots: dict[str, dict[tuple[str, int], list[dict]]] = {}
     seconds = 0.0
     missing: list[str] = []
-    bar = tqdm(jobs, desc="benchmark cells", disable=not progress)
-    for key, label, cell_dir, make in bar:
+    bar = progress_bar(total=len(jobs), desc="benchmark cells", unit="cell", enabled=progress)
+    for key, label, cell_dir, make in jobs:
         bar.set_postfix_str(label)
         if not train and not (cell_dir / "metrics.json").is_file():
             missing.append(label)
+            bar.update(1)
             continue
         metrics = _run_or_load(make, cell_dir)
+        bar.update(1)
         seconds += metrics.get("cell_seconds") or metrics.get("train_seconds") or 0.0
         if key[0] == "grid":
             results.setdefault((key[1], key[2]), []).append(metrics)
         else:
             shots.setdefault(key[1], {}).setdefault((key[2], key[3]), []).append(metrics)
+    bar.close()
 
     comparisons = run_comparisons(cfg, root)
     fewshot = summarise_fewshot_results(cfg, shots, episodes)
@@ -159,9 +168,7 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True, train: 
         atomic_write_json(root / "comparisons.json", comparisons)
     if fewshot:
         atomic_write_json(root / "fewshot.json", fewshot)
-    return write_summary(
-        cfg, config_path, results, seconds, comparisons=comparisons, fewshot=fewshot, missing=missing
-    )
+    return write_summary(cfg, config_path, results, seconds, comparisons=comparisons, fewshot=fewshot, missing=missing)
 
 
 def run_comparisons(cfg: BenchConfig, root: Path) -> list[dict]:
@@ -212,7 +219,7 @@ def summarise(results: dict[tuple[str, str], list[dict]]) -> list[dict]:
                 "method": method,
                 **{k: agg[k] for k in BENCH_KEYS},
                 "trainable_params": first["trainable_params"],
-                "pct_of_backbone": first["trainable_percent_of_backbone"],
+                "trainable_pct": trainable_percent(first["trainable_params"], first["total_params"]),
                 # Head-only cells train on cached features: their steps never touch the backbone.
                 "train_img_s": None
                 if first["recipe"].get("cached_features")
@@ -338,7 +345,7 @@ def write_summary(
                     "method",
                     *BENCH_KEYS,
                     "trainable_params",
-                    "pct_of_backbone",
+                    "trainable_pct",
                     "train_img_s",
                     "infer_img_s",
                     "peak_mem_mb",
@@ -371,8 +378,9 @@ def write_summary(
     if cfg.methods:
         intro.append(
             f"Backbone `{cfg.backbone}` at {cfg.image_size or 'its native'} px, seeds {cfg.seeds}; "
-            "mean ± std over seeds; balanced accuracy, macro-F1 and AUROC on the test split. `pct_of_backbone` is "
-            "trainable parameters as % of the backbone's. Throughputs are means over seeds; cells that train a head "
+            "mean ± std over seeds; balanced accuracy, macro-F1 and AUROC on the test split. `trainable_pct` is "
+            "trainable parameters as % of all the model's (frozen backbone included), as everywhere in PathoTune. "
+            "Throughputs are means over seeds; cells that train a head "
             "on cached features show no training or inference throughput (their backbone runs once per image). "
             "Peak memory is the training process's peak resident set (CPU) or peak CUDA allocation (GPU). "
             "Model selection (the probe's C, the step kept, the prompt groups kept) uses validation data only; "
@@ -405,9 +413,7 @@ def write_summary(
         + "\n\n".join(intro)
         + "\n\n"
         + f"Command: `pathotune bench --config {config_path}` (the cells took {seconds / 60:.0f} min in all).\n"
-        f"Machine: {machine_line()}.\n\n"
-        + (_missing_note(missing) if missing else "")
-        + "\n".join(sections)
+        f"Machine: {machine_line()}.\n\n" + (_missing_note(missing) if missing else "") + "\n".join(sections)
     )
     out = Path(cfg.runs_dir) / cfg.name / "summary.md"
     atomic_write_text(out, text)

@@ -3,8 +3,6 @@ method computes at step 0 (its gates shut)."""
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -48,8 +46,8 @@ def extract_features(
 ) -> torch.Tensor:
     """``encode(images)`` over a dataset, in order, on the Fabric device."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    bars = progress and fabric.is_global_zero and sys.stderr.isatty()  # bars only on a terminal
-    return runtime.infer(runtime.Runtime.of(fabric), loader, encode, progress=bars, desc=desc)
+    # rank 0 only; a bar on a terminal, periodic lines in a log (report.progress_bar)
+    return runtime.infer(runtime.Runtime.of(fabric), loader, encode, progress=progress, desc=desc)
 
 
 def frozen_features(fabric, model: PathoTuneModel, datasets: dict, cfg: TrainConfig, progress: bool) -> dict:

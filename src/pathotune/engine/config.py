@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 from ..switches import check_keys
+from .runtime import parse_loggers
 
 M = TypeVar("M", bound=BaseModel)
 # What Lightning Fabric accepts, checked here so that a typo fails on one line before Fabric starts.
@@ -68,6 +69,7 @@ class TrainConfig(BaseModel):
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    logger: list[str] = Field(default_factory=lambda: ["csv"])  # experiment loggers: csv, tensorboard, mlflow, wandb
     bootstrap: int = 1000
     out: str = "runs/latest"
     resume: bool = False  # continue the run in ``out`` from its checkpoint (same settings)
@@ -120,6 +122,13 @@ class TrainConfig(BaseModel):
         if str(v) not in PRECISIONS:
             raise ValueError(f"must be one of {list(PRECISIONS)}")
         return str(v)
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _loggers(cls, v: object) -> list[str]:
+        if v is not None and not isinstance(v, (str, list, tuple)):
+            raise ValueError("must be a logger name, a comma list or a list of names (csv, tensorboard, mlflow, wandb)")
+        return parse_loggers(v)  # type: ignore[arg-type]
 
     @field_validator("accelerator")
     @classmethod

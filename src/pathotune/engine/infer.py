@@ -1,7 +1,10 @@
 """Judging and applying a trained bundle: evaluation on labelled data, prediction on image files.
 
-Both run on the CPU through the engine's inference loop (:func:`engine.runtime.infer`); ``pathotune eval`` and
-``pathotune predict`` are :func:`evaluate` + :func:`write_evaluation` and :func:`predict_to_csv`.
+Both run through the engine's inference loop (:func:`engine.runtime.infer_dataset`) on a :class:`Runtime`: a
+single CPU process by default, or the one a Fabric from :func:`engine.runtime.make_fabric` gives (``--accelerator``,
+``--devices``, ``--precision``), with the data sharded over its processes and the outputs gathered back in order.
+``pathotune eval`` and ``pathotune predict`` are :func:`evaluate` + :func:`write_evaluation` and
+:func:`predict_to_csv`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..bundle import load_bundle, resolve_bundle
 from ..data import PatchDataset, Sample, build_transforms, check_source, list_images, load_source, quiet_native_stderr
@@ -23,7 +26,7 @@ from ..multitask import MultiTaskModel
 from ..report import atomic_path, atomic_write_json, write_run_report
 from .metrics import METRIC_NAMES, bootstrap_ci, classification_metrics
 from .runfolder import check_out_usable, is_run_output, run_state
-from .runtime import Runtime, infer
+from .runtime import Runtime, infer_dataset
 
 __all__ = [
     "check_output_file",
@@ -34,6 +37,7 @@ __all__ = [
     "predict_to_csv",
     "resolve_bundle",
     "run_probs",
+    "settings",
     "write_evaluation",
 ]
 
@@ -46,17 +50,38 @@ def eval_transform(model: PathoTuneModel):
     return build_transforms(spec.mean, spec.std, model.backbone.img_size, train=False, augment="none")
 
 
-def run_probs(model: PathoTuneModel, dataset: Dataset, batch_size: int = 32, workers: int = 0, progress: bool = True):
-    """Class probabilities of every sample of ``dataset`` (its ``(image, label, index)`` items), in order."""
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+def run_probs(
+    model: PathoTuneModel,
+    dataset: Dataset,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> np.ndarray:
+    """Class probabilities of every sample of ``dataset`` (its ``(image, label, index)`` items), in order, on
+    ``runtime`` (default: this process, on the CPU)."""
+    rt = runtime or Runtime.of()
+    model.eval().to(rt.device)
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
         return model(x).float().softmax(-1)
 
     with quiet_native_stderr() as stream:  # a bad TIFF's libtiff chatter would print before the error line
-        probs = infer(Runtime.of(), loader, probabilities, progress=progress, desc="predict", file=stream)
+        probs = infer_dataset(
+            rt, dataset, probabilities, batch_size, workers, progress=progress, desc="predict", file=stream
+        )
     return probs.numpy() if len(probs) else np.zeros((0, model.num_classes))
+
+
+def settings(runtime: Runtime, batch_size: int, workers: int) -> dict:
+    """How an evaluation or prediction ran, recorded beside its results."""
+    return {
+        "accelerator": runtime.device.type,
+        "devices": runtime.world_size,
+        "precision": runtime.precision,
+        "batch_size": batch_size,
+        "num_workers": workers,
+    }
 
 
 def evaluate(
@@ -68,15 +93,19 @@ def evaluate(
     workers: int = 0,
     bootstrap: int = 1000,
     progress: bool = True,
+    runtime: Runtime | None = None,
+    skip_bad: bool = False,
 ) -> dict:
     """Metrics of a bundle on labelled data; class names are matched by name, not by position.
 
     ``split`` ``auto`` is test, else val, else all samples. The result is :func:`classification_metrics` (with
-    bootstrap CIs under ``ci`` unless ``bootstrap`` is 0) plus split, n, bundle, data and ``evaluation: True``.
+    bootstrap CIs under ``ci`` unless ``bootstrap`` is 0) plus split, n, bundle, data, ``evaluation: True``,
+    ``skipped_files`` and how it ran (:func:`settings`). ``runtime`` defaults to this process on the CPU.
     """
+    rt = runtime or Runtime.of()
     model = load_bundle(resolve_bundle(bundle), weights=weights)
     source = load_source(data, val_fraction=0.0, test_fraction=0.0)
-    source, _ = check_source(source, progress=progress)
+    source, skipped = check_source(source, skip_bad=skip_bad, progress=progress and rt.main)
     if split == "auto":
         split = next((s for s in ("test", "val") if source.split(s)), "all")
     samples = source.all_samples() if split == "all" else source.split(split)
@@ -88,11 +117,12 @@ def evaluate(
         raise DataError(f"data {data} has classes {unknown} that bundle {bundle} does not know (it has {names})")
     remap = {i: names.index(c) for i, c in enumerate(source.classes)}
     labels = np.array([remap[s.label] for s in samples])
-    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress)
+    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress, rt)
     metrics = classification_metrics(labels, probs, names)
     if bootstrap:
         metrics["ci"] = bootstrap_ci(labels, probs, METRIC_NAMES, n=bootstrap)
     metrics.update({"split": split, "n": len(samples), "bundle": str(bundle), "data": str(data), "evaluation": True})
+    metrics.update({"skipped_files": skipped, **settings(rt, batch_size, workers)})
     return metrics
 
 
@@ -174,23 +204,33 @@ def predict_files(
     batch_size: int = 32,
     workers: int = 0,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
-    """Per-class probabilities of every image for every bundle; all bundles share one backbone forward."""
+    """Per-class probabilities of every image for every bundle; all bundles share one backbone forward.
+
+    ``batch_size`` counts images times tasks (each image runs once per bundle); ``runtime`` defaults to this
+    process on the CPU.
+    """
+    rt = runtime or Runtime.of()
     files = image_files(inputs)
     multi = MultiTaskModel.from_bundles([resolve_bundle(b) for b in bundles], weights=weights)
+    multi.eval().to(rt.device)
     n_tasks = len(multi.tasks)
     sizes = [len(task.class_names) for task in multi.tasks]
     dataset = PatchDataset([Sample(f, 0, "test") for f in files], eval_transform(multi.tasks[0]))
-    loader = DataLoader(dataset, batch_size=max(1, batch_size // n_tasks), num_workers=workers)
 
     def every_task(x: torch.Tensor) -> torch.Tensor:
         # Every image once per task, in one batch: each sample carries its own task's prompts and head.
         n = x.shape[0]
-        logits = multi(x.repeat(n_tasks, 1, 1, 1), torch.arange(n_tasks).repeat_interleave(n))
+        tasks = torch.arange(n_tasks, device=x.device).repeat_interleave(n)
+        logits = multi(x.repeat(n_tasks, 1, 1, 1), tasks)
         return torch.cat([torch.stack(logits[t * n : (t + 1) * n]).float().softmax(-1) for t in range(n_tasks)], 1)
 
+    per_batch = max(1, batch_size // n_tasks)
     with quiet_native_stderr() as stream:  # a bad TIFF's libtiff chatter would print before the error line
-        probs = infer(Runtime.of(), loader, every_task, progress=progress, desc="predict", file=stream).numpy()
+        probs = infer_dataset(
+            rt, dataset, every_task, per_batch, workers, progress=progress, desc="predict", file=stream
+        ).numpy()
     ends = np.cumsum(sizes)
     out = {
         name: (task.class_names, probs[:, end - size : end])
@@ -207,14 +247,18 @@ def predict_to_csv(
     batch_size: int = 32,
     workers: int = 0,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
-    """:func:`predict_files` written as CSV to ``out`` (checked before any work), and returned.
+    """:func:`predict_files` written as CSV to ``out`` (checked before any work; written by rank 0), and returned.
 
     Columns: ``path``, then per bundle ``pred`` and ``prob_<class>``; with several bundles each column is
     prefixed by the bundle's name and a colon.
     """
     check_output_file(out)
-    files, results = predict_files(bundles, inputs, weights, batch_size, workers, progress)
+    rt = runtime or Runtime.of()
+    files, results = predict_files(bundles, inputs, weights, batch_size, workers, progress, rt)
+    if not rt.main:
+        return files, results
     single = len(results) == 1
     header = ["path"]
     for name, (classes, _) in results.items():

@@ -9,7 +9,6 @@ restarts at the right batch and augmentation is seeded per sample, so a resumed 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..errors import PathoTuneError
+from ..report import progress_bar
 from . import runtime
 from .budget import Budget
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -191,7 +191,7 @@ class _Fit:
 
     def __init__(self, fabric, model, train_set, val_set, budget: Budget, lr, head_lr, weight_decay, batch_size,
                  ckpt_path: Path, seed, class_names, grad_accum, monitor, workers, progress,
-                 checkpoint_extra=None) -> None:  # fmt: skip
+                 checkpoint_extra=None, log_prefix: str = "") -> None:  # fmt: skip
         if batch_size % fabric.world_size:
             raise PathoTuneError(f"batch_size {batch_size} must divide evenly over {fabric.world_size} processes")
         self.fabric, self.model, self.budget = fabric, model, budget
@@ -208,6 +208,7 @@ class _Fit:
         self.state = FitState()
         self.show = progress and fabric.is_global_zero
         self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.log_prefix = log_prefix
 
     def resume(self) -> None:
         ck = load_checkpoint(self.ckpt_path)
@@ -236,9 +237,8 @@ class _Fit:
         self.ddp_model, self.optimizer = fabric.setup(self.model, self.optimizer)
         if not st.evaluated:
             self.evaluate()  # step 0 (or the step a killed run had not judged yet)
-        # leave=False and closed on any error: the bar is wiped before an error line prints
-        bars = self.show and sys.stderr.isatty()  # in logs and pipes a bar is only noise before any error line
-        with tqdm(total=budget.steps, initial=st.step, desc="steps", disable=not bars, leave=False) as bar:
+        # wiped on a terminal (also on an error, before its line prints); periodic plain lines in logs and pipes
+        with progress_bar(budget.steps, "steps", "step", enabled=self.show, initial=st.step) as bar:
             while st.step < budget.steps and not st.stopped_early:
                 self._epoch_from(st.step, bar)
         if st.best_state:
@@ -371,6 +371,8 @@ class _Fit:
                     **self.checkpoint_extra,
                 },
             )
+        # the experiment loggers (Fabric's, rank 0 only) get the row once its checkpoint exists
+        fabric.log_dict({f"{self.log_prefix}{k}": v for k, v in row.items() if v is not None and k != "step"}, st.step)
         fabric.barrier()
 
 
@@ -393,17 +395,19 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     checkpoint_extra: dict | None = None,
+    log_prefix: str = "",
 ) -> FitState:
     """Train ``model``'s trainable parameters for ``budget``; keep the best evaluation on ``monitor``.
 
     Datasets yield ``(input, label, index)`` and expose ``labels``. ``model`` may be a PathoTuneModel or a
     head over cached features: anything whose forward maps inputs to logits. Selection uses validation only,
     and includes step 0. ``checkpoint_extra`` is stored in every checkpoint (the run's config, to compare on
-    resume). Training stops with :class:`TrainingError` on a non-finite loss or one that explodes far above
+    resume). Every evaluation row goes to the Fabric's loggers, its names prefixed by ``log_prefix``
+    (``seed_1/``). Training stops with :class:`TrainingError` on a non-finite loss or one that explodes far above
     where it started; the checkpoint of the last evaluation before that is kept.
     """
     run = _Fit(fabric, model, train_set, val_set, budget, lr, head_lr, weight_decay, batch_size, ckpt_path, seed,
-               class_names, grad_accum, monitor, workers, progress, checkpoint_extra)  # fmt: skip
+               class_names, grad_accum, monitor, workers, progress, checkpoint_extra, log_prefix)  # fmt: skip
     if resume and ckpt_path.is_file():
         run.resume()
     run.train()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,11 +15,18 @@ from torch import nn
 
 from ..backbones import resolve_weights
 from ..bundle import save_bundle
-from ..data import PatchDataset, build_transforms, check_source, load_source
+from ..data import PatchDataset, ScanReport, build_transforms, load_source, scan
 from ..errors import ConfigError, DataError
 from ..methods import Recipe, get_method
 from ..model import create_model
-from ..report import atomic_write_json, atomic_write_text, csv_text, markdown_table, write_run_report
+from ..report import (
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+    markdown_table,
+    trainable_percent,
+    write_run_report,
+)
 from ..task import Task
 from . import runtime
 from .budget import plan_budget
@@ -32,11 +39,43 @@ from .runfolder import CHECKPOINT, RunFolder, check_resume_settings, final_outpu
 from .selection import select_prompt_groups
 
 SUMMARY_KEYS = METRIC_NAMES
+BAD_FILES = "bad_files.csv"  # every unreadable image of the last scan, in --out (not a run output: it may stay)
 
 
-def make_fabric(cfg: TrainConfig):
-    """The engine's Fabric (:func:`runtime.make_fabric`) for the config's accelerator, devices and precision."""
-    return runtime.make_fabric(cfg.accelerator, cfg.devices, cfg.strategy, cfg.precision, cfg.num_nodes)
+def write_bad_files(folder: Path, report: ScanReport) -> None:
+    """``folder/bad_files.csv``: one row per unreadable image (written atomically); removed when there are none."""
+    target = Path(folder) / BAD_FILES
+    if report.bad:
+        atomic_write_text(target, report.bad_files_csv())
+    else:
+        target.unlink(missing_ok=True)
+
+
+def make_fabric(cfg: TrainConfig, log_dir: str | Path | None = None):
+    """The engine's Fabric (:func:`runtime.make_fabric`) for the config's accelerator, devices and precision,
+    carrying the config's experiment loggers under ``log_dir`` (none without one)."""
+    loggers = runtime.make_loggers(cfg.logger, log_dir, Path(cfg.out).name) if log_dir is not None else []
+    return runtime.make_fabric(cfg.accelerator, cfg.devices, cfg.strategy, cfg.precision, cfg.num_nodes, loggers)
+
+
+def log_hyperparams(fabric, cfg: TrainConfig) -> None:
+    """The resolved config to every logger that records hyperparameters (Fabric's CSVLogger does not)."""
+    for logger in getattr(fabric, "loggers", []):
+        with contextlib.suppress(NotImplementedError):  # CSVLogger: config.yaml already records them
+            logger.log_hyperparams(cfg.model_dump(mode="json"))
+
+
+def finalize_loggers(fabric, status: str) -> None:
+    """Flush and close the loggers' files (before a staged run's folders are swapped in).
+
+    After a failure the logs may already be gone with the staging folder: that must not hide the error.
+    """
+    for logger in getattr(fabric, "loggers", []):
+        if status == "success":
+            logger.finalize(status)
+            continue
+        with contextlib.suppress(OSError):
+            logger.finalize(status)
 
 
 def resolve_recipe(cfg: TrainConfig) -> Recipe:
@@ -95,10 +134,20 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
     if folder.finished is not None:  # before Fabric starts: resuming a finished run costs nothing
         print(*folder.notes, sep="\n")
         return folder.finished
-    return _in_folder(folder, cfg, fabric or make_fabric(cfg), progress)
+    own = fabric is None
+    fabric = fabric or make_fabric(cfg, folder.workdir / "logs")
+    try:
+        metrics = _in_folder(folder, cfg, fabric, progress)
+    except BaseException:
+        if own:
+            finalize_loggers(fabric, "failed")
+        raise
+    return metrics
 
 
-def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> dict:
+def _in_folder(
+    folder: RunFolder, cfg: TrainConfig, fabric, progress: bool, log_prefix: str = "", bad_files_dir: Path | None = None
+) -> dict:
     """One run in its folder: resume checks, staging, the run, then the swap (or the clean-up on failure)."""
     main = fabric.is_global_zero
     if folder.finished is not None:  # a finished seed of a resumed multi-seed run
@@ -109,22 +158,37 @@ def _in_folder(folder: RunFolder, cfg: TrainConfig, fabric, progress: bool) -> d
         print(*folder.notes, sep="\n")
     if folder.resume:
         check_resume_settings(cfg, folder.workdir / CHECKPOINT, asdict(resolve_recipe(cfg)))
+    if not log_prefix:
+        log_hyperparams(fabric, cfg)
     with folder.staged_run(main, fabric.barrier) as workdir:
-        metrics = _train(cfg, workdir, fabric, progress, resume=folder.resume)
+        metrics = _train(cfg, workdir, fabric, progress, folder.resume, log_prefix, bad_files_dir or folder.out)
+        if not log_prefix:  # one run: its logs are complete (a multi-seed set closes them after the last seed)
+            finalize_loggers(fabric, "success")
     return metrics
 
 
-def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool) -> dict:
-    """The run itself, written into ``workdir`` (``cfg.out``, or a staging folder that replaces it at the end)."""
+def _train(
+    cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool, log_prefix: str, bad_files_dir: Path
+) -> dict:
+    """The run itself, written into ``workdir`` (``cfg.out``, or a staging folder that replaces it at the end).
+
+    ``bad_files_dir`` is the folder where ``bad_files.csv`` lists the unreadable images (``--out`` itself, so the
+    list survives a failed staged run).
+    """
     out = workdir
     fabric.seed_everything(cfg.seed, verbose=False)
     source = load_source(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    bars = progress and fabric.is_global_zero and sys.stderr.isatty()
-    source, skipped = check_source(source, skip_bad=cfg.skip_bad, progress=bars)
+    report = scan(source, progress=progress and fabric.is_global_zero)
+    if fabric.is_global_zero:
+        write_bad_files(bad_files_dir, report)
+    if report.bad:
+        report.listing = bad_files_dir / BAD_FILES
+    fabric.barrier()
+    source, skipped = report.apply(source, skip_bad=cfg.skip_bad)
     if fabric.is_global_zero and progress:
         print(source.summary())
     if skipped and fabric.is_global_zero:
-        print(f"skipped {skipped} unreadable file(s) (--skip-bad)")
+        print(f"skipped {skipped} unreadable file(s) (--skip-bad); listed in {bad_files_dir / BAD_FILES}")
     classes = list(source.classes)
     if len(classes) < 2:
         raise DataError(
@@ -212,6 +276,7 @@ def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool
             resume=resume,
             progress=progress,
             checkpoint_extra={"config": cfg.model_dump(mode="json"), "recipe": asdict(recipe)},
+            log_prefix=log_prefix,
         )
         params = model.trainable_parameters()  # what the method trained, before selection removes any group
         if cfg.select_groups and model.gates:
@@ -227,7 +292,6 @@ def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool
     metrics = classification_metrics(labels, probs, classes)
     if cfg.bootstrap:
         metrics["ci"] = bootstrap_ci(labels, probs, SUMMARY_KEYS, n=cfg.bootstrap, seed=cfg.seed)
-    backbone_params = sum(p.numel() for p in model.backbone.parameters())
     metrics.update(
         {
             "method": cfg.method,
@@ -241,7 +305,7 @@ def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool
             "trainable_params": params["trainable"],
             "total_params": params["total"],
             "kept_params": model.trainable_parameters()["trainable"],
-            "trainable_percent_of_backbone": 100.0 * params["trainable"] / max(1, backbone_params),
+            "trainable_percent": trainable_percent(params["trainable"], params["total"]),
             "image_size": size,
             "steps_run": state.step,
             "selected_step": state.best_step,
@@ -266,9 +330,13 @@ def _train(cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool
             "train_images_per_second": state.train_images / state.train_seconds if state.train_seconds else None,
             "inference_images_per_second": (len(eval_set) / max(infer_seconds, 1e-9)) if not cached else None,
             "world_size": fabric.world_size,
+            "precision": runtime.Runtime.of(fabric).precision,
             "skipped_files": skipped,
             "peak_memory_mb": peak_memory_mb(fabric),
         }
+    )
+    fabric.log_dict(
+        {f"{log_prefix}{eval_split}_{k}": metrics[k] for k in SUMMARY_KEYS if metrics.get(k) is not None}, state.step
     )
     if fabric.is_global_zero:
         with final_outputs(out) as final:  # all of them appear together, metrics.json (a finished run) last
@@ -307,7 +375,16 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
     if folder.finished is not None:
         print(*folder.notes, sep="\n")
         return folder.finished
-    fabric = make_fabric(cfg)
+    fabric = make_fabric(cfg, folder.workdir / "logs")
+    try:
+        return _seeds_in_folder(folder, cfg, seeds, fabric, progress)
+    except BaseException:
+        finalize_loggers(fabric, "failed")
+        raise
+
+
+def _seeds_in_folder(folder: RunFolder, cfg: TrainConfig, seeds: list[int], fabric, progress: bool) -> dict:
+    """Every seed in its sub-folder of the run set's folder, then the mean ± std summary."""
     main = fabric.is_global_zero
     if folder.finished is not None:  # a finished seed of a resumed multi-seed run
         if main:
@@ -322,7 +399,7 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
                 update={"seed": s, "out": os.path.join(cfg.out, f"seed_{s}"), "resume": False, "overwrite": False}
             )
             sub_folder = open_run_folder(workdir / f"seed_{s}", resume=folder.resume, overwrite=False)
-            runs.append(_in_folder(sub_folder, sub, fabric, progress))
+            runs.append(_in_folder(sub_folder, sub, fabric, progress, f"seed_{s}/", folder.out))
         agg = aggregate_seeds(runs, list(SUMMARY_KEYS))
         summary = {
             "method": cfg.method,
@@ -331,6 +408,7 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
             **{k: agg[k] for k in SUMMARY_KEYS},
             "trainable_params": runs[0]["trainable_params"],
             "total_params": runs[0]["total_params"],
+            "trainable_percent": trainable_percent(runs[0]["trainable_params"], runs[0]["total_params"]),
             "n_train": runs[0]["n_train"],
             "n_test": runs[0]["n_test"],
             "per_seed": [{k: r[k] for k in ("seed", *SUMMARY_KEYS)} for r in runs],
@@ -344,4 +422,5 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
                 + "".join(f"- [seed {s}](seed_{s}/report.md)\n" for s in seeds),
             )
             atomic_write_json(workdir / "metrics.json", summary)
+        finalize_loggers(fabric, "success")
     return summary

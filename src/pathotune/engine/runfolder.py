@@ -40,12 +40,12 @@ TRASH = ".pathotune-replaced"
 # What a training run writes into its folder (and ``eval RUN --out RUN`` beneath it).
 RUN_OUTPUTS = frozenset(
     ("config.yaml", "metrics.json", "report.md", "log.csv", "predictions.csv")
-    + ("bundle", "checkpoints", "figures", "eval")
+    + ("bundle", "checkpoints", "figures", "eval", "logs")
 )
 _SEED_DIR = re.compile(r"seed_\d+")
 # Settings that cannot change what a resumed run computes: where it writes, loader processes, how many
-# bootstrap resamples the final confidence intervals use.
-HARMLESS_ON_RESUME = frozenset({"out", "resume", "overwrite", "num_workers", "bootstrap"})
+# bootstrap resamples the final confidence intervals use, where its curves are logged.
+HARMLESS_ON_RESUME = frozenset({"out", "resume", "overwrite", "num_workers", "bootstrap", "logger"})
 RECIPE_KEYS = ("lr", "head_lr", "weight_decay", "min_steps", "warmup_fraction", "head_init")
 
 

@@ -1,29 +1,50 @@
 """What every engine path shares: the one Fabric factory, where a model runs, and the one inference loop.
 
-- :func:`make_fabric` builds the Lightning Fabric for training, slide extraction and MIL alike.
-- :class:`Runtime` is device, rank, world size, autocast and barrier, from a Fabric or from a bare device (an
-  ``eval`` or ``predict`` on the CPU needs no Fabric).
+- :func:`make_fabric` builds the Lightning Fabric for training, ``eval``, ``predict``, slide extraction and MIL
+  alike; :func:`make_loggers` the experiment loggers it carries (CSV and TensorBoard built in, MLflow and W&B
+  when installed).
+- :class:`Runtime` is device, rank, world size, autocast, barrier and gather, from a Fabric or from a bare device
+  (a library call on the CPU needs no Fabric).
 - :func:`infer_batches` (and :func:`infer`, which concatenates) runs ``fn(x)`` over a DataLoader on the
-  runtime's device under inference mode and autocast, and hands outputs back as float32 on the CPU. Training's
-  validation uses :func:`engine.loop.predict`, its labelled variant that also gathers across ranks.
+  runtime's device under inference mode and autocast, and hands outputs back as float32 on the CPU.
+  :func:`infer_dataset` shards a dataset over the runtime's processes and gathers the outputs back in dataset
+  order (``eval`` and ``predict``); training's validation uses :func:`engine.loop.predict`, its labelled variant.
 - :func:`guarded` and :func:`collate` bring a dataset's :class:`~pathotune.errors.PathoTuneError` raised in a
   loader worker back to the main process as itself (one line, its own type), not as the worker's traceback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from ..errors import ConfigError, PathoTuneError, one_line
+from ..report import progress_bar
 
-__all__ = ["LoaderFailure", "Runtime", "collate", "guarded", "infer", "infer_batches", "make_fabric"]
+__all__ = [
+    "LOGGERS",
+    "LoaderFailure",
+    "Runtime",
+    "collate",
+    "guarded",
+    "infer",
+    "infer_batches",
+    "infer_dataset",
+    "make_fabric",
+    "make_loggers",
+    "parse_loggers",
+]
+
+# Experiment loggers a run can stream its validation curves to (``--logger`` / ``logger:``).
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 
 # Precisions under which autocast changes nothing, so none is entered (a CPU run at 32-true needs none).
 FULL_PRECISION = frozenset({"32-true", "32", "64-true", "64"})
@@ -42,8 +63,9 @@ def make_fabric(
     strategy: str = "auto",
     precision: str = "auto",
     num_nodes: int = 1,
+    loggers: Sequence[Any] | None = None,
 ) -> Any:
-    """A launched Fabric; anything it cannot do here fails on one line naming the settings."""
+    """A launched Fabric (carrying ``loggers``); anything it cannot do here fails on one line naming the settings."""
     # lightning_fabric takes about a second to import; eval, predict and the feature readers never need it.
     from lightning_fabric import Fabric
 
@@ -56,7 +78,12 @@ def make_fabric(
         precision = auto_precision(accelerator)
     try:
         fabric = Fabric(
-            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            loggers=list(loggers or []),
         )
     except (ValueError, TypeError, RuntimeError, ImportError) as e:
         detail = one_line(e).replace("`", "'")
@@ -66,6 +93,70 @@ def make_fabric(
         ) from e
     fabric.launch()
     return fabric
+
+
+def parse_loggers(value: str | Sequence[str] | None) -> list[str]:
+    """Logger names from ``"csv,tensorboard"``, a list of names or comma lists, or None (none); ``none`` is none.
+
+    Raises ValueError naming an unknown logger (the config turns it into one line naming the key).
+    """
+    items = [value] if isinstance(value, str) else list(value or [])
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in (*LOGGERS, "none")]
+    if unknown:
+        raise ValueError(f"unknown logger '{unknown[0]}'; choose from {', '.join(LOGGERS)} or none")
+    return list(dict.fromkeys(n for n in names if n != "none"))
+
+
+def make_loggers(names: Sequence[str], root: str | Path, run_name: str = "pathotune") -> list[Any]:
+    """Fabric loggers writing under ``root`` (``root/csv/version_N/metrics.csv``, ``root/tensorboard/version_N``,
+    ``root/mlruns``); MLflow and W&B honour their own environment (``MLFLOW_TRACKING_URI``, ``WANDB_MODE``).
+
+    A logger whose package is missing fails on one line saying what to install.
+    """
+    from lightning_fabric.loggers import CSVLogger, TensorBoardLogger  # with make_fabric: Lightning's import cost
+
+    root = Path(root)
+    out: list[Any] = []
+    for name in names:
+        if name == "csv":
+            out.append(CSVLogger(root, name="csv", flush_logs_every_n_steps=1))  # every row on disk as it comes
+        elif name == "tensorboard":
+            try:
+                out.append(TensorBoardLogger(root, name="tensorboard", default_hp_metric=False, flush_secs=10))
+            except ModuleNotFoundError as e:
+                raise ConfigError(
+                    "--logger tensorboard needs the tensorboard or tensorboardX package: pip install tensorboardX"
+                ) from e
+        elif name == "mlflow":
+            out.append(_mlflow_logger(root, run_name))
+        elif name == "wandb":
+            out.append(_wandb_logger(root, run_name))
+        else:
+            raise ConfigError(f"unknown logger '{name}'; choose from {', '.join(LOGGERS)}")
+    return out
+
+
+def _mlflow_logger(root: Path, run_name: str) -> Any:
+    """Lightning's MLFlowLogger (optional: the mlflow and pytorch-lightning packages)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (root / "mlruns").resolve().as_uri()
+    try:
+        from pytorch_lightning.loggers import MLFlowLogger  # optional dependency: Lightning's MLflow logger
+
+        return MLFlowLogger(experiment_name="pathotune", run_name=run_name, tracking_uri=uri)
+    except ImportError as e:  # ModuleNotFoundError too: MLFlowLogger raises it when mlflow is missing
+        raise ConfigError(
+            "--logger mlflow needs the mlflow and pytorch-lightning packages: pip install mlflow pytorch-lightning"
+        ) from e
+
+
+def _wandb_logger(root: Path, run_name: str) -> Any:
+    """W&B's own Fabric logger (optional: the wandb package)."""
+    try:
+        from wandb.integration.lightning.fabric import WandbLogger  # optional dependency
+    except ImportError as e:
+        raise ConfigError("--logger wandb needs the wandb package: pip install wandb") from e
+    return WandbLogger(project=os.environ.get("WANDB_PROJECT", "pathotune"), name=run_name, save_dir=str(root))
 
 
 @dataclass
@@ -78,6 +169,12 @@ class Runtime:
     autocast: Callable[[], AbstractContextManager] = nullcontext
     barrier: Callable[[], None] = field(default=lambda: None)
     precision: str = "32-true"
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # (world, *shape) from every rank
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that prints and writes (rank 0)."""
+        return self.rank == 0
 
     @classmethod
     def of(cls, fabric: Any = None, device: str | torch.device | None = None) -> Runtime:
@@ -93,6 +190,7 @@ class Runtime:
             nullcontext if precision in FULL_PRECISION else fabric.autocast,
             fabric.barrier,
             precision,
+            getattr(fabric, "all_gather", None),
         )
 
 
@@ -156,15 +254,8 @@ def infer_batches(
     The loader's iterator is dropped as soon as the loop ends, also on an error or when the caller stops early,
     so a worker pool shuts down then rather than at a later garbage collection.
     """
-    with tqdm(
-        total=len(loader.dataset),  # type: ignore[arg-type]
-        desc=desc,
-        unit=unit,
-        leave=False,
-        disable=not progress,
-        dynamic_ncols=True,
-        file=file,
-    ) as bar:
+    total = len(loader.dataset)  # type: ignore[arg-type]
+    with progress_bar(total, desc, unit, enabled=progress and runtime.main, file=file) as bar:
         batches = iter(loader)
         try:
             for batch in batches:
@@ -183,3 +274,38 @@ def infer(runtime: Runtime, loader: DataLoader, fn: Callable[[torch.Tensor], tor
     """:func:`infer_batches` concatenated over the batches (an empty tensor for an empty loader)."""
     parts = [y for y, _ in infer_batches(runtime, loader, fn, **kw)]
     return torch.cat(parts) if parts else torch.empty(0)
+
+
+def infer_dataset(
+    runtime: Runtime,
+    dataset: Dataset,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 32,
+    workers: int = 0,
+    **kw: Any,
+) -> torch.Tensor:
+    """``fn`` over every item ``(x, *rest)`` of ``dataset``, outputs in dataset order, on every process.
+
+    On one process this is :func:`infer` over a plain loader. On several, each rank reads its share
+    (a ``DistributedSampler`` without shuffling) and the outputs are gathered with the sample indices, so the
+    result is the same tensor on every rank, whatever the world size. ``kw`` goes to :func:`infer_batches`.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    pin = runtime.device.type == "cuda"
+    if runtime.world_size <= 1 or runtime.all_gather is None:
+        loader = DataLoader(guarded(dataset), batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin)
+        return infer(runtime, loader, fn, **kw)
+    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=False)
+    order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+    loader = DataLoader(
+        guarded(dataset), batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, pin_memory=pin
+    )
+    mine = infer(runtime, loader, fn, **kw)
+    with warnings.catch_warnings():  # torch deprecates the function Fabric's all_gather calls; nothing to act on
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+        gathered = runtime.all_gather(mine.to(runtime.device)).cpu()
+        idx = runtime.all_gather(order.to(runtime.device)).cpu().reshape(-1)
+    flat = gathered.reshape(-1, *gathered.shape[2:])
+    out = torch.zeros(n, *flat.shape[1:], dtype=flat.dtype)
+    out[idx] = flat  # the sampler pads with repeats: they land on the same rows
+    return out

@@ -1,8 +1,10 @@
 """The slide feature file (``<slide_id>.h5``): the contract between extraction, MIL and heat maps.
 
-It sits below both ``slides`` (which writes it) and ``mil`` (which reads it), so neither needs the other.
+It sits below both ``slides`` (which writes it) and ``mil`` (which reads it), so neither needs the other. The
+readers also take TRIDENT's and CLAM's feature files (:mod:`.foreign`).
 """
 
+from .foreign import PT_SUFFIX, magnification, mpp_of
 from .h5 import (
     ATTRIBUTES,
     EXTRACTOR_KEYS,
@@ -18,6 +20,8 @@ from .h5 import (
     read_feature_attrs,
     read_slide_features,
     remove_partial_files,
+    require_coords,
+    slide_feature_files,
     tile_side,
     write_feature_file,
 )
@@ -25,6 +29,7 @@ from .h5 import (
 __all__ = [
     "ATTRIBUTES",
     "EXTRACTOR_KEYS",
+    "PT_SUFFIX",
     "REQUEST_KEYS",
     "SUFFIX",
     "FeatureFileWriter",
@@ -34,9 +39,13 @@ __all__ = [
     "feature_path",
     "finished_tiles",
     "list_feature_files",
+    "magnification",
+    "mpp_of",
     "read_feature_attrs",
     "read_slide_features",
     "remove_partial_files",
+    "require_coords",
+    "slide_feature_files",
     "tile_side",
     "write_feature_file",
 ]

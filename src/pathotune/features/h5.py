@@ -14,6 +14,11 @@ have no null) and read back as ``None``; bytes become ``str``, numpy values Pyth
 attributes read are JSON-ready and compare equal whatever numpy type wrote them. A file gets its final name
 only once complete (it is written under a temporary name, then renamed), so a finished-looking file is always
 a finished file. N may be 0: a slide without tissue still gets its (empty) file.
+
+``coords`` also carries TRIDENT's attributes (``patch_size``, ``patch_size_level0``, magnifications as ``10 /
+mpp``, ``overlap``, ``level0_width``, ``level0_height``, ``name``, ``savetodir``) so TRIDENT's slide encoders read
+our files. The readers take TRIDENT's and CLAM's feature files too (:mod:`.foreign`): their attributes come back
+under PathoTune's names, and ``.pt`` files (CLAM's ``pt_files``) come back without coordinates.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 from ..errors import ConfigError, DataError, one_line
 from ..report.io import atomic_path
 from ..version import __version__
+from .foreign import PATHOTUNE, PT, PT_SUFFIX, foreign_attrs, layout_of, read_pt_features, trident_coords_attrs
 
 SUFFIX = ".h5"
 COORDS, FEATURES, TISSUE = "coords", "features", "tissue"
@@ -128,15 +134,30 @@ def feature_path(features_dir: str | os.PathLike[str], slide_id: str) -> Path:
     return Path(features_dir) / f"{slide_id}{SUFFIX}"
 
 
+def _folder_files(root: Path) -> list[Path]:
+    """A folder's ``*.h5`` files, else its ``*.pt`` files, else those of CLAM's ``h5_files/`` (which hold the
+    coordinates) or ``pt_files/`` inside it; sorted, hidden files (a writer's temporary ones) left out."""
+    for folder in (root, root / "h5_files", root / "pt_files"):
+        for suffix in (SUFFIX, PT_SUFFIX):
+            files = sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith(".") and p.is_file())
+            if files:
+                return files
+    return []
+
+
 def list_feature_files(features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """A folder's ``<slide_id>.h5`` files (sorted; hidden files, such as a writer's temporary ones, are not
-    listed), one file, or an explicit list of files; an empty selection fails."""
+    """A folder's ``<slide_id>.h5`` files (PathoTune, TRIDENT or CLAM; else its ``<slide_id>.pt`` files, else a
+    CLAM feature folder's ``h5_files/`` or ``pt_files/``), one file, or an explicit list of files; sorted, hidden
+    files (a writer's temporary ones) not listed; an empty selection fails."""
     if isinstance(features, (str, os.PathLike)):
         root = Path(features)
         if root.is_dir():
-            files = sorted(p for p in root.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+            files = _folder_files(root)
             if not files:
-                raise DataError(f"no slide feature files (*.h5) in {root}; run `pathotune slides extract` first")
+                raise DataError(
+                    f"no slide feature files (*.h5) in {root} (nor *.pt, nor CLAM's h5_files/ or pt_files/); "
+                    "run `pathotune slides extract` first"
+                )
             return files
         if not root.is_file():
             raise DataError(f"slide features {root} not found; pass a folder of <slide_id>.h5 files or one file")
@@ -147,14 +168,28 @@ def list_feature_files(features: str | os.PathLike[str] | Sequence[str | os.Path
     return files
 
 
+def slide_feature_files(features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
+    """Slide id (file stem) -> feature file, for :func:`list_feature_files` of ``features``."""
+    return {p.stem: p for p in list_feature_files(features)}
+
+
+def require_coords(files: Sequence[str | os.PathLike[str]]) -> None:
+    """Fail on the first ``.pt`` file: it holds no tile coordinates, so nothing can be placed on the slide."""
+    for f in map(Path, files):
+        if f.suffix == PT_SUFFIX:
+            beside = f.parent.parent / "h5_files"
+            where = f"the h5_files folder {beside}" if beside.is_dir() else "CLAM's h5_files or the .h5 features"
+            raise DataError(f"{f} is a .pt feature file with no tile coordinates; pass {where} to --features")
+
+
 # -- reading --------------------------------------------------------------------------------------------------
 @dataclass
 class SlideFeatures:
-    """One slide's tiles: ``coords`` (N, 2) int64, ``features`` (N, D) float32, ``attrs`` (JSON-ready) and
-    ``tissue`` (N,) float32 when the file has it."""
+    """One slide's tiles: ``coords`` (N, 2) int64 (None for a ``.pt`` file, which has none), ``features`` (N, D)
+    float32, ``attrs`` (JSON-ready) and ``tissue`` (N,) float32 when the file has it."""
 
     path: Path
-    coords: np.ndarray
+    coords: np.ndarray | None
     features: np.ndarray
     attrs: dict[str, Any]
     tissue: np.ndarray | None = None
@@ -175,6 +210,11 @@ def tile_side(attrs: Mapping[str, Any]) -> float:
     side = attrs.get("tile_size_level0")
     if side is not None:
         return float(side)
+    if attrs.get("tile_size") is None:
+        raise DataError(
+            f"the features of slide '{attrs.get('slide_id', '?')}' record no tile size (no tile_size attribute, no "
+            "coords.attrs['patch_size_level0'], a single tile); pass TRIDENT or PathoTune .h5 features"
+        )
     target, mpp = attrs.get("target_mpp"), attrs.get("mpp")
     scale = 1.0 if target is None or mpp is None else float(target) / float(mpp)
     return float(attrs["tile_size"]) * scale
@@ -185,14 +225,7 @@ def _unreadable(path: Path, e: BaseException) -> DataError:
     return DataError(f"slide feature file {path} is not a readable HDF5 file ({detail}); re-extract this slide")
 
 
-def _header(f: h5py.File, path: Path, require_tiles: bool) -> dict[str, Any]:
-    """Attributes plus the checked shapes of an open file (``feature_dim``, ``n_tiles`` from the data)."""
-    for name in (FEATURES, COORDS):
-        if name not in f:
-            raise DataError(
-                f"slide feature file {path} has no dataset '{name}'; it needs 'coords' (N,2) and 'features' (N,D)"
-            )
-    shape, cshape = tuple(f[FEATURES].shape), tuple(f[COORDS].shape)
+def _check_features_shape(path: Path, shape: tuple[int, ...], require_tiles: bool) -> None:
     if len(shape) != 2 or shape[1] == 0:
         raise DataError(f"slide feature file {path}: 'features' must be an (N, D) matrix, got shape {shape}")
     if require_tiles and shape[0] == 0:
@@ -200,9 +233,42 @@ def _header(f: h5py.File, path: Path, require_tiles: bool) -> dict[str, Any]:
             f"slide feature file {path} has no tiles (no tissue found); drop the slide from the labels CSV "
             "or re-extract it with looser tissue settings"
         )
+
+
+def _pt_attrs(path: Path, shape: tuple[int, ...], require_tiles: bool) -> dict[str, Any]:
+    """What a ``.pt`` file says: its shape (and that it came as a bare tensor)."""
+    _check_features_shape(path, shape, require_tiles)
+    return {
+        "source_format": PT,
+        "slide_id": path.stem,
+        "feature_dim": int(shape[1]),
+        "n_tiles": int(shape[0]),
+        "bundle_fingerprint": "",
+    }
+
+
+def _attrs_of(obj: h5py.HLObject) -> dict[str, Any]:
+    return {str(k): _py(v) for k, v in obj.attrs.items()}
+
+
+def _header(f: h5py.File, path: Path, require_tiles: bool) -> dict[str, Any]:
+    """Attributes plus the checked shapes of an open file (``feature_dim``, ``n_tiles`` from the data); a TRIDENT
+    or CLAM file's attributes under PathoTune's names (:func:`.foreign.foreign_attrs`)."""
+    for name in (FEATURES, COORDS):
+        if name not in f:
+            raise DataError(
+                f"slide feature file {path} has no dataset '{name}'; it needs 'coords' (N,2) and 'features' (N,D)"
+            )
+    shape, cshape = tuple(f[FEATURES].shape), tuple(f[COORDS].shape)
+    _check_features_shape(path, shape, require_tiles)
     if cshape != (shape[0], 2):
         raise DataError(f"slide feature file {path}: 'coords' has shape {cshape}, expected ({shape[0]}, 2)")
-    attrs = {str(k): _py(v) for k, v in f.attrs.items()}
+    attrs = _attrs_of(f)
+    coords_attrs = _attrs_of(f[COORDS])
+    layout = layout_of(attrs, coords_attrs)
+    if layout != PATHOTUNE:
+        features_attrs = _attrs_of(f[FEATURES])
+        attrs = foreign_attrs(layout, path, coords_attrs, features_attrs, lambda: np.asarray(f[COORDS][()]))
     declared = attrs.get("feature_dim")
     if declared is not None and int(declared) != shape[1]:
         raise DataError(
@@ -231,6 +297,8 @@ def _open(path: str | os.PathLike[str]) -> Iterator[tuple[h5py.File, Path]]:
 
 def read_feature_attrs(path: str | os.PathLike[str], require_tiles: bool = False) -> dict[str, Any]:
     """A file's attributes (``feature_dim`` and ``n_tiles`` from the data's shape) without loading the data."""
+    if Path(path).suffix == PT_SUFFIX:
+        return _pt_attrs(Path(path), tuple(read_pt_features(path, mmap=True).shape), require_tiles)
     with _open(path) as (f, p):
         return _header(f, p, require_tiles)
 
@@ -238,16 +306,25 @@ def read_feature_attrs(path: str | os.PathLike[str], require_tiles: bool = False
 def read_slide_features(path: str | os.PathLike[str], bag: bool = False) -> SlideFeatures:
     """Load one ``<slide_id>.h5``, opened once and checked for shapes.
 
-    ``bag`` adds what a MIL bag needs: at least one tile, and finite values only.
+    ``bag`` adds what a MIL bag needs: at least one tile, and finite values only. A ``.pt`` file (CLAM's
+    ``pt_files``) comes back with ``coords`` None.
     """
-    with _open(path) as (f, p):
-        attrs = _header(f, p, require_tiles=bag)
-        coords, features = f[COORDS][()], f[FEATURES][()]
-        tissue = np.asarray(f[TISSUE][()], dtype=np.float32) if TISSUE in f else None
+    p = Path(path)
+    coords: np.ndarray | None = None
+    tissue = None
+    if p.suffix == PT_SUFFIX:
+        tensor = read_pt_features(p)
+        attrs = _pt_attrs(p, tuple(tensor.shape), require_tiles=bag)
+        features = tensor.float().numpy()
+    else:
+        with _open(p) as (f, p):
+            attrs = _header(f, p, require_tiles=bag)
+            coords, features = np.asarray(f[COORDS][()], dtype=np.int64), f[FEATURES][()]
+            tissue = np.asarray(f[TISSUE][()], dtype=np.float32) if TISSUE in f else None
     features = np.asarray(features, dtype=np.float32)
     if bag and not np.isfinite(features).all():
         raise DataError(f"slide feature file {p}: 'features' contains NaN or infinite values; re-extract this slide")
-    return SlideFeatures(p, np.asarray(coords, dtype=np.int64), features, attrs, tissue)
+    return SlideFeatures(p, coords, features, attrs, tissue)
 
 
 # -- compatibility --------------------------------------------------------------------------------------------
@@ -339,9 +416,10 @@ def write_feature_file(
 ) -> Iterator[FeatureFileWriter]:
     """Write ``path`` all-or-nothing: coords and tissue now, features through the writer, then ``attrs``.
 
-    ``attrs`` must hold every name in :data:`ATTRIBUTES` but ``pathotune_version`` (added here). The file is
-    written under a temporary name beside ``path`` and renamed once the block finishes; on any error the
-    temporary file is removed and ``path`` left as it was.
+    ``attrs`` must hold every name in :data:`ATTRIBUTES` but ``pathotune_version`` (added here); ``coords`` gets
+    TRIDENT's attributes from them (:func:`.foreign.trident_coords_attrs`). The file is written under a temporary
+    name beside ``path`` and renamed once the block finishes; on any error the temporary file is removed and
+    ``path`` left as it was.
     """
     missing = sorted(set(ATTRIBUTES) - {"pathotune_version"} - set(attrs))
     unknown = sorted(set(attrs) - set(ATTRIBUTES))
@@ -349,11 +427,14 @@ def write_feature_file(
         raise ValueError(f"feature file attributes: missing {missing}, unknown {unknown}")
     coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
     n = len(coords)
+    trident = trident_coords_attrs(attrs, Path(path).parent)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset(COORDS, data=coords)
+        f.create_dataset(COORDS, data=coords).attrs.update(trident)
         f.create_dataset(TISSUE, data=np.ascontiguousarray(tissue, dtype=np.float32))
         chunks = (max(1, min(n, 256)), feature_dim) if n else None
-        yield FeatureFileWriter(f.create_dataset(FEATURES, shape=(n, feature_dim), dtype="float32", chunks=chunks))
+        dataset = f.create_dataset(FEATURES, shape=(n, feature_dim), dtype="float32", chunks=chunks)
+        dataset.attrs.update({"name": trident["name"], "savetodir": trident["savetodir"], "encoder": attrs["backbone"]})
+        yield FeatureFileWriter(dataset)
         f.attrs.update({k: _h5(v) for k, v in {**attrs, "pathotune_version": __version__}.items()})
 
 

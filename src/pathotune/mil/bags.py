@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..features import check_feature_compatibility, feature_path
+from ..features import check_feature_compatibility, slide_feature_files
 from ..features import read_slide_features as read_features
 
 __all__ = ["BagSubset", "FeatureBagDataset", "missing_message", "read_slide_features"]
@@ -23,9 +23,9 @@ __all__ = ["BagSubset", "FeatureBagDataset", "missing_message", "read_slide_feat
 _MAX_LISTED = 5
 
 
-def read_slide_features(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
+def read_slide_features(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray | None, dict[str, Any]]:
     """``(features float32 (N, D), coords int64 (N, 2), attrs)`` of one slide as a bag: at least one tile, finite
-    values (:func:`pathotune.features.read_slide_features` with ``bag=True``)."""
+    values (:func:`pathotune.features.read_slide_features` with ``bag=True``); coords None for a ``.pt`` file."""
     sf = read_features(path, bag=True)
     return torch.from_numpy(sf.features), sf.coords, sf.attrs
 
@@ -34,12 +34,14 @@ def missing_message(where: str, ids: Sequence[str]) -> str:
     """How many slide ids lack a feature file in ``where``, naming the first few."""
     shown = ", ".join(ids[:_MAX_LISTED]) + (", ..." if len(ids) > _MAX_LISTED else "")
     return (
-        f"{len(ids)} slide id(s) have no feature file <slide_id>.h5 in {where}: {shown}; extract them or drop the rows"
+        f"{len(ids)} slide id(s) have no feature file <slide_id>.h5 (or .pt) in {where}: {shown}; "
+        "extract them or drop the rows"
     )
 
 
 class FeatureBagDataset(Dataset):
-    """One bag per slide: ``(features (N, D), label, index)``, read from ``<features_dir>/<slide_id>.h5``.
+    """One bag per slide: ``(features (N, D), label, index)``, read from ``<features_dir>/<slide_id>.h5`` (or the
+    ``.pt`` and CLAM folders :func:`pathotune.features.list_feature_files` finds there).
 
     Bags read are kept in memory until ``cache_mb`` is used up (0 turns caching off): training revisits every
     bag each epoch, and a cohort's bags can be far larger than memory, so the cache is bounded, not total.
@@ -57,10 +59,11 @@ class FeatureBagDataset(Dataset):
             raise ValueError(f"got {len(slide_ids)} slide ids but {len(labels)} labels")
         self.slide_ids = [str(s) for s in slide_ids]
         self.labels = [int(y) for y in labels]
-        self.paths = [feature_path(features_dir, s) for s in self.slide_ids]
-        missing = [p for p in self.paths if not p.is_file()]
+        found = slide_feature_files(features_dir)
+        missing = [s for s in self.slide_ids if s not in found]
         if missing:
-            raise DataError(missing_message(f"feature folder {features_dir}", [p.stem for p in missing]))
+            raise DataError(missing_message(f"feature folder {features_dir}", missing))
+        self.paths = [found[s] for s in self.slide_ids]
         self.attrs = check_feature_compatibility(self.paths) if self.paths else {}
         self._cache: dict[int, torch.Tensor] = {}
         self._cache_left = int(cache_mb * 2**20)
@@ -78,7 +81,7 @@ class FeatureBagDataset(Dataset):
                 self._cache_left -= size
         return feats, self.labels[i], i
 
-    def read(self, i: int) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
+    def read(self, i: int) -> tuple[torch.Tensor, np.ndarray | None, dict[str, Any]]:
         """Features, coords and attributes of bag ``i`` (for heat maps)."""
         return read_slide_features(self.paths[i])
 

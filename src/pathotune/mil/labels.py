@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from ..data import SPLITS
 from ..errors import ConfigError, DataError
-from ..features import feature_path
+from ..features import slide_feature_files
 from .bags import missing_message
 
 __all__ = ["FoldPlan", "SlideLabel", "SlideLabels", "plan_folds", "read_slide_labels"]
@@ -73,7 +73,7 @@ def _class_key(label: str) -> tuple[int, float, str]:
 def read_slide_labels(
     csv_path: str | os.PathLike[str], features_dir: str | os.PathLike[str] | None = None
 ) -> SlideLabels:
-    """Read and validate ``slide_id,label[,split|fold]``; with ``features_dir`` every slide needs its h5.
+    """Read and validate ``slide_id,label[,split|fold]``; with ``features_dir`` every slide needs its feature file.
 
     Extra columns are ignored. Classes are the sorted distinct labels; at least two are needed.
     """
@@ -120,7 +120,8 @@ def read_slide_labels(
     if len(classes) < 2:
         raise DataError(f"labels file {p} has a single class {classes}; MIL classification needs at least two")
     if features_dir is not None:
-        missing = [r.slide_id for r in rows if not feature_path(features_dir, r.slide_id).is_file()]
+        found = slide_feature_files(features_dir)
+        missing = [r.slide_id for r in rows if r.slide_id not in found]
         if missing:
             raise DataError(f"labels file {p}: " + missing_message(str(features_dir), missing))
     return SlideLabels(path=p, rows=rows, classes=classes, mode=mode, columns=columns)

@@ -99,7 +99,8 @@ def load_mil_model(fold_dir: str | os.PathLike[str], device: str | torch.device 
 
 
 class _SlideBags(Dataset):
-    """``(features, coords, index)`` of each file, for prediction."""
+    """``(features, coords, index)`` of each file, for prediction; coords (0, 2) for a ``.pt`` file, which has
+    none (a batch cannot hold None)."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files
@@ -109,7 +110,7 @@ class _SlideBags(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, np.ndarray, int]:
         feats, coords, _ = read_slide_features(self.files[i])
-        return feats, coords, i
+        return feats, np.zeros((0, 2), dtype=np.int64) if coords is None else coords, i
 
 
 def predict_slides(
@@ -121,7 +122,8 @@ def predict_slides(
 
     Given a run folder, every fold's model scores each slide and the probabilities and tile scores are
     averaged (an ensemble over folds; averaged tile scores still sum to one). Given one fold folder, that
-    model alone. Slides must come from the extractor the models were trained on.
+    model alone. Slides must come from the extractor the models were trained on. ``coords`` is None for a
+    ``.pt`` file (no tile coordinates); ``n_tiles`` is the bag's size.
     """
     dirs = _fold_dirs(Path(model_dir))
     loaded = [load_mil_model(d, device) for d in dirs]
@@ -141,15 +143,16 @@ def predict_slides(
     results = []
     loader = DataLoader(_SlideBags(files), batch_size=1)
     for (probs, scores), (coords, idx) in infer_batches(Runtime.of(device=device), loader, ensemble):
-        p = probs.numpy()
+        p, tile_scores, xy = probs.numpy(), scores.numpy(), coords[0].numpy()
         results.append(
             {
                 "slide_id": files[int(idx[0])].stem,
                 "probs": p,
                 "pred": classes[int(p.argmax())],
                 "classes": list(classes),
-                "tile_scores": scores.numpy(),
-                "coords": coords[0].numpy(),
+                "tile_scores": tile_scores,
+                "n_tiles": len(tile_scores),
+                "coords": xy if len(xy) == len(tile_scores) else None,
             }
         )
     return results
@@ -160,5 +163,5 @@ def write_slide_predictions(predictions: list[dict[str, Any]], out: str | os.Pat
     if not predictions:
         raise DataError("no slide predictions to write")
     classes = list(predictions[0]["classes"])
-    rows = [[p["slide_id"], p["pred"], len(p["coords"]), *[f"{float(v):.6f}" for v in p["probs"]]] for p in predictions]
+    rows = [[p["slide_id"], p["pred"], p["n_tiles"], *[f"{float(v):.6f}" for v in p["probs"]]] for p in predictions]
     return write_csv(Path(out), ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in classes]], rows, "\r\n")

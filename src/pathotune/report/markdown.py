@@ -27,6 +27,20 @@ _METRIC_LABELS = {
 }
 
 
+def trainable_percent(trainable: int, total: int) -> float:
+    """Trainable parameters as a percentage of all the model's parameters (backbone, prompts and head together).
+
+    The one definition: metrics.json stores it raw as ``trainable_percent``; wherever it is shown it goes through
+    :func:`format_percent`.
+    """
+    return 100.0 * float(trainable) / float(total) if total else 0.0
+
+
+def format_percent(percent: float) -> str:
+    """A percentage as shown in reports and on the console: two decimals, e.g. ``1.51 %``."""
+    return f"{percent:.2f} %"
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
@@ -142,7 +156,7 @@ def _params_section(metrics: Mapping[str, Any]) -> list[str]:
     def count(n: Any) -> str | None:
         return None if n is None else f"{format_params(n)} ({format_cell(n)})"
 
-    percent = f"{100.0 * float(trainable) / float(total):.3g} %" if trainable is not None and total else None
+    percent = format_percent(trainable_percent(trainable, total)) if trainable is not None and total else None
     row = {"Trainable": count(trainable), "Total": count(total), "Trainable %": percent}
     return ["## Parameters", "", markdown_table([row]), ""]
 

@@ -1,14 +1,22 @@
-"""Which slides a run reads: a folder (searched recursively), one slide, or a CSV listing them; ids are file stems."""
+"""Which slides a run reads: a folder (searched recursively), one slide, or a CSV listing them; ids are file stems.
+
+A CSV may give each slide its resolution in an ``mpp`` column (as TRIDENT's slide lists do), for slides whose
+files lack it or state it wrongly.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
 from ..errors import DataError
 
-__all__ = ["SLIDE_EXTENSIONS", "find_slides", "slide_id", "unique_ids"]
+__all__ = ["SLIDE_EXTENSIONS", "find_slides", "listed_slides", "slide_id", "unique_ids"]
+
+PATH_COLUMNS = ("slide_path", "path", "wsi")  # "wsi": TRIDENT's slide list
+MPP_COLUMN = "mpp"
 
 SLIDE_EXTENSIONS = (
     ".svs",
@@ -47,46 +55,71 @@ def _slides_in_folder(folder: Path) -> list[Path]:
     return found
 
 
-def _slides_in_csv(path: Path) -> list[Path]:
+def _mpp_cell(path: Path, line: int, value: str) -> float | None:
+    if not value.strip():
+        return None
+    try:
+        mpp = float(value)
+    except ValueError:
+        mpp = math.nan
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise DataError(
+            f"slide list {path} line {line}: mpp {value.strip()!r} is not a positive number of microns per pixel; "
+            "fix it or leave the cell empty"
+        )
+    return mpp
+
+
+def _slides_in_csv(path: Path) -> list[tuple[Path, float | None]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read slide list {path}: {e}") from None
     columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else []) if c}
-    key = columns.get("slide_path") or columns.get("path")
+    key = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
     if key is None:
-        raise DataError(f"slide list {path} needs a 'slide_path' (or 'path') column; it has {sorted(columns)}")
+        raise DataError(f"slide list {path} needs a 'slide_path' (or 'path', 'wsi') column; it has {sorted(columns)}")
+    mpp_key = columns.get(MPP_COLUMN)
     out = []
     for i, row in enumerate(rows, start=2):
         value = (row.get(key) or "").strip()
         if not value:
             raise DataError(f"slide list {path} line {i} has an empty '{key}'")
         p = Path(value).expanduser()
-        out.append(p if p.is_absolute() else path.parent / p)
+        mpp = _mpp_cell(path, i, row.get(mpp_key) or "") if mpp_key else None
+        out.append((p if p.is_absolute() else path.parent / p, mpp))
     return out
 
 
+def listed_slides(source: str | Path) -> list[tuple[Path, float | None]]:
+    """(slide, mpp) for every slide of ``source`` (see :func:`find_slides`); mpp comes from a CSV's ``mpp``
+    column and is None where the CSV leaves it empty or has no such column, and for folders and single slides."""
+    source = Path(source)
+    if source.is_dir():
+        found = [(p, None) for p in _slides_in_folder(source)]
+        if not found:
+            raise DataError(f"no slides in {source}; slide extensions are {' '.join(SLIDE_EXTENSIONS)}")
+    elif source.is_file() and source.suffix.lower() == ".csv":
+        found = _slides_in_csv(source)
+        if not found:
+            raise DataError(f"slide list {source} has no rows")
+    elif source.is_file():
+        found = [(source, None)]
+    else:
+        raise DataError(f"slides {source} not found; pass a folder of slides, a slide, or a CSV with slide_path")
+    mpps = dict(reversed(found))  # a slide listed twice keeps its first row's mpp
+    return [(p, mpps[p]) for p in unique_ids([p for p, _ in found])]
+
+
 def find_slides(source: str | Path) -> list[Path]:
-    """Slides from a folder (searched recursively for slide extensions) or a CSV with a slide_path/path column.
+    """Slides from a folder (searched recursively for slide extensions) or a CSV with a slide_path (or path,
+    wsi) column.
 
     CSV paths may be relative to the CSV's folder. Slide ids (file stems) must be unique, since each names
     one output file.
     """
-    source = Path(source)
-    if source.is_dir():
-        slides = _slides_in_folder(source)
-        if not slides:
-            raise DataError(f"no slides in {source}; slide extensions are {' '.join(SLIDE_EXTENSIONS)}")
-    elif source.is_file() and source.suffix.lower() == ".csv":
-        slides = _slides_in_csv(source)
-        if not slides:
-            raise DataError(f"slide list {source} has no rows")
-    elif source.is_file():
-        slides = [source]
-    else:
-        raise DataError(f"slides {source} not found; pass a folder of slides, a slide, or a CSV with slide_path")
-    return unique_ids(slides)
+    return [p for p, _ in listed_slides(source)]
 
 
 def unique_ids(slides: list[Path]) -> list[Path]:

@@ -5,7 +5,9 @@ check that an existing file is this request's result); the model comes from :mod
 :mod:`.dataset` (decoded in DataLoader workers, normalised on the device), and the device loop from
 :mod:`pathotune.engine.runtime` (``torch.inference_mode`` and, on a GPU, the Fabric's autocast), the plans from
 :mod:`.planning` and the per-slide log is :mod:`.extract_log`. A rerun skips slides whose file exists and matches
-the request, and refuses to mix in one made by another request.
+the request, and refuses to mix in one made by another request. Slides may come as :class:`.inputs.SlideInput`,
+with their own mpp, another tool's tiles (TRIDENT, CLAM) or a tissue GeoJSON; those are matched and checked
+before the first slide is extracted.
 """
 
 from __future__ import annotations
@@ -13,13 +15,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..engine.runtime import Runtime, infer_batches, make_fabric
 from ..errors import ConfigError
@@ -32,12 +32,15 @@ from ..features import (
     remove_partial_files,
     write_feature_file,
 )
+from ..report import progress_bar
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
-from .discover import SLIDE_EXTENSIONS, find_slides, slide_id, unique_ids
+from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .extract_log import LOG_NAME, ExtractLog, SlideResult
 from .extractor import FeatureExtractor, as_extractor, load_extractor
-from .planning import PlanAhead, PlannedSlide, plan_slide
-from .reader import open_slide, require_mpp
+from .geojson import geojson_tissue_mask, mask_shape
+from .inputs import SlideInput, as_inputs
+from .planning import PlanAhead, PlannedSlide, plan_slide, slide_tiling, tiles_source
+from .reader import open_slide
 from .tiling import TilingConfig
 from .tissue import TissueConfig
 
@@ -48,6 +51,7 @@ __all__ = [
     "SLIDE_EXTENSIONS",
     "FeatureExtractor",
     "SlideFeatures",
+    "SlideInput",
     "SlideResult",
     "SlideTileDataset",
     "TileTransform",
@@ -78,13 +82,13 @@ def _slide_attrs(
     ex: FeatureExtractor,
     tiling: TilingConfig,
     tissue: TissueConfig | None,
-    slide: Path,
+    slide: SlideInput,
     planned: PlannedSlide,
     rt: Runtime,
 ) -> dict[str, Any]:
     plan = planned.plan
     return {
-        **request_attrs(ex, tiling),
+        **request_attrs(ex, planned.tiling or tiling),
         "feature_dim": ex.feature_dim,
         "mpp": None if plan.slide_mpp is None else float(plan.slide_mpp),
         "level": int(plan.level),
@@ -95,8 +99,8 @@ def _slide_attrs(
         "dimensions": np.asarray(plan.dimensions, dtype=np.int64),
         "n_tiles": len(plan),
         "n_candidates": int(plan.n_candidates),
-        "slide_id": slide_id(slide),
-        "slide_path": str(slide),
+        "slide_id": slide.slide_id,
+        "slide_path": str(slide.path),
         "slide_backend": planned.backend,
         "bundle_path": ex.bundle_path,
         "norm_mean": np.asarray(ex.mean, dtype=np.float64),
@@ -104,18 +108,17 @@ def _slide_attrs(
         "normalization": f"RGB tile at {ex.image_size} px (antialiased resize if needed), x / 255, "
         "then (x - norm_mean) / norm_std per channel",
         "precision": rt.precision,
-        "tissue_config": repr(asdict(tissue or TissueConfig())),
+        "tissue_config": tiles_source(slide, tissue),
     }
 
 
 # -- one slide ------------------------------------------------------------------------------------------------
 def _extract_one(
     ex: FeatureExtractor,
-    slide: Path,
+    slide: SlideInput,
     out_dir: Path,
     tiling: TilingConfig,
     tissue: TissueConfig | None,
-    mpp: float | None,
     batch_size: int,
     num_workers: int,
     rt: Runtime,
@@ -124,11 +127,11 @@ def _extract_one(
     on_started: Callable[[], None] | None = None,
 ) -> SlideResult:
     """Extract one slide; ``planned`` is its plan if made already, ``on_started`` runs once workers are forked."""
-    sid = slide_id(slide)
-    planned = planned or plan_slide(slide, tiling, tissue, mpp)
+    sid = slide.slide_id
+    planned = planned or plan_slide(slide, tiling, tissue)
     plan, dim = planned.plan, ex.feature_dim
     transform = TileTransform(ex.mean, ex.std, ex.image_size)
-    dataset = SlideTileDataset(slide, plan, transform.to_uint8, mpp=mpp, backend=planned.backend)
+    dataset = SlideTileDataset(slide.path, plan, transform.to_uint8, mpp=slide.mpp, backend=planned.backend)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_files(out_dir, sid)
     t1 = time.perf_counter()
@@ -157,7 +160,8 @@ def _extract_one(
     finally:
         batches.close()  # shuts the worker pool down now, also on error
         dataset.close()
-    return SlideResult(sid, str(slide), feature_path(out_dir, sid), "extracted", len(plan), seconds, planned.seconds)
+    path = feature_path(out_dir, sid)
+    return SlideResult(sid, str(slide.path), path, "extracted", len(plan), seconds, planned.seconds)
 
 
 def _prepare(ex: FeatureExtractor, tiling: TilingConfig | None, batch_size: int) -> TilingConfig:
@@ -168,7 +172,7 @@ def _prepare(ex: FeatureExtractor, tiling: TilingConfig | None, batch_size: int)
 
 def extract_slide(
     model_or_backbone: Any,
-    slide_path: str | Path,
+    slide_path: str | Path | SlideInput,
     out_dir: str | Path,
     tiling: TilingConfig | None = None,
     tissue: TissueConfig | None = None,
@@ -185,36 +189,48 @@ def extract_slide(
     rt = Runtime.of(fabric, device)
     ex.module.eval().to(rt.device)
     workers = default_num_workers() if num_workers is None else num_workers
-    return _extract_one(
-        ex, Path(slide_path), Path(out_dir), tiling, tissue, mpp_override, batch_size, workers, rt, progress
-    ).path
+    (slide,) = as_inputs([slide_path], mpp_override)
+    return _extract_one(ex, slide, Path(out_dir), tiling, tissue, batch_size, workers, rt, progress).path
 
 
 # -- many slides ----------------------------------------------------------------------------------------------
-def _finished(slides: list[Path], out_dir: Path, want: dict, overwrite: bool, mpp: float | None, rt: Runtime) -> dict:
+def _check(slide: SlideInput, tiling: TilingConfig) -> TilingConfig:
+    """Open the slide and check what goes with it (its mpp for a grid, its coords file, its tissue GeoJSON);
+    return the tiling it is cut by."""
+    with open_slide(slide.path, mpp=slide.mpp) as reader:
+        own, _ = slide_tiling(reader, slide, tiling)
+        if slide.tissue_geojson is not None:
+            geojson_tissue_mask(slide.tissue_geojson, reader.dimensions, mask_shape(reader.dimensions, 64))
+    return own
+
+
+def _finished(
+    slides: list[SlideInput], out_dir: Path, ex: FeatureExtractor, tiling: TilingConfig, overwrite: bool, rt: Runtime
+) -> dict[Path, int]:
     """Tile counts of the slides whose file is this request's finished result; every other slide is opened
-    (and its mpp checked) now, so a missing mpp stops the run at once rather than hours in. Every rank checks
-    every slide, so a bad slide or a clashing file stops all ranks alike instead of leaving the others waiting
-    at the final barrier."""
+    (its mpp, coords and tissue GeoJSON checked) now, so a missing one stops the run at once rather than hours
+    in. Every rank checks every slide, so a bad slide or a clashing file stops all ranks alike instead of leaving
+    the others waiting at the final barrier. A slide cut by another tool's tiles is its own request (their size
+    and scale), so it is opened either way."""
     done: dict[Path, int] = {}
     for slide in slides:
-        final = feature_path(out_dir, slide_id(slide))
+        final = feature_path(out_dir, slide.slide_id)
+        own = _check(slide, tiling) if slide.coords is not None else None
         if final.exists() and not overwrite:
-            n = finished_tiles(final, want)
+            n = finished_tiles(final, request_attrs(ex, own or tiling))
             if n is not None:
-                done[slide] = n
+                done[slide.path] = n
                 continue
             if rt.rank == 0:
                 print(f"note: {final} is not a readable HDF5 file (truncated or foreign); extracting it again")
-        with open_slide(slide, mpp=mpp) as reader:
-            if want["target_mpp"] is not None:
-                require_mpp(reader)
+        if own is None:
+            _check(slide, tiling)
     return done
 
 
 def extract_slides(
     model_or_backbone: Any,
-    slides: Sequence[str | Path],
+    slides: Sequence[str | Path | SlideInput],
     out_dir: str | Path,
     tiling: TilingConfig | None = None,
     tissue: TissueConfig | None = None,
@@ -235,19 +251,22 @@ def extract_slides(
     one. Every slide is opened (and its mpp checked) before the first one is extracted. ``plan_ahead`` plans
     the next slide while the current one is in the model (default: when the model is on an accelerator; on a
     CPU the model already has every core). Returns one result per slide of this rank, in input order.
+
+    ``slides`` are paths or :class:`SlideInput` (from :func:`.inputs.slide_inputs`: a per-slide mpp, TRIDENT or
+    CLAM tiles, a tissue GeoJSON); ``mpp_override`` applies to those without their own mpp.
     """
     ex = as_extractor(model_or_backbone)
     tiling = _prepare(ex, tiling, batch_size)
     out_dir = Path(out_dir)
-    every = unique_ids([Path(s) for s in slides])
+    every = as_inputs(slides, mpp_override)
     rt = Runtime.of(fabric, device)
-    done = _finished(every, out_dir, request_attrs(ex, tiling), overwrite, mpp_override, rt)
+    done = _finished(every, out_dir, ex, tiling, overwrite, rt)
     mine = every[rt.rank :: rt.world_size]
-    todo = [s for s in mine if s not in done]
+    todo = [s for s in mine if s.path not in done]
     results = [
-        SlideResult(slide_id(s), str(s), feature_path(out_dir, slide_id(s)), "skipped", done[s])
+        SlideResult(s.slide_id, str(s.path), feature_path(out_dir, s.slide_id), "skipped", done[s.path])
         for s in mine
-        if s in done
+        if s.path in done
     ]
     workers = default_num_workers() if num_workers is None else num_workers
     ex.module.eval().to(rt.device)
@@ -256,19 +275,17 @@ def extract_slides(
     ahead = rt.device.type != "cpu" if plan_ahead is None else plan_ahead
     pending: list[PlanAhead] = []
     tiles = seconds = 0.0
-    with tqdm(todo, desc="slides", unit="slide", disable=not show, dynamic_ncols=True) as bar:
-        for k, slide in enumerate(bar):
+    with progress_bar(total=len(todo), desc="slides", unit="slide", enabled=show) as bar:
+        for k, slide in enumerate(todo):
             planned = pending.pop().result() if pending else None
             after = todo[k + 1] if ahead and k + 1 < len(todo) else None
 
-            def plan_next(nxt: Path | None = after) -> None:
+            def plan_next(nxt: SlideInput | None = after) -> None:
                 if nxt is not None:
-                    pending.append(PlanAhead(nxt, tiling, tissue, mpp_override))
+                    pending.append(PlanAhead(nxt, tiling, tissue, None))
 
             try:
-                r = _extract_one(
-                    ex, slide, out_dir, tiling, tissue, mpp_override, batch_size, workers, rt, show, planned, plan_next
-                )
+                r = _extract_one(ex, slide, out_dir, tiling, tissue, batch_size, workers, rt, show, planned, plan_next)
             except BaseException:
                 for p in pending:
                     p.join()
@@ -276,11 +293,12 @@ def extract_slides(
             results.append(r)
             tiles, seconds = tiles + r.n_tiles, seconds + r.seconds
             bar.set_postfix(tiles=r.n_tiles, tiles_s=f"{tiles / max(seconds, 1e-9):.1f}")
+            bar.update(1)
             log.add(r)
     if rt.world_size > 1:
         rt.barrier()
         if rt.rank == 0:
             ExtractLog.merge(out_dir, rt.world_size)
         rt.barrier()
-    order = {s: i for i, s in enumerate(mine)}
+    order = {s.path: i for i, s in enumerate(mine)}
     return sorted(results, key=lambda r: order[Path(r.slide_path)])

@@ -1,10 +1,16 @@
-"""Tiles and their scores as GeoJSON that QuPath imports (File > Import objects, or drag and drop).
+"""GeoJSON that QuPath imports (File > Import objects, or drag and drop): tiles with their scores, and tissue.
 
 QuPath reads a FeatureCollection of Polygon features in level-0 pixel coordinates; per feature,
 ``properties.objectType`` ('tile', 'annotation' or 'detection') decides what object it becomes,
 ``properties.measurements`` (name -> number) fills its measurement table, and ``properties.classification``
 (name and RGB colour) its class. JSON has no NaN, so non-finite scores are left out of the measurements
 (QuPath shows a missing measurement as NaN).
+
+Tissue goes both ways. :func:`tissue_geojson` writes a mask as annotation polygons with holes (classified
+``Tissue``), so the mask can be checked or corrected by hand in QuPath; :func:`geojson_tissue_mask` reads such a
+file back, or any QuPath or TRIDENT export of polygons (a FeatureCollection, a bare list of features as QuPath
+writes without "Export as FeatureCollection", one Feature, or one geometry), as the tissue mask tiles are kept
+by. A mask written and read back on the same grid is the same mask (see :mod:`.polygons`).
 """
 
 from __future__ import annotations
@@ -17,11 +23,28 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 
+from ..errors import DataError, one_line
 from ..report.io import atomic_write_text
+from .polygons import Polygon, fill_polygons, mask_polygons
 
-__all__ = ["OBJECT_TYPES", "class_colour", "tiles_feature_collection", "tiles_geojson"]
+__all__ = [
+    "OBJECT_TYPES",
+    "TISSUE_CLASS",
+    "class_colour",
+    "geojson_tissue_mask",
+    "mask_shape",
+    "read_geojson_polygons",
+    "tiles_feature_collection",
+    "tiles_geojson",
+    "tissue_feature_collection",
+    "tissue_geojson",
+]
 
 OBJECT_TYPES = ("tile", "annotation", "detection")
+TISSUE_CLASS = {"name": "Tissue", "color": [0, 200, 0]}  # the QC thumbnail's outline colour
+# How far (as a fraction of the slide's size) polygons may reach past its edge before the file is taken for one
+# in other coordinates (a thumbnail's, another slide's): QuPath lets a brush stroke run a little off the image.
+_EDGE_SLACK = 0.05
 
 
 def class_colour(i: int) -> list[int]:
@@ -103,3 +126,123 @@ def tiles_geojson(
     fc = tiles_feature_collection(coords, tile_size_level0, scores, object_type, classification, class_names)
     atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
     return Path(path)
+
+
+# -- tissue ---------------------------------------------------------------------------------------------------
+def mask_shape(dimensions: tuple[int, int], mask_size: int) -> tuple[int, int]:
+    """(H, W) of a mask whose longer side is ``mask_size`` (never more than level 0), the grid of the slide's
+    thumbnail of that size, so a mask read from GeoJSON lies on the grid an Otsu mask would."""
+    width, height = dimensions
+    factor = max(width, height) / mask_size
+    if factor <= 1:
+        return height, width
+    return max(1, round(height / factor)), max(1, round(width / factor))
+
+
+def tissue_feature_collection(mask: np.ndarray, dimensions: tuple[int, int]) -> dict:
+    """The tissue of ``mask`` (covering a slide of level-0 ``dimensions``) as QuPath annotations: one Polygon
+    (exterior and holes, closed rings in level-0 pixels) per 4-connected piece, classified ``Tissue``."""
+    mask = np.asarray(mask, dtype=bool)
+    width, height = dimensions
+    sx, sy = width / mask.shape[1], height / mask.shape[0]
+    features = []
+    for i, rings in enumerate(mask_polygons(mask)):
+        coords = []
+        for ring in rings:
+            pts = [[_num(x * sx), _num(y * sy)] for x, y in ring.tolist()]
+            coords.append([*pts, pts[0]])
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": coords},
+                "properties": {"objectType": "annotation", "name": f"tissue {i}", "classification": TISSUE_CLASS},
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def tissue_geojson(mask: np.ndarray, dimensions: tuple[int, int], path: str | Path) -> Path:
+    """Write :func:`tissue_feature_collection` to ``path`` atomically and return the path."""
+    fc = tissue_feature_collection(mask, dimensions)
+    atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
+    return Path(path)
+
+
+def _ring(path: Path, raw: object) -> np.ndarray:
+    try:
+        ring = np.asarray([[float(p[0]), float(p[1])] for p in raw], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise DataError(f"GeoJSON {path}: a polygon ring is not a list of [x, y] numbers; re-export it") from None
+    if len(ring) and not np.isfinite(ring).all():
+        raise DataError(f"GeoJSON {path}: a polygon ring has non-finite coordinates; re-export it")
+    if len(ring) > 1 and (ring[0] == ring[-1]).all():
+        ring = ring[:-1]  # GeoJSON closes rings; the fill closes them itself
+    return ring
+
+
+def _polygons(path: Path, geometry: object) -> list[Polygon]:
+    """The polygons of one geometry; points and lines bound no area and are skipped."""
+    if geometry is None:
+        return []
+    if not isinstance(geometry, dict):
+        raise DataError(f"GeoJSON {path}: a geometry is not an object; re-export the file from QuPath")
+    kind, coords = geometry.get("type"), geometry.get("coordinates")
+    if kind == "GeometryCollection":
+        return [p for g in geometry.get("geometries") or [] for p in _polygons(path, g)]
+    if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
+        return []
+    if kind not in ("Polygon", "MultiPolygon") or not isinstance(coords, list):
+        raise DataError(f"GeoJSON {path}: geometry type {kind!r} is not a Polygon or MultiPolygon; re-export it")
+    parts = [coords] if kind == "Polygon" else coords
+    return [[_ring(path, r) for r in part] for part in parts if isinstance(part, list) and part]
+
+
+def _features(path: Path, doc: object) -> list:
+    if isinstance(doc, list):  # QuPath without "Export as FeatureCollection"
+        return doc
+    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        return list(doc.get("features") or [])
+    if isinstance(doc, dict) and doc.get("type") == "Feature":
+        return [doc]
+    if isinstance(doc, dict) and ("coordinates" in doc or "geometries" in doc):
+        return [{"type": "Feature", "geometry": doc}]
+    raise DataError(f"GeoJSON {path} is no FeatureCollection, feature list, Feature or geometry; re-export it")
+
+
+def read_geojson_polygons(path: str | Path) -> list[Polygon]:
+    """Every Polygon and MultiPolygon part of a GeoJSON file, in its own (level-0 pixel) coordinates."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataError(f"tissue GeoJSON {path} not found; check the path") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"cannot read tissue GeoJSON {path}: {one_line(e, 200)}; re-export it from QuPath") from None
+    polygons = []
+    for feature in _features(path, doc):
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        polygons += [p for p in _polygons(path, geometry) if len(p[0]) >= 3]
+    if not polygons:
+        raise DataError(
+            f"tissue GeoJSON {path} holds no Polygon or MultiPolygon; draw or detect the tissue in QuPath and "
+            "export its annotations as GeoJSON"
+        )
+    return polygons
+
+
+def geojson_tissue_mask(path: str | Path, dimensions: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """The tissue mask (H, W) = ``shape`` of a slide of level-0 ``dimensions`` from the polygons in ``path``
+    (level-0 pixels): a mask pixel is tissue when its centre lies inside a polygon and outside its holes."""
+    polygons = read_geojson_polygons(path)
+    width, height = dimensions
+    pts = np.concatenate([r for p in polygons for r in p])
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    slack = _EDGE_SLACK * np.array([width, height])
+    if (lo < -slack).any() or (hi > np.array([width, height]) + slack).any():
+        raise DataError(
+            f"tissue GeoJSON {path} reaches ({hi[0]:.0f}, {hi[1]:.0f}) and ({lo[0]:.0f}, {lo[1]:.0f}), outside the "
+            f"{width}x{height} slide; it must hold level-0 pixel coordinates of this slide"
+        )
+    h, w = shape
+    sx, sy = w / width, h / height
+    return fill_polygons([[r * (sx, sy) for r in p] for p in polygons], (h, w))

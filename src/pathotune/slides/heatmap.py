@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from ..bundle import load_bundle, read_manifest, resolve_bundle
 from ..errors import ConfigError, DataError
-from ..features import SlideFeatures, list_feature_files, read_slide_features, tile_side
+from ..features import SlideFeatures, list_feature_files, read_slide_features, require_coords, tile_side
 from ..model import PathoTuneModel
 from ..report.io import atomic_path
 from .discover import find_slides, slide_id
@@ -169,7 +169,11 @@ def open_source_slide(sid: str, attrs: Mapping[str, Any], slides: dict[str, Path
             raise DataError(f"no slide with id '{sid}' in --slides; pass the slides the features came from")
         path = slides[sid]
     else:
-        path = Path(str(attrs.get("slide_path", "")))
+        if not attrs.get("slide_path"):
+            raise DataError(
+                f"the features of '{sid}' record no slide path (TRIDENT and CLAM files do not); pass --slides"
+            )
+        path = Path(str(attrs["slide_path"]))
         if not path.is_file():
             raise DataError(f"slide {path} recorded in the features of '{sid}' is not there; pass --slides")
     reader = open_slide(path)
@@ -260,6 +264,7 @@ def bundle_heatmaps(
     """
     check_heatmap_options(max_size, alpha)
     files = list_feature_files(features)
+    require_coords(files)
     slide_paths = slide_map(slides)
     path = resolve_bundle(bundle)
     manifest = read_manifest(path)

@@ -2,7 +2,9 @@
 
 One glance shows whether the mask missed faint tissue, kept pen marks or glass, or the grid sits at the wrong
 scale, which is cheaper than finding out after feature extraction. :func:`tile_slides` (``pathotune slides
-tile``) does that for a whole set of slides and writes each slide's tile list beside its picture.
+tile``) does that for a whole set of slides and writes each slide's tile list and its tissue as QuPath GeoJSON
+beside its picture, so a mask that needs fixing can be fixed by hand in QuPath and fed back
+(``--tissue-geojson``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from ..report.io import atomic_path
-from .discover import find_slides, slide_id
+from .geojson import tissue_geojson
+from .inputs import SlideInput, as_inputs, slide_inputs
+from .planning import plan_on
 from .reader import SlideReader, open_slide
-from .tiling import TilePlan, TilingConfig, plan_tiles
+from .tiling import TilePlan, TilingConfig
+from .tissue import TissueConfig
 
 __all__ = ["MASK_COLOUR", "TILE_COLOUR", "qc_thumbnail", "tile_slides"]
 
@@ -68,23 +73,32 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 def tile_slides(
-    slides: str | Path, out: str | Path, tiling: TilingConfig, mpp: float | None = None, thumb_size: int = 1024
+    slides: str | Path | list[SlideInput],
+    out: str | Path,
+    tiling: TilingConfig,
+    mpp: float | None = None,
+    thumb_size: int = 1024,
+    tissue: TissueConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Plan the tiles of every slide in ``slides`` (a folder, a slide or a CSV, see :func:`find_slides`).
+    """Plan the tiles of every slide in ``slides`` (a folder, a slide or a CSV, see :func:`find_slides`, or
+    :class:`SlideInput` from :func:`.inputs.slide_inputs` with their mpp, coords and tissue GeoJSON).
 
-    Writes per slide ``<id>_qc.png`` (:func:`qc_thumbnail`, longer side ``thumb_size``) and ``<id>_tiles.csv``
-    (level-0 x, y and tissue fraction of each kept tile), then ``tiles_summary.csv`` with one row per slide,
-    which is also what this returns.
+    Writes per slide ``<id>_qc.png`` (:func:`qc_thumbnail`, longer side ``thumb_size``), ``<id>_tiles.csv``
+    (level-0 x, y and tissue fraction of each kept tile) and ``<id>_tissue.geojson`` (the tissue mask as QuPath
+    annotations, level-0 pixels), then ``tiles_summary.csv`` with one row per slide, which is also what this
+    returns.
     """
     out = Path(out)
     summary = []
-    for path in find_slides(slides):
-        sid = slide_id(path)
-        with open_slide(path, mpp=mpp) as reader:
-            plan = plan_tiles(reader, tiling)
+    inputs = as_inputs(slides, mpp) if isinstance(slides, list) else slide_inputs(slides, mpp)
+    for slide in inputs:
+        sid = slide.slide_id
+        with open_slide(slide.path, mpp=slide.mpp) as reader:
+            plan, _ = plan_on(reader, slide, tiling, tissue)
             qc_thumbnail(reader, plan, out / f"{sid}_qc.png", max_size=thumb_size)
         tiles = [[int(x), int(y), f"{t:.4f}"] for (x, y), t in zip(plan.coords.tolist(), plan.tissue, strict=True)]
         _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue"], tiles)
+        tissue_geojson(plan.mask, plan.dimensions, out / f"{sid}_tissue.geojson")
         summary.append(
             {
                 "slide_id": sid,
@@ -94,7 +108,7 @@ def tile_slides(
                 "read_size": plan.read_size,
                 "slide_mpp": plan.slide_mpp,
                 "tile_size_level0": plan.tile_size_level0,
-                "slide_path": str(path),
+                "slide_path": str(slide.path),
             }
         )
     _write_csv(out / "tiles_summary.csv", list(summary[0]), [list(r.values()) for r in summary])

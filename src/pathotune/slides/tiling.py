@@ -18,7 +18,41 @@ from ..errors import ConfigError, DataError
 from .reader import LEVEL_TOLERANCE, SlideReader, require_mpp
 from .tissue import TissueConfig, tissue_mask
 
-__all__ = ["TilePlan", "TilingConfig", "iter_tiles", "plan_tiles", "read_tile"]
+__all__ = [
+    "DEFAULT_TARGET_MPP",
+    "TilePlan",
+    "TilingConfig",
+    "iter_tiles",
+    "mpp_for_magnification",
+    "plan_from_coords",
+    "plan_tiles",
+    "read_tile",
+    "resolve_target_mpp",
+]
+
+DEFAULT_TARGET_MPP = 0.5
+
+
+def mpp_for_magnification(mag: float) -> float:
+    """Microns per pixel of an objective magnification, by the convention scanners and TRIDENT/CLAM share:
+    mpp = 10 / mag (40x = 0.25, 20x = 0.5, 10x = 1.0 µm/px)."""
+    if not (math.isfinite(mag) and mag > 0):
+        raise ConfigError(f"magnification must be a positive number (e.g. 20 for 20x), got {mag}")
+    return 10.0 / mag
+
+
+def resolve_target_mpp(
+    target_mpp: float | None, mag: float | None, default: float | None = DEFAULT_TARGET_MPP
+) -> float | None:
+    """The tile resolution from at most one of ``target_mpp`` and ``mag`` (through :func:`mpp_for_magnification`),
+    else ``default``."""
+    if target_mpp is not None and mag is not None:
+        raise ConfigError(
+            f"--target-mpp {target_mpp:g} and --mag {mag:g} both set the tile resolution; pass one of them"
+        )
+    if mag is not None:
+        return mpp_for_magnification(mag)
+    return default if target_mpp is None else target_mpp
 
 
 @dataclass(frozen=True)
@@ -148,8 +182,7 @@ def plan_tiles(
     level = reader.best_level_for_downsample(scale)
     ds = reader.level_downsamples[level]
     read_size = max(1, round(cfg.tile_size * scale / ds))
-    stride = cfg.tile_size - cfg.overlap
-    stride_level = stride * scale / ds
+    stride_level = (cfg.tile_size - cfg.overlap) * scale / ds
     lw, lh = reader.level_dimensions[level]
     xs, ys = _grid(lw, read_size, stride_level), _grid(lh, read_size, stride_level)
     if len(xs) == 0 or len(ys) == 0:
@@ -160,7 +193,22 @@ def plan_tiles(
     gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major order: tiles run left to right, then down
     level_xy = np.stack([gx.ravel(), gy.ravel()], axis=1)
     coords = np.round(level_xy * ds).astype(np.int64)
+    return _kept(reader, cfg, coords, scale, level, read_size, slide_mpp, mask, tissue)
 
+
+def _kept(
+    reader: SlideReader,
+    cfg: TilingConfig,
+    coords: np.ndarray,
+    scale: float,
+    level: int,
+    read_size: int,
+    slide_mpp: float | None,
+    mask: np.ndarray | None,
+    tissue: TissueConfig | None,
+) -> TilePlan:
+    """The plan of the candidate tiles ``coords`` that have at least ``cfg.min_tissue`` tissue in the mask."""
+    width, height = reader.dimensions
     if mask is None:
         mask = tissue_mask(reader.thumbnail(cfg.mask_size), **asdict(tissue or TissueConfig()))
     mask = np.asarray(mask)
@@ -174,11 +222,11 @@ def plan_tiles(
         slide=str(reader.path),
         dimensions=(width, height),
         level=level,
-        downsample=ds,
+        downsample=reader.level_downsamples[level],
         scale=scale,
         read_size=read_size,
         tile_size=cfg.tile_size,
-        stride=stride,
+        stride=cfg.tile_size - cfg.overlap,
         target_mpp=cfg.target_mpp,
         slide_mpp=slide_mpp,
         coords=coords[keep],
@@ -188,6 +236,30 @@ def plan_tiles(
         min_tissue=cfg.min_tissue,
         n_candidates=int(len(coords)),
     )
+
+
+def plan_from_coords(
+    reader: SlideReader,
+    coords: np.ndarray,
+    tile_size_level0: float,
+    cfg: TilingConfig,
+    mask: np.ndarray | None = None,
+    tissue: TissueConfig | None = None,
+) -> TilePlan:
+    """A plan over given level-0 tile corners (another tool's tiles) instead of a grid.
+
+    ``cfg.tile_size`` is the tile side in output pixels and ``tile_size_level0`` the same side at level 0, which
+    fixes the scale; ``cfg.target_mpp`` is only recorded. Tiles are read, like grid tiles, from the coarsest
+    level still at least as fine as that scale. ``cfg.min_tissue`` filters them by the mask as it filters a grid
+    (0 keeps every one).
+    """
+    if not (math.isfinite(tile_size_level0) and tile_size_level0 > 0):
+        raise ConfigError(f"tile_size_level0 must be a positive number, got {tile_size_level0}")
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    scale = tile_size_level0 / cfg.tile_size
+    level = reader.best_level_for_downsample(scale)
+    read_size = max(1, round(tile_size_level0 / reader.level_downsamples[level]))
+    return _kept(reader, cfg, coords, scale, level, read_size, reader.mpp, mask, tissue)
 
 
 def read_tile(reader: SlideReader, plan: TilePlan, i: int) -> Image.Image:

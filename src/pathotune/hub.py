@@ -1,0 +1,266 @@
+"""The Hugging Face Hub, opt-in: ``hf-hub:owner/repo[@revision][:filename]`` references, downloads through HF's
+own cache, uploads, and the model card of a shared bundle.
+
+huggingface_hub does the rest as users expect it: the token (``HF_TOKEN`` or ``hf auth login``),
+``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``/``HF_HOME``. Every failure becomes one line naming the repo and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import PathoTuneError, one_line
+from .version import __version__
+
+HUB_PREFIX = "hf-hub:"
+HUB_URL = "https://huggingface.co"
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_SYNTAX = "write hf-hub:owner/repo, optionally followed by @revision and :filename"
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A file or repo on the Hub. ``filename`` None: the caller's default files; ``revision`` None: main."""
+
+    repo_id: str
+    filename: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        name = f":{self.filename}" if self.filename else ""
+        return f"{HUB_PREFIX}{self.repo_id}{rev}{name}"
+
+
+def is_hub_ref(text: object) -> bool:
+    """Whether a weights or bundle argument names the Hub rather than a local path."""
+    return str(text).startswith(HUB_PREFIX)
+
+
+def parse_hub_ref(text: str, error: type[PathoTuneError]) -> HubRef:
+    """``hf-hub:owner/repo[@revision][:filename]`` -> HubRef, or one line saying how to write it."""
+    body = str(text).removeprefix(HUB_PREFIX)
+    repo, colon, filename = body.partition(":")
+    repo, at, revision = repo.partition("@")
+    if not _REPO_ID.fullmatch(repo) or ".." in repo or (colon and not filename) or (at and not revision):
+        raise error(f"'{text}' is not a Hugging Face reference; {_SYNTAX}")
+    if filename and (filename.startswith("/") or ".." in filename.split("/")):
+        raise error(f"'{text}' names file '{filename}' outside its repo; {_SYNTAX}")
+    return HubRef(repo, filename or None, revision or None)
+
+
+def repo_url(repo_id: str) -> str:
+    return f"{HUB_URL}/{repo_id}"
+
+
+def _offline() -> bool:
+    return bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def _hub_error(ref: HubRef, e: BaseException, what: str, instead: str, error: type[PathoTuneError]) -> PathoTuneError:
+    """One line for a failed Hub call: gated, missing, wrong revision, or anything else (network, server)."""
+    if isinstance(e, GatedRepoError):
+        return error(
+            f"Hugging Face repo {ref.repo_id} is gated: accept its terms at {repo_url(ref.repo_id)} and log in "
+            f"(`hf auth login` or HF_TOKEN), or {instead}"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return error(
+            f"Hugging Face repo {ref.repo_id} not found (or private: log in with `hf auth login` or HF_TOKEN); "
+            f"check the name, or {instead}"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return error(f"revision '{ref.revision}' not found in Hugging Face repo {ref.repo_id}; check the @revision")
+    return error(f"cannot fetch {what} from Hugging Face repo {ref.repo_id}: {one_line(e, 200)}; retry, or {instead}")
+
+
+def _not_cached(ref: HubRef, names: Sequence[str], what: str, instead: str, error: type[PathoTuneError]):
+    files = ", ".join(names)
+    why = "HF_HUB_OFFLINE is set" if _offline() else "the Hub cannot be reached"
+    return error(
+        f"{what} {ref.repo_id} ({files}) is not in the Hugging Face cache {hf_constants.HF_HUB_CACHE} and {why}; "
+        f"download it once with network access, or {instead}"
+    )
+
+
+def download_file(ref: HubRef, defaults: Sequence[str], what: str, instead: str, error: type[PathoTuneError]) -> Path:
+    """The local path of ``ref.filename`` (else the first of ``defaults`` the repo holds), from HF's cache or the
+    Hub. ``what`` names the thing in messages ("weights", "bundle"); ``instead`` is the local alternative."""
+    names = [ref.filename] if ref.filename else list(defaults)
+    uncached: list[str] = []
+    for name in names:
+        try:
+            return Path(hf_hub_download(ref.repo_id, name, revision=ref.revision))
+        except LocalEntryNotFoundError:  # offline or unreachable, and not in the cache: another name may be
+            uncached.append(name)
+        except EntryNotFoundError:  # the repo has no such file: try the next default name
+            continue
+        except Exception as e:  # gated, missing repo or revision, network, server: one line, cause chained
+            raise _hub_error(ref, e, what, instead, error) from e
+    if uncached:
+        raise _not_cached(ref, uncached, what, instead, error)
+    raise error(
+        f"Hugging Face repo {ref.repo_id} has none of {', '.join(names)}; name the file: "
+        f"hf-hub:{ref.repo_id}:<filename>"
+    )
+
+
+def download_folder(ref: HubRef, files: Sequence[str], what: str, instead: str, error: type[PathoTuneError]) -> Path:
+    """The snapshot folder holding ``files`` of one revision of the repo (one commit, so the files agree)."""
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(files)))
+    except LocalEntryNotFoundError as e:
+        raise _not_cached(ref, files, what, instead, error) from e
+    except Exception as e:
+        raise _hub_error(ref, e, what, instead, error) from e
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise error(
+            f"Hugging Face repo {ref.repo_id} has no {missing[0]}; it does not hold a pathotune bundle "
+            "(push one with PathoTuneModel.push_to_hub)"
+        )
+    return folder
+
+
+def upload_folder(
+    folder: Path,
+    repo_id: str,
+    error: type[PathoTuneError],
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload pathotune bundle",
+) -> str:
+    """Create the model repo if needed and upload ``folder`` as one commit; returns the commit's URL."""
+    ref = parse_hub_ref(HUB_PREFIX + repo_id, error)
+    if ref.filename or ref.revision:
+        raise error(f"push to a repo id (owner/repo), not '{repo_id}'")
+    if _offline():
+        raise error(f"cannot push to Hugging Face repo {repo_id}: HF_HUB_OFFLINE is set; unset it and retry")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"
+        )
+    except Exception as e:  # no token, no rights, network: one line, cause chained
+        raise error(
+            f"cannot push to Hugging Face repo {repo_id}: {one_line(e, 200)}; log in (`hf auth login` or HF_TOKEN) "
+            "with write access and retry"
+        ) from e
+    return str(getattr(info, "commit_url", None) or repo_url(repo_id))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _weights_text(weights: str | None, hint: str) -> str:
+    if weights is None:
+        return "none: random initialisation with a fixed seed (a smoke test, not a foundation model)"
+    if weights == "bundled":
+        return "bundled with the pathotune package"
+    if is_hub_ref(weights):
+        return f"`{weights}` (fetched from the Hub when the bundle loads)"
+    return f"a local file, `{weights}` when trained" + (f"; the published file: {hint}" if hint else "")
+
+
+def model_card(
+    manifest: dict,
+    base_model: str | None = None,
+    weights_hint: str = "",
+    repo_id: str | None = None,
+    metrics: dict | None = None,
+    command: str | None = None,
+) -> str:
+    """README.md for a bundle: YAML front matter for the Hub, then task, classes, backbone and its weights
+    fingerprint, metrics and the command that trained it, all read from the (checked) manifest."""
+    prov, task = manifest["provenance"], manifest.get("task") or {}
+    backbone, weights = prov["backbone"], prov.get("weights")
+    front: dict = {
+        "library_name": "pathotune",
+        "tags": ["pathotune", "pathology", "histopathology", "prompt-tuning", "image-classification"],
+        "pipeline_tag": "image-classification",
+    }
+    if base_model:
+        front["base_model"] = base_model
+    n_values = sum(math.prod(s) for s in manifest["tensors"].values())
+    name = repo_id or f"{manifest['method']} on {backbone}"
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A PathoTune bundle: the prompts and head that method "
+        f"`{manifest['method']}` trained on the frozen backbone `{backbone}` ({len(manifest['tensors'])} tensors, "
+        f"{n_values:,} values). The backbone's weights are not in this repo; the bundle loads only onto the weights "
+        "it was trained on (checked by fingerprint).",
+        "",
+        "## Task",
+        "",
+        f"- task: {task.get('name', 'classification')} ({task.get('stain', '')} stained {task.get('organ', '')})",
+        f'- text the textual prompts encode: "{manifest.get("task_text", "")}"',
+        "",
+        "| index | class |",
+        "|---|---|",
+        *[f"| {i} | {_cell(c)} |" for i, c in enumerate(manifest["class_names"])],
+        "",
+        "## Backbone",
+        "",
+        f"- id: `{backbone}`, {prov['img_size']} px",
+        f"- weights: {_weights_text(weights, weights_hint)}",
+        f"- weights fingerprint (blake2b): `{prov['fingerprint']}`",
+    ]
+    norm = manifest.get("normalization")
+    if norm:
+        lines.append(f"- input normalisation: mean {norm['mean']}, std {norm['std']}")
+    if metrics:
+        ci = metrics.get("ci") if isinstance(metrics.get("ci"), dict) else {}
+        rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+        if rows:
+            lines += ["", "## Metrics", "", "| metric | value | 95% CI |", "|---|---|---|"]
+            lines += [f"| {k} | {_cell(float(v))} | {_cell(ci.get(k, '–'))} |" for k, v in rows]
+    if command:
+        lines += ["", "## Training", "", "```bash", command, "```"]
+    source = f"hf-hub:{repo_id}" if repo_id else "path/to/bundle"
+    local = weights is not None and weights != "bundled" and not is_hub_ref(weights)  # the user's own copy
+    py_weights = ', weights="path/to/backbone/weights"' if local else ""
+    cli_weights = " --weights path/to/backbone/weights" if local else ""
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from pathotune import PathoTuneModel",
+        "",
+        f'model = PathoTuneModel.from_pretrained("{repo_id or "path/to/bundle"}"{py_weights})',
+        "probs = model(images).softmax(-1)  # images: normalised (N, 3, H, W) tensors",
+        "```",
+        "",
+        "```bash",
+        f"pathotune predict {source} images/{cli_weights} --out predictions.csv",
+        "```",
+        "",
+        f"Bundle format {manifest.get('format_version')}, written by pathotune "
+        f"{manifest.get('pathotune_version', __version__)}.",
+        "",
+    ]
+    return "\n".join(lines)
