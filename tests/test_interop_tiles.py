@@ -176,6 +176,12 @@ def test_qupath_geojson_restricts_extract(monkeypatch, capsys, slides_dir: Path,
     want = {(0, 0), (256, 0), (384, 0), (0, 128), (128, 128), (256, 128), (384, 128), (640, 256)}
     assert tiles_of(out / "s1.h5") == want
     assert "s1.geojson" in read_slide_features(out / "s1.h5").attrs["tissue_config"]
+    code, _, err = cli(monkeypatch, capsys, *args, "--tissue-geojson", gj)  # the same request: kept as it is
+    assert code == 0, err
+    assert tiles_of(out / "s1.h5") == want
+    code, _, err = cli(monkeypatch, capsys, *args)  # Otsu now: the file was cut from the GeoJSON, so refused
+    error_line(code, err, str(out / "s1.h5"), "tissue GeoJSON", "the Otsu mask", "--overwrite")
+    assert tiles_of(out / "s1.h5") == want
     code, _, err = cli(monkeypatch, capsys, *args, "--overwrite")  # Otsu: the tissue half, 3 columns x 3 rows
     assert code == 0, err
     assert tiles_of(out / "s1.h5") == {(x, y) for x in (0, 128, 256) for y in (0, 128, 256)}

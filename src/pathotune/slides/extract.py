@@ -12,6 +12,7 @@ before the first slide is extracted.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from ..features import (
     SlideFeatures,
     feature_path,
     finished_tiles,
+    read_feature_attrs,
     read_slide_features,
     remove_partial_files,
     write_feature_file,
@@ -204,6 +206,39 @@ def _check(slide: SlideInput, tiling: TilingConfig) -> TilingConfig:
     return own
 
 
+def _recorded_sources(tissue_config: str) -> tuple[str | None, str | None]:
+    """The (tissue GeoJSON, coords file) a feature file's ``tissue_config`` names; Otsu files name neither (files
+    written before these sources existed hold a TissueConfig repr, which is Otsu on our grid)."""
+    try:
+        recorded = ast.literal_eval(tissue_config)
+    except (ValueError, SyntaxError):
+        return None, None
+    if not isinstance(recorded, dict):
+        return None, None
+    return recorded.get("tissue_geojson"), recorded.get("coords")
+
+
+def _source_name(source: tuple[str | None, str | None]) -> str:
+    geojson, coords = source
+    mask = f"tissue GeoJSON {geojson}" if geojson else "the Otsu mask"
+    return f"{mask} and {f'coords {coords}' if coords else 'our grid'}"
+
+
+def _check_tile_source(path: Path, slide: SlideInput) -> None:
+    """A finished file counts for this run only if its tiles came from the same tissue GeoJSON and coords file:
+    the request keys cannot tell a GeoJSON mask from Otsu's, or two coords files of the same tile size, apart."""
+    old = _recorded_sources(str(read_feature_attrs(path).get("tissue_config", "")))
+    new = (
+        None if slide.tissue_geojson is None else str(Path(slide.tissue_geojson).resolve()),
+        None if slide.coords is None else str(Path(slide.coords).resolve()),
+    )
+    if old != new:
+        raise ConfigError(
+            f"{path} holds features of tiles from {_source_name(old)}, not {_source_name(new)}; "
+            "pass another --out or --overwrite"
+        )
+
+
 def _finished(
     slides: list[SlideInput], out_dir: Path, ex: FeatureExtractor, tiling: TilingConfig, overwrite: bool, rt: Runtime
 ) -> dict[Path, int]:
@@ -219,6 +254,7 @@ def _finished(
         if final.exists() and not overwrite:
             n = finished_tiles(final, request_attrs(ex, own or tiling))
             if n is not None:
+                _check_tile_source(final, slide)
                 done[slide.path] = n
                 continue
             if rt.rank == 0:

@@ -61,10 +61,12 @@ def tiles_source(slide: SlideInput, tissue: TissueConfig | None) -> str:
     """Where a slide's tiles and tissue came from, as a feature file's ``tissue_config`` records it: the Otsu
     settings, or the tissue GeoJSON, plus the coords file when another tool chose the tiles."""
     source: dict = (
-        {"tissue_geojson": str(slide.tissue_geojson)} if slide.tissue_geojson else asdict(tissue or TissueConfig())
+        {"tissue_geojson": str(Path(slide.tissue_geojson).resolve())}
+        if slide.tissue_geojson
+        else asdict(tissue or TissueConfig())
     )
     if slide.coords is not None:
-        source["coords"] = str(slide.coords)
+        source["coords"] = str(Path(slide.coords).resolve())
     return repr(source)
 
 
