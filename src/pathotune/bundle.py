@@ -1,6 +1,9 @@
 """Prompt bundles: only the trained tensors (safetensors) plus a JSON manifest and a model card. Nothing is
 unpickled. A bundle is also what ``save_pretrained``/``from_pretrained``/``push_to_hub`` share (one format):
-a local folder, or a Hugging Face repo named ``hf-hub:owner/repo[@revision]``."""
+a local folder, or a Hugging Face repo named ``hf-hub:owner/repo[@revision]``.
+
+About 440 lines on purpose: the format (write, read, every check, the format-1 reader) and its sharing (model card,
+Hub) are one contract, kept in one file; Hub transport itself is in ``hub.py``."""
 
 from __future__ import annotations
 

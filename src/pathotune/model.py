@@ -1,4 +1,8 @@
-"""PathoTuneModel: a frozen ViT with TTP, IVP and TVP tokens inserted between its blocks, and a head."""
+"""PathoTuneModel: a frozen ViT with TTP, IVP and TVP tokens inserted between its blocks, and a head.
+
+About 450 lines on purpose: composing the prompt groups, the block walk and the parameter bookkeeping share the
+model's state; the prompt kinds (``prompts/``), the prompted attention and the backbones live elsewhere.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ crash of one cell never takes the grid down. A cell whose metrics.json exists is
 Besides plain methods a grid can hold named variants (a method plus config keys, e.g. a control with empty task
 text), paired comparisons with a bootstrap interval (engine/compare.py) and a few-shot protocol
 (engine/fewshot.py) whose episode cells resume like grid cells.
+
+About 450 lines on purpose: running the cells and writing their section are one report read top to bottom; the
+grid's config (bench_config.py) and the statistics (compare.py, fewshot.py) live in their own modules.
 """
 
 from __future__ import annotations

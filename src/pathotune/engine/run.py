@@ -1,4 +1,8 @@
-"""A whole run: data -> model -> fit -> judged on held-out data -> metrics, report, bundle, log."""
+"""A whole run: data -> model -> fit -> judged on held-out data -> metrics, report, bundle, log.
+
+About 430 lines: the steps of one run, in order, each a short function; the pieces they call (probe, loop,
+selection, cached features, run folder) are their own modules.
+"""
 
 from __future__ import annotations
 

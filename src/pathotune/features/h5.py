@@ -1,7 +1,9 @@
 """The slide feature file, ``<slide_id>.h5``: its schema, writer, reader, compatibility rules and listing.
 
 This module is the only code that knows the file's layout; extraction (``slides``) writes through it and MIL,
-heat maps and resume checks read through it.
+heat maps and resume checks read through it. About 450 lines on purpose: the layout's one owner (schema,
+writer, reader, compatibility rules) in one file, so a format change is one diff; foreign layouts are in
+``foreign.py``.
 
 Datasets:
 
