@@ -65,7 +65,7 @@ def make_fabric(cfg: TrainConfig, log_dir: str | Path | None = None):
 def log_hyperparams(fabric, cfg: TrainConfig) -> None:
     """The resolved config to every logger that records hyperparameters (Fabric's CSVLogger does not)."""
     for logger in getattr(fabric, "loggers", []):
-        with contextlib.suppress(NotImplementedError):  # CSVLogger: config.yaml already records them
+        if runtime.records_hyperparams(logger):
             logger.log_hyperparams(cfg.model_dump(mode="json"))
 
 

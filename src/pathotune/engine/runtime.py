@@ -137,6 +137,13 @@ def make_loggers(names: Sequence[str], root: str | Path, run_name: str = "pathot
     return out
 
 
+def records_hyperparams(logger: Any) -> bool:
+    """Whether ``logger`` stores a run's hyperparameters: Fabric's CSVLogger does not (config.yaml holds them)."""
+    from lightning_fabric.loggers import CSVLogger  # with make_fabric: Lightning's import cost
+
+    return not isinstance(logger, CSVLogger)
+
+
 def _mlflow_logger(root: Path, run_name: str) -> Any:
     """Lightning's MLFlowLogger (optional: the mlflow and pytorch-lightning packages)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (root / "mlruns").resolve().as_uri()

@@ -3,6 +3,7 @@ never dispatch on a kind's name."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 import torch
@@ -30,10 +31,10 @@ class PromptGroup(nn.Module):
         self.layers = list(layers)
         self.num_tokens = num_tokens
 
+    @abstractmethod
     def forward(self, layer: int, batch: int, features: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         """(batch, num_tokens, dim) for block ``layer``. ``features``: what a per-image group reads (the instance
         encoder's tokens, or the image tokens entering this block); other groups ignore it."""
-        raise NotImplementedError  # an abstract method: every prompt kind defines it
 
     def bundle_buffers(self) -> dict[str, torch.Tensor]:
         """Buffers a bundle must carry besides the trained parameters (names relative to the group)."""
