@@ -3,7 +3,8 @@
     python benchmarks/prompt_overhead.py --backbone dinov2_vits14 --image-size 224 --batch-size 32
 
 Prints throughput for each configuration (median and spread over repeats, after a warm-up) and its ratio to
-the plain forward. Weights are the bundled ones when the backbone has them.
+the plain forward. Weights are the bundled ones when the backbone has them. By default the process keeps freed
+memory for reuse, as the `pathotune` CLI does (`--allocator system` measures glibc's defaults instead).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from pathotune import create_model
 from pathotune.backbones import get_backbone_spec
+from pathotune.engine.allocator import allocator_note, retain_freed_memory
 
 CONFIGS = {
     "plain backbone": ("linear", {}),
@@ -53,8 +55,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--allocator", choices=("retain", "system"), default="retain", help="as the CLI runs, or not")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.allocator == "retain":
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     weights = "bundled" if get_backbone_spec(args.backbone).bundled else None
@@ -80,14 +85,14 @@ def main() -> None:
     ]
     print(
         f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {args.threads} threads, "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, allocator: {allocator_note()}"
     )
     print(f"{'config':40s} {'img/s (median)':>15s} {'[min, max]':>16s} {'vs plain':>9s}")
     for r in rows:
         print(f"{r['config']:40s} {r['img_per_s']:15.2f} [{r['min']:6.2f}, {r['max']:6.2f}] {r['ratio']:8.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), "allocator": allocator_note(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,27 @@ def test_gated_block_matches_the_zero_init_attention_formula(tiny_kwargs):
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_batch_shared_groups_run_once_with_the_same_result(tiny_kwargs, gated):
+    """A group given as one set of tokens expanded over the batch (TVP, TTP where it enters) goes through the
+    frozen layers once; image and carried tokens match those of the same tokens copied per sample."""
+    from pathotune.prompts.attention import prompted_block
+
+    torch.manual_seed(0)
+    blk = create_model(NAME, "linear", 3, **tiny_kwargs).eval().backbone.blocks[0]
+    h, own, shared = torch.randn(3, 5, 32), torch.randn(3, 2, 32), torch.randn(1, 4, 32)
+    gates = [torch.tensor([0.3, -0.5]), torch.randn(3, 2)] if gated else None
+    with torch.no_grad():
+        ref = prompted_block(blk, h, [own, shared.repeat(3, 1, 1)], gates, [True, True])
+        out = prompted_block(blk, h, [own, shared.expand(3, -1, -1)], gates, [True, True])
+        all_shared = prompted_block(blk, h, [shared.expand(3, -1, -1)], gates and gates[:1], [True])
+        all_ref = prompted_block(blk, h, [shared.repeat(3, 1, 1)], gates and gates[:1], [True])
+    torch.testing.assert_close(out[0], ref[0], atol=1e-6, rtol=0)
+    for a, b in zip(out[1] + all_shared[1], ref[1] + all_ref[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(all_shared[0], all_ref[0], atol=1e-6, rtol=0)
+
+
 def test_deep_tvp_reads_fresh_tokens_at_each_layer(tiny_kwargs, images):
     """Deep TVP: each layer's tokens matter; shallow TVP: only layer 0's exist and they travel on."""
     torch.manual_seed(0)

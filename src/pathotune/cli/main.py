@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..engine.allocator import retain_freed_memory
 from ..version import __version__
 from .common import console, fmt, human_output, inference_runtime, parse_switches, print_json, print_table
 from .errors import run_cli
@@ -403,6 +404,7 @@ _register_groups()
 
 
 def main() -> None:
+    retain_freed_memory()  # a CLI process owns its allocator: keep freed buffers for reuse (engine/allocator.py)
     run_cli(app)
 
 

@@ -12,7 +12,8 @@ only add keys and values. Two ways for image tokens to read them:
 
 Image tokens never pay for a longer sequence: their attention over themselves is the same fused call as the
 plain model's, and prompts add an N x P term. Prompt outputs are computed only for groups that a later block
-reads (deep TVP is replaced at the next block, so it needs keys and values only).
+reads (deep TVP is replaced at the next block, so it needs keys and values only), and a group that is the same
+for every image of the batch (TVP, and TTP where it enters) has its keys and values computed once.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def check_block(block: nn.Module) -> None:
         )
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, n, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+def _heads(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The qkv projection's output (B, N, 3 * width) -> q, k, v (B, H, N, hd), through timm's q/k norms."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
@@ -51,8 +53,27 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return attn.attn_drop(w) @ v
 
 
-def _project(attn: nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Heads -> width, then timm's output norm, gate and projection."""
+def _tokenwise(fn, prompts: list[torch.Tensor]) -> torch.Tensor:
+    """``fn`` (token by token: norms, linears) over every group's tokens, concatenated: (B, P, ·).
+
+    A group that is one set of tokens for the whole batch (a view expanded over it: TVP tokens, TTP tokens where
+    they enter) goes through ``fn`` once instead of B times.
+    """
+    batch = max(p.shape[0] for p in prompts)
+    shared = [p.shape[0] == 1 or p.stride(0) == 0 for p in prompts]
+    if not any(shared):
+        return fn(torch.cat(prompts, dim=1))
+
+    def run(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(fn(torch.cat(rows, dim=1)).split([r.shape[1] for r in rows], dim=1)) if rows else []
+
+    once = iter(run([p[:1] for p, s in zip(prompts, shared, strict=True) if s]))
+    each = iter(run([p for p, s in zip(prompts, shared, strict=True) if not s]))
+    return torch.cat([next(once).expand(batch, -1, -1) if s else next(each) for s in shared], dim=1)
+
+
+def _project(attn: nn.Module, o: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """Heads -> width, then timm's output norm, gate (which reads the block's normed input ``x``) and projection."""
     b, _, n, _ = o.shape
     o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.attn_dim))
     if attn.gate is not None:
@@ -81,27 +102,26 @@ def _own_group_mask(groups: list[slice], kept: list[int], like: torch.Tensor) ->
     return mask
 
 
-def _gate_of_head(gate: torch.Tensor, head: int) -> torch.Tensor:
-    """A group's gate for one head: a scalar, or (B, 1, 1) for per-sample gates (B, H)."""
-    return gate[head] if gate.ndim == 1 else gate[:, head].view(-1, 1, 1)
+def _key_gates(gates: list[torch.Tensor], sizes: list[int], batch: int) -> torch.Tensor:
+    """(B, H, P, 1): each prompt key's gate, from one (H,) or (B, H) gate per group."""
+    return torch.cat(
+        [g.view(-1, g.shape[-1], 1, 1).expand(batch, -1, n, 1) for g, n in zip(gates, sizes, strict=True)], dim=2
+    )
 
 
-def _gated_prompt_term(attn, q, pk, pv, gates, groups) -> list[torch.Tensor]:
-    """Per head, sum over groups of tanh(g) * softmax over the group's keys, applied to its values: (B, N, hd).
+def _gated_prompt_term(attn, q, pk, pv, groups) -> list[torch.Tensor]:
+    """Per head, sum over groups of a softmax over the group's keys applied to its (gated) values: (B, N, hd).
 
-    Head by head on the strided q view: a batched matmul over (B, H) would first copy q, and on a CPU the copies
-    (and the page faults of fresh buffers) cost more than the arithmetic on a handful of keys. Scores are laid out
-    (B, P, N) because a softmax over a few keys is far faster along dim -2 than along the last dim.
+    Head by head on the strided q view: a batched matmul over (B, H) would first copy q, and on a CPU the copy
+    costs more than the arithmetic on a handful of keys. Scores are laid out (B, P, N) because a softmax over a
+    few keys is far faster along dim -2 than along the last dim.
     """
     terms = []
     pk = pk * attn.scale
     for head in range(q.shape[1]):
         scores = torch.bmm(pk[:, head], q[:, head].transpose(1, 2))  # (B, P, N)
         weights = torch.cat([scores[:, sl].softmax(-2) for sl in groups], dim=1)
-        values = torch.cat(
-            [pv[:, head, sl] * _gate_of_head(g, head) for g, sl in zip(gates, groups, strict=True)], dim=1
-        )
-        terms.append(torch.bmm(attn.attn_drop(weights).transpose(1, 2), values))
+        terms.append(torch.bmm(attn.attn_drop(weights).transpose(1, 2), pv[:, head]))
     return terms
 
 
@@ -138,15 +158,15 @@ def prompted_block(
     """
     attn = block.attn
     x = block.norm1(h)
-    q, k, v = _qkv(attn, x)
-    groups = _slices([p.shape[1] for p in prompts])
-    px = block.norm1(torch.cat(prompts, dim=1))
-    pq, pk, pv = _qkv(attn, px)
+    q, k, v = _heads(attn, attn.qkv(x))
+    sizes = [p.shape[1] for p in prompts]
+    groups = _slices(sizes)
+    pq, pk, pv = _heads(attn, _tokenwise(lambda t: attn.qkv(block.norm1(t)), prompts))
     if gates is None:
         o = _attend(attn, q, torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2))
     else:
         o = _attend(attn, q, k, v)
-        terms = _gated_prompt_term(attn, q, pk, pv, gates, groups)
+        terms = _gated_prompt_term(attn, q, pk, pv * _key_gates(gates, sizes, h.shape[0]), groups)
         # Add into the fused kernel's output in place when nothing needs it for a backward pass (one buffer less).
         o = o if not torch.is_grad_enabled() else o.clone()
         for head, term in enumerate(terms):
@@ -166,7 +186,8 @@ def prompted_block(
     mask = _own_group_mask(groups, kept, pk) if gates is not None else torch.zeros((), dtype=pk.dtype)
     co = _carried_attention(attn, pq, k, v, pk, pv, rows, mask)
     cp = torch.cat([prompts[i] for i in kept], dim=1)
-    out = _residual(block, cp, _project(attn, co, px[:, rows]))
+    px = _tokenwise(block.norm1, [prompts[i] for i in kept]) if attn.gate is not None else None
+    out = _residual(block, cp, _project(attn, co, px))
     for i, chunk in zip(kept, out.split([groups[i].stop - groups[i].start for i in kept], dim=1), strict=True):
         outs[i] = chunk
     return h_out, outs
