@@ -10,7 +10,8 @@ ratio says how much of the model's speed the data path costs. Two extraction rat
 tissue mask, which a large slide amortises over many more tiles than this small one). Both paths are warmed
 up once (imports, worker start-up code, page cache), then runs alternate between the two measurements so
 drifting load on a shared machine hits both alike. Reported: medians, bests (the least disturbed runs) and
-the median of each extraction's ratio to the raw run just before it.
+the median of each extraction's ratio to the raw run just before it. The process keeps freed memory for reuse,
+as `pathotune slides extract` does (`--allocator system`: glibc's defaults).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pathotune.engine.allocator import allocator_note, retain_freed_memory
 from pathotune.slides import TilingConfig, open_slide, plan_tiles, read_tile, sample_slide
 from pathotune.slides.extract import TileTransform, extract_slides, load_extractor
 
@@ -49,8 +51,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--allocator", choices=("retain", "system"), default="retain", help="as the CLI runs, or not")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.allocator == "retain":
+        retain_freed_memory()
 
     ex = load_extractor(args.backbone, args.weights)
     tiling = TilingConfig(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
@@ -62,7 +67,7 @@ def main() -> None:
     print(
         f"{n} tiles of {args.tile_size} px at {args.target_mpp:g} mpp from {Path(args.slide).name}; "
         f"{args.backbone} at {ex.image_size} px, batch {args.batch_size}, {args.num_workers} workers, "
-        f"{torch.get_num_threads()} torch threads"
+        f"{torch.get_num_threads()} torch threads, allocator: {allocator_note()}"
     )
     raw, loop, e2e = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +111,12 @@ def main() -> None:
         {
             "runs": {"raw": raw, "loop": loop, "end_to_end": e2e},
             "config": vars(args),
-            "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+            "machine": {
+                "cpus": torch.get_num_threads(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "allocator": allocator_note(),
+            },
         }
     )
     for stat in ("median", "best"):
