@@ -109,20 +109,19 @@ def _key_gates(gates: list[torch.Tensor], sizes: list[int], batch: int) -> torch
     )
 
 
-def _gated_prompt_term(attn, q, pk, pv, groups) -> list[torch.Tensor]:
-    """Per head, sum over groups of a softmax over the group's keys applied to its (gated) values: (B, N, hd).
+def _add_gated_prompt_term(attn, o, q, pk, pv, groups) -> None:
+    """Add to ``o`` (B, H, N, hd), head by head, each group's softmax over its keys applied to its gated values.
 
     Head by head on the strided q view: a batched matmul over (B, H) would first copy q, and on a CPU the copy
     costs more than the arithmetic on a handful of keys. Scores are laid out (B, P, N) because a softmax over a
-    few keys is far faster along dim -2 than along the last dim.
+    few keys is far faster along dim -2 than along the last dim. (``baddbmm_`` would save a buffer per head but
+    refuses autocast's lower-precision product on a float32 ``o``.)
     """
-    terms = []
     pk = pk * attn.scale
     for head in range(q.shape[1]):
         scores = torch.bmm(pk[:, head], q[:, head].transpose(1, 2))  # (B, P, N)
         weights = torch.cat([scores[:, sl].softmax(-2) for sl in groups], dim=1)
-        terms.append(torch.bmm(attn.attn_drop(weights).transpose(1, 2), pv[:, head]))
-    return terms
+        o[:, head] += torch.bmm(attn.attn_drop(weights).transpose(1, 2), pv[:, head])  # autocast-safe add
 
 
 def _carried_attention(attn, pq, k, v, pk, pv, rows, mask) -> torch.Tensor:
@@ -166,11 +165,9 @@ def prompted_block(
         o = _attend(attn, q, torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2))
     else:
         o = _attend(attn, q, k, v)
-        terms = _gated_prompt_term(attn, q, pk, pv * _key_gates(gates, sizes, h.shape[0]), groups)
         # Add into the fused kernel's output in place when nothing needs it for a backward pass (one buffer less).
         o = o if not torch.is_grad_enabled() else o.clone()
-        for head, term in enumerate(terms):
-            o[:, head] += term
+        _add_gated_prompt_term(attn, o, q, pk, pv * _key_gates(gates, sizes, h.shape[0]), groups)
     h_out = _residual(block, h, _project(attn, o, x))
 
     outs: list[torch.Tensor | None] = [None] * len(prompts)
