@@ -1,7 +1,7 @@
 """Slide feature extraction vs the same model's forward on tiles already in memory, in one run.
 
     python benchmarks/slide_throughput.py                      # bundled DINOv2-S, CMU slide, 224 px at 0.5 mpp
-    python benchmarks/slide_throughput.py --num-workers 0 --repeats 5
+    python benchmarks/slide_throughput.py --num-workers 2 --repeats 5       # decoding workers beside the model
 
 ``extract_slides`` reads, decodes and normalises every tile, runs the model and writes the HDF5; the
 reference is ``forward`` on a ready (N, 3, S, S) tensor stack of the very same tiles, batch for batch. Their
@@ -28,7 +28,7 @@ import torch
 
 from pathotune.engine.allocator import allocator_note, retain_freed_memory
 from pathotune.slides import TilingConfig, open_slide, plan_tiles, read_tile, sample_slide
-from pathotune.slides.extract import TileTransform, extract_slides, load_extractor
+from pathotune.slides.extract import TileTransform, default_num_workers, extract_slides, load_extractor
 
 
 def raw_rate(ex, x: torch.Tensor, batch_size: int) -> float:
@@ -49,13 +49,15 @@ def main() -> None:
     ap.add_argument("--tile-size", type=int, default=224)
     ap.add_argument("--min-tissue", type=float, default=0.5, help="0 keeps every tile: more tiles, same slide")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--num-workers", type=int, default=None, help="default: the library's (see default_num_workers)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--allocator", choices=("retain", "system"), default="retain", help="as the CLI runs, or not")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.allocator == "retain":
         retain_freed_memory()
+    if args.num_workers is None:
+        args.num_workers = default_num_workers("cpu")
 
     ex = load_extractor(args.backbone, args.weights)
     tiling = TilingConfig(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)

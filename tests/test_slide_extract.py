@@ -333,3 +333,15 @@ def test_planning_ahead_changes_nothing(model, slides_dir: Path, tmp_path: Path)
         f1, f2 = read_slide_features(r1.path), read_slide_features(r2.path)
         assert r1.slide_id == r2.slide_id and r1.plan_seconds > 0
         assert np.array_equal(f1.coords, f2.coords) and np.array_equal(f1.features, f2.features)
+
+
+def test_default_workers_leave_the_models_cores_to_the_model(monkeypatch):
+    """Beside a GPU, min(4, CPUs) decoding processes; on the CPU only the cores that torch's threads leave free."""
+    from pathotune.slides.extract import default_num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert default_num_workers("cuda") == 4
+    assert default_num_workers("cpu") == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_num_workers(torch.device("cpu")) == 0

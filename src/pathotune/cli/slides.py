@@ -207,7 +207,13 @@ def extract(
     min_tissue: MinTissueOpt = None,
     image_size: Annotated[int | None, typer.Option(help="Model input size (default: the backbone's).")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
-    num_workers: Annotated[int | None, typer.Option(help="Tile-decoding processes (default min(4, CPUs)).")] = None,
+    num_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Tile-decoding processes (default: min(4, CPUs) beside a GPU; on the CPU, the cores that the "
+            "model's threads leave free)."
+        ),
+    ] = None,
     mpp: MppOpt = None,
     coords: CoordsOpt = None,
     tissue_geojson: TissueGeojsonOpt = None,

@@ -190,7 +190,7 @@ def extract_slide(
     tiling = _prepare(ex, tiling, batch_size)
     rt = Runtime.of(fabric, device)
     ex.module.eval().to(rt.device)
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = default_num_workers(rt.device) if num_workers is None else num_workers
     (slide,) = as_inputs([slide_path], mpp_override)
     return _extract_one(ex, slide, Path(out_dir), tiling, tissue, batch_size, workers, rt, progress).path
 
@@ -304,7 +304,7 @@ def extract_slides(
         for s in mine
         if s.path in done
     ]
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = default_num_workers(rt.device) if num_workers is None else num_workers
     ex.module.eval().to(rt.device)
     log = ExtractLog(out_dir, rt.rank, rt.world_size, str(rt.device))
     show = progress and rt.rank == 0
