@@ -12,6 +12,7 @@ from PIL import Image
 
 from pathotune import ConfigError
 from pathotune.engine import bench
+from pathotune.errors import OutputError
 
 
 def tiny_data(root):
@@ -111,6 +112,22 @@ def test_rerun_recomputes_nothing_and_replaces_its_section(grid, monkeypatch):
     bench.run_bench(cfg, str(cfg_path), progress=False)
     text = (tmp / "BENCHMARKS.md").read_text()
     assert text.count("<!-- bench:tiny:start -->") == 1
+
+
+def test_a_lost_section_marker_is_refused_not_appended_twice(grid, monkeypatch):
+    """A BENCHMARKS.md whose section lost one marker (a hand edit) is left as it is, with a one-line error."""
+    tmp, cfg, cfg_path, _ = grid
+    monkeypatch.setattr(bench, "run_cell", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    path = tmp / "BENCHMARKS.md"
+    whole = path.read_text()
+    edited = whole.replace("<!-- bench:tiny:start -->\n", "")
+    path.write_text(edited)
+    try:
+        with pytest.raises(OutputError, match=r"BENCHMARKS.md: the marker <!-- bench:tiny:start --> is missing"):
+            bench.run_bench(cfg, str(cfg_path), progress=False, train=False)
+        assert path.read_text() == edited
+    finally:
+        path.write_text(whole)  # the grid fixture is shared with the tests below
 
 
 def test_report_only_trains_nothing_and_names_missing_cells(grid, monkeypatch):

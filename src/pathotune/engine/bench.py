@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from ..data import load_source
-from ..errors import PathoTuneError
+from ..errors import OutputError, PathoTuneError
 from ..report import (
     atomic_write_json,
     atomic_write_text,
@@ -443,6 +443,9 @@ def _merge_into(path: Path, name: str, section: str) -> None:
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n{section}\n{end}"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if (start in text) != (end in text):
+        lost = start if end in text else end
+        raise OutputError(f"{path}: the marker {lost} is missing; put it back around the old section and rerun")
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
