@@ -107,6 +107,17 @@ def run_main(monkeypatch, capsys, *args: str | os.PathLike) -> tuple[int, str, s
     return (0 if code is None else int(code)), captured.out, captured.err
 
 
+def randomize(module):
+    """Random values in every parameter (x 0.3), so norms, biases, layer scales and queries all matter to the
+    outputs of a converted checkpoint; returns the module in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return module.eval()
+
+
 def one_line_error(err: str) -> str:
     """The single line a user error prints; fails if there is more than one non-empty stderr line."""
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import TINY2
+from helpers import TINY2, randomize
 from safetensors.torch import load_file, save_file
 from timm.layers import SwiGLUPacked
 from torch import nn
@@ -45,14 +45,6 @@ ATOL = 1e-5
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Random values everywhere, so layer scales, norms and biases all matter to the outputs."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return module.eval()
 
 
 def tiny(name: str, weights: str | Path | None = None, img: int | None = None, **kw) -> nn.Module:

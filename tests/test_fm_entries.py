@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import TINY2
+from helpers import TINY2, randomize
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
@@ -29,14 +29,6 @@ ATOL = 1e-5
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Random values everywhere, so norms, biases and queries all matter to the outputs."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return module.eval()
 
 
 def pixels(img: int, n: int = 2) -> torch.Tensor:

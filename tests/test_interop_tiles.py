@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import inspect
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY2, TINY_NAME
+from helpers import run_main as cli
 from slide_fixtures import tissue_and_glass, write_pyramid_tiff
 
 from pathotune import create_model, save_bundle
@@ -35,16 +35,6 @@ except ImportError:  # pragma: no cover
 
 W, H = 768, 384  # the test slide: tissue left of x = 384, glass right of it, 0.5 mpp, 3 levels
 COARSE = ["--target-mpp", "2.0", "--num-workers", "0", "--quiet"]  # 32 px tiles = 128 level-0 px
-
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    from pathotune.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["pathotune", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def error_line(code: int, err: str, *needles: str) -> None:

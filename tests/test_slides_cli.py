@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import TINY2, TINY_NAME
+from helpers import run_main as cli
 from PIL import Image
 from slide_fixtures import cmu_crop, tissue_and_glass, write_pyramid_tiff
 
@@ -25,17 +25,6 @@ from pathotune.slides.heatmap import COLORBAR_WIDTH, bundle_heatmaps, score_heat
 TINY = TINY2
 NAME = TINY_NAME
 COARSE = ["--target-mpp", "2.0", "--num-workers", "0"]
-
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    """Run `pathotune ...` in this process (no interpreter start-up per call) and return (code, stdout, stderr)."""
-    from pathotune.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["pathotune", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def one_line_error(err: str, *needles: str) -> None:

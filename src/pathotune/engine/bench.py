@@ -7,7 +7,7 @@ Besides plain methods a grid can hold named variants (a method plus config keys,
 text), paired comparisons with a bootstrap interval (engine/compare.py) and a few-shot protocol
 (engine/fewshot.py) whose episode cells resume like grid cells.
 
-About 450 lines on purpose: running the cells and writing their section are one report read top to bottom; the
+About 440 lines on purpose: running the cells and writing their section are one report read top to bottom; the
 grid's config (bench_config.py) and the statistics (compare.py, fewshot.py) live in their own modules.
 """
 
@@ -27,11 +27,12 @@ import torch
 import yaml
 
 from ..data import load_source
-from ..errors import OutputError, PathoTuneError
+from ..errors import PathoTuneError
 from ..report import (
     atomic_write_json,
     atomic_write_text,
     markdown_table,
+    merge_section,
     plot_metric_vs_params,
     progress_bar,
     trainable_percent,
@@ -420,7 +421,7 @@ def write_summary(
     )
     out = Path(cfg.runs_dir) / cfg.name / "summary.md"
     atomic_write_text(out, text)
-    _merge_into(Path(cfg.output), cfg.name, text)
+    merge_section(Path(cfg.output), f"bench:{cfg.name}", text)
     return out
 
 
@@ -435,19 +436,3 @@ def _missing_note(missing: list[str]) -> str:
         f"Not run ({len(missing)} cells; this report covers the finished ones, and the `seeds` column and the "
         f"paired comparisons use the seeds each method finished): {listed}.\n\n"
     )
-
-
-def _merge_into(path: Path, name: str, section: str) -> None:
-    """Replace this benchmark's section in BENCHMARKS.md (between markers), keeping everything else."""
-
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    block = f"{start}\n{section}\n{end}"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if (start in text) != (end in text):
-        lost = start if end in text else end
-        raise OutputError(f"{path}: the marker {lost} is missing; put it back around the old section and rerun")
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write_text(path, text)

@@ -1,7 +1,15 @@
 """Run reports: atomic writes, figures and markdown pages built from evaluation metrics."""
 
 from .io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, to_jsonable
-from .markdown import format_cell, format_params, format_percent, markdown_table, trainable_percent, write_run_report
+from .markdown import (
+    format_cell,
+    format_params,
+    format_percent,
+    markdown_table,
+    merge_section,
+    trainable_percent,
+    write_run_report,
+)
 from .plots import plot_confusion_matrix, plot_metric_vs_params, plot_training_curves
 from .progress import progress_bar
 
@@ -16,6 +24,7 @@ __all__ = [
     "format_params",
     "format_percent",
     "markdown_table",
+    "merge_section",
     "plot_confusion_matrix",
     "plot_metric_vs_params",
     "plot_training_curves",

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..errors import OutputError
 from .io import atomic_write_text, to_jsonable
 from .plots import plot_confusion_matrix, plot_training_curves
 
@@ -225,3 +226,20 @@ def write_run_report(
     lines += ["## Training curves", "", f"![Training curves]({curves_png.relative_to(root).as_posix()})", ""]
     lines += ["## Configuration", "", "```yaml", config_yaml.rstrip("\n"), "```", ""]
     return atomic_write_text(root / "report.md", "\n".join(lines))
+
+
+def merge_section(path: Path, key: str, section: str) -> None:
+    """Write ``section`` into the markdown file ``path`` between ``<!-- key:start -->`` and ``<!-- key:end -->``,
+    replacing what was there and keeping everything else (appended when absent). A section that lost one marker
+    (a hand edit) is refused, file untouched, rather than written a second time."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n{section}\n{end}"
+    text = path.read_text() if path.is_file() else f"# {path.stem.title()}\n"
+    if (start in text) != (end in text):
+        lost = start if end in text else end
+        raise OutputError(f"{path}: the marker {lost} is missing; put it back around the old section and rerun")
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
