@@ -170,3 +170,28 @@ def test_refuses_foreign_folder_and_bad_caps(tmp_path: Path) -> None:
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(ConfigError, match="unknown split"):
         demo.build_slide_qc_tiles(tmp_path / "x", max_per_class={"training": 3})
+
+
+def test_tiles_name_their_region_and_a_split_seed_draws_other_regions(tmp_path: Path) -> None:
+    from pathotune.data import load_source
+
+    fixed = tmp_path / "fixed"
+    demo.build_slide_qc_tiles(fixed, max_per_class=SMALL)
+    src = load_source(fixed / "manifest.csv")
+    assert sorted(set(src.groups("test"))) == ["pen_black:band0", "pen_green:band0", "pen_red:band0", "template4"]
+    seen = set()
+    for split_seed in (0, 1, 2):
+        root = tmp_path / f"split{split_seed}"
+        counts = demo.build_slide_qc_tiles(root, max_per_class=SMALL, split_seed=split_seed)
+        assert all(n > 0 for split in counts.values() for n in split.values()), counts
+        src = load_source(root / "manifest.csv")
+        groups = {n: set(src.groups(n)) for n in demo.SPLITS}
+        assert not (groups["train"] & groups["test"] or groups["val"] & groups["test"] or groups["train"] & groups["val"])
+        test = groups["test"]
+        assert len([g for g in test if g.startswith("pen_")]) == 3 and len(test) == 4
+        seen.add(tuple(sorted(test)))
+        for r in _manifest(root):  # no two tiles of different splits touch
+            assert r["group"].startswith(r["source_image"])
+    assert len(seen) == 3
+    with pytest.raises(ConfigError, match="split_seed"):
+        demo.build_slide_qc_tiles(tmp_path / "bad", split_seed=-1)

@@ -258,7 +258,7 @@ def test_load_source_layout_reads_the_wheel(wheel: Path, tmp_path: Path, monkeyp
     small = load_source(f"layout:histolytics-hgsc:{wheel}", crop=32, cache=tmp_path / "c32")
     assert Image.open(small.split("val")[0].path_or_key).size == (32, 32)
     layout = get_layout("histolytics-hgsc")
-    assert layout.options == ("crop", "cache") and layout.accepts_file
+    assert layout.options == ("crop", "cache", "blocks") and layout.accepts_file and layout.own_split_seed
     with pytest.raises(DataError, match="is not a folder"):
         get_layout("bach").read(wheel)
 
@@ -277,3 +277,33 @@ def test_real_wheel_builds_the_documented_task(tmp_path: Path) -> None:
     }
     src = get_layout("histolytics-hgsc").read(REAL_WHEEL, cache=tmp_path / "tiles")
     assert all(min(n) >= 50 for n in src.counts().values())
+
+
+def test_tiles_carry_their_block_as_group_and_seeded_splits_keep_blocks_whole(wheel: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "tiles"
+    fixed = get_layout("histolytics-hgsc").read(wheel, cache=cache)
+    for s in fixed.all_samples():
+        image, idx = s.path_or_key.stem.rsplit("_", 1)
+        (x, y), _ = grid_nuclei()[int(idx)]
+        assert s.group == f"{image}:r{y // 100}c{x // 100}"
+    blocks = {n: sum(row.count(n) for rows in H.SPLIT_TABLE.values() for row in rows) for n in ("train", "val", "test")}
+    assert {n: len(set(fixed.groups(n))) for n in blocks} == blocks  # 3 test blocks: too few for an interval
+    every = {s.group for s in fixed.all_samples()}
+    tested = []
+    for split_seed in range(5):
+        src = load_source(
+            f"layout:histolytics-hgsc:{wheel}", val_fraction=0.2, test_fraction=0.2, split_seed=split_seed,
+            cache=cache, blocks=3,
+        )  # fmt: skip
+        groups = {n: set(src.groups(n)) for n in ("train", "val", "test")}
+        assert len(src) == 54 and set().union(*groups.values()) == every
+        assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"] or groups["val"] & groups["test"])
+        tested.append(groups["test"])
+    # Split seeds 0..4 are the folds of one group 5-fold: every block is tested exactly once.
+    assert sum(len(t) for t in tested) == len(every) and set().union(*tested) == every
+    again = load_source(f"layout:histolytics-hgsc:{wheel}", 0.2, 0.2, split_seed=1, cache=cache, blocks=3)
+    assert again.split("test") == load_source(
+        f"layout:histolytics-hgsc:{wheel}", 0.2, 0.2, split_seed=1, cache=cache, blocks=3
+    ).split("test")
+    with pytest.raises(ConfigError, match="blocks=4"):
+        load_source(f"layout:histolytics-hgsc:{wheel}", 0.2, 0.2, split_seed=0, cache=cache, blocks=4)

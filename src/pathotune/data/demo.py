@@ -15,6 +15,13 @@ its slide and the red strokes run down the left edge, so this order gives every 
 and black ink, tissue and glass. The four stain-template images hold only tissue and are assigned
 whole (template1-2 train, template3 val, template4 test), which also makes val/test tissue carry a
 stain style unseen in training.
+
+Groups. Every tile names its region as its group (``<image>:band<b>`` for a band of a pen image, the template
+name for a template), so intervals resample regions, not tiles. The fixed split has 4 test regions, too few
+for an interval. ``split_seed`` draws other splits: each pen image is cut into ``SEEDED_BANDS`` equal bands
+of tile rows, a seeded shuffle gives one band of each image to test, one to val and the rest to train (the
+tile row on a boundary between bands of different splits is dropped), and another gives one template to test,
+one to val and two to train; every split keeps red, green and black ink.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ TEMPLATE_SPLITS: dict[str, str] = {
 }
 # Bands of tile rows, top to bottom, as (split, fraction of rows); see the module docstring.
 PEN_SPLIT_BANDS: tuple[tuple[str, float], ...] = (("test", 0.2), ("val", 0.2), ("train", 0.6))
+SEEDED_BANDS = 5  # bands per pen image when a split_seed draws the split
 # About 240 / 90 / 90 tiles: enough to show learning, small enough to train in seconds on a CPU.
 DEFAULT_MAX_PER_CLASS: dict[str, int] = {"train": 80, "val": 30, "test": 30}
 
@@ -98,7 +106,7 @@ PEN_MARGIN_FRACTION = 0.5
 TINT_MAX = 0.05
 
 _MARKER = ".slide_qc_complete.json"
-_BUILDER_VERSION = 2  # bump when tiling, labelling or splitting changes, so old builds are redone
+_BUILDER_VERSION = 3  # bump when tiling, labelling or splitting changes, so old builds are redone
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class _Tile:
     y: int
     label: str
     split: str
+    group: str
 
 
 def asset_dir() -> Traversable:
@@ -185,23 +194,43 @@ def _label(pen: float, pen_near: bool, tissue: float, tint: float, ink: float) -
     return None
 
 
-def _band_split(row: int, n_rows: int) -> str | None:
-    """Split of a tile row under PEN_SPLIT_BANDS; None for the gap row on each band boundary."""
+def _band_plan(split_seed: int | None, image_index: int) -> list[tuple[str, float]]:
+    """(split, fraction of rows) per band, top to bottom: PEN_SPLIT_BANDS, or a seeded draw of SEEDED_BANDS."""
+    if split_seed is None:
+        return list(PEN_SPLIT_BANDS)
+    order = ["test", "val"] + ["train"] * (SEEDED_BANDS - 2)
+    perm = np.random.default_rng([split_seed, image_index]).permutation(SEEDED_BANDS)
+    return [(order[i], 1.0 / SEEDED_BANDS) for i in perm]
+
+
+def _band_split(row: int, n_rows: int, plan: list[tuple[str, float]] | None = None) -> tuple[str, int] | None:
+    """(split, band index) of a tile row; None for the row on a boundary between bands of different splits."""
+    plan = plan or list(PEN_SPLIT_BANDS)
     edges, acc = [], 0.0
-    for _, frac in PEN_SPLIT_BANDS[:-1]:
+    for _, frac in plan[:-1]:
         acc += frac
         edges.append(round(acc * n_rows))
-    if row in edges:
-        return None
     band = sum(row > e for e in edges)
-    return PEN_SPLIT_BANDS[band][0]
+    if row in edges and plan[band][0] != plan[band + 1][0]:
+        return None
+    return plan[band][0], band
 
 
-def _candidate_tiles(tile: int) -> tuple[list[_Tile], dict[str, np.ndarray]]:
+def _template_splits(split_seed: int | None) -> dict[str, str]:
+    """Template -> split: TEMPLATE_SPLITS, or a seeded draw of one test, one val and two train."""
+    if split_seed is None:
+        return dict(TEMPLATE_SPLITS)
+    order = ["test", "val", "train", "train"]
+    perm = np.random.default_rng([split_seed, len(PEN_IMAGES)]).permutation(len(order))
+    return {name: order[i] for name, i in zip(TEMPLATE_SPLITS, perm, strict=True)}
+
+
+def _candidate_tiles(tile: int, split_seed: int | None = None) -> tuple[list[_Tile], dict[str, np.ndarray]]:
     """Every labelled, split-assigned tile of every image, with the RGB arrays to cut them from."""
     tiles: list[_Tile] = []
     images: dict[str, np.ndarray] = {}
-    for name in PEN_IMAGES:
+    for image_index, name in enumerate(PEN_IMAGES):
+        plan = _band_plan(split_seed, image_index)
         rgb = np.asarray(_load(f"{name}.png", "RGB"))
         mask_img = _load(f"{name}_mask.png", "L")
         if mask_img.size != (rgb.shape[1], rgb.shape[0]):
@@ -215,20 +244,21 @@ def _candidate_tiles(tile: int) -> tuple[list[_Tile], dict[str, np.ndarray]]:
         ink = _tile_means(ink_mask(rgb), tile)
         n_rows, n_cols = pen.shape
         for r in range(n_rows):
-            split = _band_split(r, n_rows)
-            if split is None:
+            where = _band_split(r, n_rows, plan)
+            if where is None:
                 continue
+            split, band = where
             for c in range(n_cols):
                 rc = (r, c)
                 label = _label(float(pen[rc]), bool(near[rc]), float(tis[rc]), float(tint[rc]), float(ink[rc]))
                 if label is not None:
-                    tiles.append(_Tile(name, r, c, c * tile, r * tile, label, split))
-    for name, split in TEMPLATE_SPLITS.items():
+                    tiles.append(_Tile(name, r, c, c * tile, r * tile, label, split, f"{name}:band{band}"))
+    for name, split in _template_splits(split_seed).items():
         rgb = np.asarray(_load(f"{name}.png", "RGB"))
         images[name] = rgb
         tis = _tile_means(tissue_mask(rgb), tile)
         for r, c in zip(*np.nonzero(tis >= TISSUE_MIN), strict=True):
-            tiles.append(_Tile(name, int(r), int(c), int(c) * tile, int(r) * tile, "tissue", split))
+            tiles.append(_Tile(name, int(r), int(c), int(c) * tile, int(r) * tile, "tissue", split, name))
     return tiles, images
 
 
@@ -307,11 +337,11 @@ def _write(dest: Path, tiles: list[_Tile], images: dict[str, np.ndarray], tile: 
         rel = f"{t.split}/{t.label}/{t.source}_{t.row}_{t.col}.png"
         crop = images[t.source][t.y : t.y + tile, t.x : t.x + tile]
         Image.fromarray(crop).save(dest / rel)
-        rows.append((rel, t.label, t.split, t.source, t.x, t.y))
+        rows.append((rel, t.label, t.split, t.source, t.x, t.y, t.group))
         counts[t.split][t.label] += 1
     with open(dest / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(("path", "label", "split", "source_image", "x", "y"))
+        writer.writerow(("path", "label", "split", "source_image", "x", "y", "group"))
         writer.writerows(rows)
     (dest / "LICENSE.txt").write_bytes((asset_dir() / "LICENSE.txt").read_bytes())
     (dest / "SOURCE.md").write_text(_provenance(counts, params), encoding="utf-8")
@@ -325,12 +355,15 @@ def build_slide_qc_tiles(
     tile: int = 32,
     seed: int = 0,
     max_per_class: dict | None = None,
+    split_seed: int | None = None,
 ) -> dict:
     """Cut the demo tiles into ``out_dir/{split}/{class}/<image>_<row>_<col>.png`` and return counts.
 
     ``max_per_class`` maps a split to the most tiles kept per class (None: no cap); missing splits
-    use ``DEFAULT_MAX_PER_CLASS`` (80 / 30 / 30, about 240 / 90 / 90 tiles). Also writes
-    ``manifest.csv`` (path,label,split,source_image,x,y), ``SOURCE.md`` and ``LICENSE.txt``.
+    use ``DEFAULT_MAX_PER_CLASS`` (80 / 30 / 30, about 240 / 90 / 90 tiles). ``split_seed``: draw the regions
+    of each split (module docstring) instead of the fixed bands. Also writes ``manifest.csv``
+    (path,label,split,source_image,x,y,group: read it as ``--data`` to keep the groups), ``SOURCE.md`` and
+    ``LICENSE.txt``.
 
     The folder is built in a temporary sibling and renamed into place, so a crash never leaves a
     half-built ``out_dir``; a complete build made with the same parameters is reused untouched.
@@ -340,7 +373,11 @@ def build_slide_qc_tiles(
         raise ConfigError(f"tile = {tile!r}: give an integer size in pixels between 8 and 256.")
     out_dir = Path(out_dir)
     caps = _resolve_caps(max_per_class)
+    if split_seed is not None and (not isinstance(split_seed, int) or isinstance(split_seed, bool) or split_seed < 0):
+        raise ConfigError(f"split_seed = {split_seed!r}: give an integer >= 0, or None for the fixed bands.")
     params = {"version": _BUILDER_VERSION, "tile": tile, "seed": int(seed), "max_per_class": caps}
+    if split_seed is not None:
+        params["split_seed"] = split_seed
 
     done = _read_marker(out_dir)
     if done is not None and done.get("params") == params:
@@ -348,7 +385,7 @@ def build_slide_qc_tiles(
     if done is None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir} exists and is not a demo tile folder; give a new or empty folder.")
 
-    tiles, images = _candidate_tiles(tile)
+    tiles, images = _candidate_tiles(tile, split_seed)
     tiles = _subsample(tiles, caps, seed)
 
     try:

@@ -70,10 +70,12 @@ def read_folder(root: Path, val_fraction: float, test_fraction: float, seed: int
 
 
 def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: int) -> PatchSource:
-    """A manifest with columns path,label (+ optional split); other columns are ignored.
+    """A manifest with columns path,label (+ optional split and group); other columns are ignored.
 
     Relative paths resolve against the CSV's folder so a dataset folder with its manifest can be moved.
-    Rows without a split are split stratified by fraction; a manifest whose rows all carry a split keeps it.
+    Rows without a split are split stratified by fraction (by group when the manifest names groups); a manifest
+    whose rows all carry a split keeps it. ``group`` names the slide, patient or region a row belongs to: splits
+    keep a group whole and intervals resample groups.
     """
     check_fractions(val_fraction, test_fraction)
     try:
@@ -92,6 +94,7 @@ def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: in
         raise DataError(f"{csv_path}: cannot read the CSV manifest ({one_line(e)}); check the file") from None
     base = csv_path.parent
     split_col = header.get("split")
+    group_col = header.get("group")
     items: list[Item] = []
     lines: list[int] = []
     for line, row in enumerate(rows, start=2):
@@ -111,7 +114,8 @@ def read_csv(csv_path: Path, val_fraction: float, test_fraction: float, seed: in
                     f"{csv_path}: line {line} has split '{split_v}'; use train, val or test (or leave it empty)"
                 )
         p = Path(path_v).expanduser()
-        items.append((p if p.is_absolute() else base / p, label_v, split))
+        group = ((row.get(group_col) or "").strip() or None) if group_col else None
+        items.append((p if p.is_absolute() else base / p, label_v, split, group))
         lines.append(line)
     if not items:
         raise DataError(f"{csv_path}: the manifest has no rows; add path,label rows")
@@ -124,11 +128,12 @@ def _drop_repeated_rows(csv_path: Path, items: list[Item], lines: list[int]) -> 
     first: dict[Path, tuple[int, str, str | None]] = {}
     kept: list[Item] = []
     dropped: list[tuple[int, int]] = []
-    for (path, label, split), line in zip(items, lines, strict=True):
+    for item, line in zip(items, lines, strict=True):
+        path, label, split = item[:3]
         key = Path(os.path.normpath(path))
         if key not in first:
             first[key] = (line, label, split)
-            kept.append((path, label, split))
+            kept.append(item)
             continue
         line0, label0, split0 = first[key]
         if label != label0:

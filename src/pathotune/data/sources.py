@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from .layouts import get_layout
 from .readers import read_csv, read_folder
-from .splits import check_fractions
+from .splits import check_fractions, resplit
 from .types import H5Ref, PatchSource
 
 # H5Ref is re-exported for engine/fewshot.py, which imports it from here; new code imports it from pathotune.data.
@@ -38,13 +38,16 @@ def load_source(
     test_fraction: float = 0.0,
     seed: int = 0,
     layout: str | None = None,
+    split_seed: int | None = None,
     **layout_options: Any,
 ) -> PatchSource:
     """Read a patch dataset from a folder, a CSV manifest or a published layout.
 
     ``data`` may be ``layout:<name>:<path>``; ``layout=`` does the same for a plain path.  Fractions only
-    apply to splits the data does not define itself.  Labels in val/test that train lacks are reported
-    with a warning (and by :func:`pathotune.data.validate.scan`).
+    apply to splits the data does not define itself, carved with ``seed``. ``split_seed`` instead pools every
+    split and draws train/val/test again by group with the fractions (:func:`pathotune.data.splits.resplit`;
+    layouts with finer groups than their published split draw their own). Labels in val/test that train lacks
+    are reported with a warning (and by :func:`pathotune.data.validate.scan`).
     """
     check_fractions(val_fraction, test_fraction)
     text = str(data)
@@ -62,8 +65,9 @@ def load_source(
         )
     if layout is not None:
         source = get_layout(layout).read(
-            path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, **layout_options
-        )
+            path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, split_seed=split_seed,
+            **layout_options,
+        )  # fmt: skip
     elif layout_options:
         raise ConfigError(f"options {sorted(layout_options)} only apply to published layouts; pass layout=<name>")
     elif path.is_dir():
@@ -72,5 +76,7 @@ def load_source(
         source = read_csv(path, val_fraction, test_fraction, seed)
     else:
         raise DataError(f"data path {path} is neither a folder nor a .csv manifest; pass one of those")
+    if split_seed is not None and layout is None:
+        source = resplit(source, val_fraction, test_fraction, split_seed)
     _warn_unseen(source)
     return source

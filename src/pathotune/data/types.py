@@ -31,11 +31,21 @@ class H5Ref:
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled patch; ``path_or_key`` is an image file or an :class:`H5Ref`."""
+    """One labelled patch; ``path_or_key`` is an image file or an :class:`H5Ref`.
+
+    ``group`` names what the patch is not independent of: its slide, patient or region block. Splits keep a
+    group whole, and confidence intervals resample groups, not patches. None: the patch is its own group.
+    """
 
     path_or_key: Path | H5Ref
     label: int
     split: str
+    group: str | None = None
+
+    @property
+    def unit(self) -> str:
+        """The resampling unit: the group, else the patch itself."""
+        return self.group if self.group is not None else str(self.path_or_key)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -68,6 +78,14 @@ class PatchSource:
         if name not in SPLITS:
             raise ConfigError(f"unknown split '{name}'; use one of {', '.join(SPLITS)}")
         return self.samples[name]
+
+    def groups(self, name: str) -> list[str]:
+        """The resampling unit of every sample of a split (:attr:`Sample.unit`), in order."""
+        return [s.unit for s in self.split(name)]
+
+    def has_groups(self) -> bool:
+        """Whether the data names groups (slides, patients, regions) rather than leaving each patch alone."""
+        return any(s.group is not None for s in self.all_samples())
 
     def all_samples(self) -> list[Sample]:
         return [s for name in SPLITS for s in self.samples[name]]

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...errors import ConfigError, DataError
 from ..images import list_images
-from ..splits import Item, check_fractions
+from ..splits import Item, check_fractions, resplit
 from ..types import PatchSource
 
 Reader = Callable[..., PatchSource]
@@ -29,7 +29,12 @@ class Layout:
     def options(self) -> tuple[str, ...]:
         """Extra keyword options the reader accepts beyond root/fractions/seed."""
         params = inspect.signature(self.reader).parameters
-        return tuple(p for p in params if p not in {"root", "val_fraction", "test_fraction", "seed"})
+        return tuple(p for p in params if p not in {"root", "val_fraction", "test_fraction", "seed", "split_seed"})
+
+    @property
+    def own_split_seed(self) -> bool:
+        """Whether the reader draws seeded splits itself (finer groups than its published split)."""
+        return "split_seed" in inspect.signature(self.reader).parameters
 
     def read(
         self,
@@ -37,8 +42,10 @@ class Layout:
         val_fraction: float = 0.2,
         test_fraction: float = 0.0,
         seed: int = 0,
+        split_seed: int | None = None,
         **options: Any,
     ) -> PatchSource:
+        """The layout's splits; with ``split_seed``, a group k-fold re-split (the reader's own, if it has one)."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             allowed = ", ".join(self.options) or "none"
@@ -47,7 +54,12 @@ class Layout:
         root = Path(root).expanduser()
         if not root.is_dir() and not (self.accepts_file and root.is_file()):
             raise DataError(f"layout '{self.name}': {root} is not a folder; pass the folder the download unpacked into")
-        return self.reader(root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, **options)
+        if self.own_split_seed:
+            options["split_seed"] = split_seed
+        source = self.reader(root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, **options)
+        if split_seed is not None and not self.own_split_seed:
+            source = resplit(source, val_fraction, test_fraction, split_seed)
+        return source
 
 
 def first_dir(root: Path, candidates: Sequence[str]) -> Path | None:

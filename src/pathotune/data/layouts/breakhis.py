@@ -91,7 +91,7 @@ def read_breakhis(
     classes = sort_class_names(labels)
     index = {c: i for i, c in enumerate(classes)}
     parts = group_split(patients, [index[n] for n in names], val_fraction, test_fraction, seed)
-    items: list[Item] = [(keys[i], names[i], split) for split, idx in parts.items() for i in idx]
+    items: list[Item] = [(keys[i], names[i], split, patients[i]) for split, idx in parts.items() for i in idx]
     return build_source(items, f"breakhis:{root}", 0.0, 0.0, seed, classes=classes)
 
 

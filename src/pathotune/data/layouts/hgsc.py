@@ -26,6 +26,11 @@ connective tissue and its few inflammatory/neoplastic nuclei.  Resulting tiles (
     test          110           132          58    300  (22%)
 
 Both images come from one slide, so scores measure within-slide generalisation only.
+
+Groups: a tile's block (``<image>:r<row>c<col>``), so intervals resample blocks, not nuclei. The fixed split
+has 3 test blocks, too few for an interval; ``split_seed`` draws group k-fold splits (``group_kfold_split``)
+over a finer grid (``blocks`` per side, default 6: 250 px, holding the 3x3 boundaries), dropping the windows
+that cross a fine boundary.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from ...backbones.bundled import cache_dir
 from ...errors import ConfigError, DataError, one_line
 from ...report.io import atomic_dir
 from ..images import list_images
-from ..splits import build_source
+from ..splits import build_source, group_kfold_split
 from ..types import SPLITS, PatchSource
 from .base import Layout
 
@@ -64,20 +69,13 @@ IMAGES: dict[str, tuple[str, str]] = {
 }
 FILES: tuple[str, ...] = tuple(f for pair in IMAGES.values() for f in pair)
 SplitTable = Mapping[str, Sequence[Sequence[str]]]
-SPLIT_TABLE: dict[str, tuple[tuple[str, ...], ...]] = {
-    "hgsc_nest": (
-        ("train", "val", "train"),
-        ("test", "train", "train"),
-        ("train", "test", "val"),
-    ),
-    "hgsc_stromal": (
-        ("test", "train", "train"),
-        ("train", "train", "train"),
-        ("train", "val", "val"),
-    ),
+SPLIT_TABLE: dict[str, tuple[tuple[str, ...], ...]] = {  # fmt: skip
+    "hgsc_nest": (("train", "val", "train"), ("test", "train", "train"), ("train", "test", "val")),
+    "hgsc_stromal": (("test", "train", "train"), ("train", "train", "train"), ("train", "val", "val")),
 }
-# Bump when tiling or splitting changes, so builds made by older code are redone.
-SPLIT_VERSION = "1"
+# Bump when tiling or splitting changes, so builds made by older code are redone (2: group column, image sizes).
+SPLIT_VERSION = "2"
+FINE_BLOCKS = 6  # blocks per side for seeded splits: 250 px on these 1500 px images, aligned with the 3x3 grid
 STAMP = "build.json"
 GET = f"pip download histolytics=={VERSION} --no-deps -d DIR"
 
@@ -191,13 +189,20 @@ def _block(start: int, end: int, bounds: Sequence[int]) -> int | None:
     return None
 
 
-def assign_split(rows: Sequence[Sequence[str]], width: int, height: int, x0: int, y0: int, crop: int) -> str | None:
-    """Split of the window with top-left (x0, y0), from the block grid ``rows``; None when it is dropped."""
+def window_block(n_rows: int, n_cols: int, width: int, height: int, x0: int, y0: int, crop: int):
+    """(row, col) of the block of an n_rows x n_cols grid holding the window at (x0, y0); None when it leaves the
+    image or crosses or touches an inner boundary."""
     if x0 < 0 or y0 < 0 or x0 + crop > width or y0 + crop > height:
         return None
-    col = _block(x0, x0 + crop, _bounds(width, len(rows[0])))
-    row = _block(y0, y0 + crop, _bounds(height, len(rows)))
-    return None if col is None or row is None else rows[row][col]
+    col = _block(x0, x0 + crop, _bounds(width, n_cols))
+    row = _block(y0, y0 + crop, _bounds(height, n_rows))
+    return None if col is None or row is None else (row, col)
+
+
+def assign_split(rows: Sequence[Sequence[str]], width: int, height: int, x0: int, y0: int, crop: int) -> str | None:
+    """Split of the window with top-left (x0, y0), from the block grid ``rows``; None when it is dropped."""
+    block = window_block(len(rows), len(rows[0]), width, height, x0, y0, crop)
+    return None if block is None else rows[block[0]][block[1]]
 
 
 def _check_table(table: SplitTable) -> dict[str, list[list[str]]]:
@@ -226,9 +231,7 @@ def _read_stamp(folder: Path) -> dict[str, Any] | None:
 
 def _is_fresh(folder: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
     found = _read_stamp(folder)
-    if found is None or any(found.get(k) != v for k, v in stamp.items()):
-        return None
-    return found
+    return None if found is None or any(found.get(k) != v for k, v in stamp.items()) else found
 
 
 def _source_md(result: dict[str, Any]) -> str:
@@ -238,14 +241,13 @@ def _source_md(result: dict[str, Any]) -> str:
     return f"""# histolytics-hgsc nucleus tiles
 
 Source: histolytics {VERSION} wheel (`{GET}`), files {", ".join(f"{DATA_DIR}/{f}" for f in FILES)}
-(sha256 in {STAMP}).
-Project: https://github.com/HautaniemiLab/histolytics
-Licence: BSD-3-Clause, Copyright (c) 2024-2025, HautaniemiLab (full text in the wheel's
-histolytics-{VERSION}.dist-info/licenses/LICENSE); these tiles are derived from that data.
+(sha256 in {STAMP}). Project: https://github.com/HautaniemiLab/histolytics. Licence: BSD-3-Clause, Copyright (c)
+2024-2025, HautaniemiLab (full text in the wheel's histolytics-{VERSION}.dist-info/licenses/LICENSE); these
+tiles are derived from that data.
 
 Tiles: {crop}x{crop} px RGB PNG, one per nucleus, centre pixel ({crop // 2}, {crop // 2}) = the pixel holding
 the polygon centroid; nuclei whose window leaves the image are skipped. manifest.csv gives path, label, split,
-image and the centre pixel x (column), y (row) in the source image.
+image, the centre pixel x (column), y (row) in the source image, and the tile's block (its group).
 
 Split (version {SPLIT_VERSION}): spatial, never by random tile. Each image is cut into the block grid below
 (rows top to bottom, columns left to right, boundaries at size*i//n); whole blocks go to one split, and nuclei
@@ -266,6 +268,7 @@ def _write_tiles(files: HgscFiles, dest: Path, crop: int, table: dict[str, list[
     counts = {s: dict.fromkeys(CLASSES, 0) for s in SPLITS}
     skipped = {"outside": 0, "boundary": 0}
     rows: list[list[Any]] = []
+    sizes: dict[str, list[int]] = {}
     for split in SPLITS:
         for cls in CLASSES:
             (dest / split / cls).mkdir(parents=True)
@@ -276,25 +279,28 @@ def _write_tiles(files: HgscFiles, dest: Path, crop: int, table: dict[str, list[
         except OSError as e:
             raise DataError(f"{files.origin}: cannot decode {img_name} ({one_line(e)})") from None
         height, width = pixels.shape[:2]
+        sizes[image] = [width, height]
         xy, classes = _nuclei(files.blobs[nuc_name], f"{files.origin}:{nuc_name}")
         for idx, ((x, y), cls) in enumerate(zip(xy.tolist(), classes, strict=True)):
             x0, y0 = x - half, y - half
             if x0 < 0 or y0 < 0 or x0 + crop > width or y0 + crop > height:
                 skipped["outside"] += 1
                 continue
-            split = assign_split(table[image], width, height, x0, y0, crop)
-            if split is None:
+            grid = table[image]
+            block = window_block(len(grid), len(grid[0]), width, height, x0, y0, crop)
+            if block is None:
                 skipped["boundary"] += 1
                 continue
+            split = grid[block[0]][block[1]]
             rel = f"{split}/{cls}/{image}_{idx}.png"
             Image.fromarray(pixels[y0 : y0 + crop, x0 : x0 + crop]).save(dest / rel)
-            rows.append([rel, cls, split, image, x, y])
+            rows.append([rel, cls, split, image, x, y, f"{image}:r{block[0]}c{block[1]}"])
             counts[split][cls] += 1
     with (dest / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "split", "image", "x", "y"])
+        writer.writerow(["path", "label", "split", "image", "x", "y", "group"])
         writer.writerows(rows)
-    return {"tiles": len(rows), "counts": counts, "skipped": skipped}
+    return {"tiles": len(rows), "counts": counts, "skipped": skipped, "sizes": sizes}
 
 
 def build_hgsc_tiles(
@@ -346,17 +352,39 @@ def read_histolytics_hgsc(
     seed: int = 0,
     crop: int = 48,
     cache: str | Path | None = None,
+    split_seed: int | None = None,
+    blocks: int = FINE_BLOCKS,
 ) -> PatchSource:
-    """The histolytics 0.3.0 HGSC nuclei as 3-class tiles with the fixed spatial split of ``SPLIT_TABLE``.
-
-    ``root`` is the wheel or a folder (see :func:`find_hgsc_files`).  The fractions are ignored: carving
-    val/test from random train tiles would put neighbouring nuclei on both sides.  Tiles are built once into
-    ``cache`` (default ``$PATHOTUNE_CACHE/hgsc/crop<crop>``) and reused.
-    """
+    """HGSC nuclei as 3-class tiles grouped by block: the fixed split of ``SPLIT_TABLE`` (fractions ignored: random
+    val/test tiles would neighbour train ones), or with ``split_seed`` a group k-fold over ``blocks`` x ``blocks``
+    blocks with the fractions. ``root``: see :func:`find_hgsc_files`; tiles are built once into ``cache``."""
     out = Path(cache).expanduser() if cache is not None else default_cache(crop)
-    build_hgsc_tiles(root, out, crop=crop)
-    items = [(p, cls, split) for split in SPLITS for cls in CLASSES for p in list_images(out / split / cls)]
-    return build_source(items, f"histolytics-hgsc:{root}", 0.0, 0.0, seed, classes=CLASSES)
+    built = build_hgsc_tiles(root, out, crop=crop)
+    with (out / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = {r["path"]: r for r in csv.DictReader(fh)}
+    origin = f"histolytics-hgsc:{root}"
+    if split_seed is None:
+        items = [
+            (p, c, s, rows[f"{s}/{c}/{p.name}"]["group"])
+            for s in SPLITS
+            for c in CLASSES
+            for p in list_images(out / s / c)
+        ]
+        return build_source(items, origin, 0.0, 0.0, seed, classes=CLASSES)
+    if not isinstance(blocks, int) or blocks < 1 or any(blocks % len(t) for t in SPLIT_TABLE.values()):
+        raise ConfigError(f"blocks={blocks!r} must be a positive multiple of 3, so its grid holds the 3x3 one")
+    half = crop // 2
+    kept = []
+    for rel, r in sorted(rows.items()):
+        width, height = built["sizes"][r["image"]]
+        block = window_block(blocks, blocks, width, height, int(r["x"]) - half, int(r["y"]) - half, crop)
+        if block is not None:
+            kept.append((out / rel, r["label"], f"{r['image']}:r{block[0]}c{block[1]}"))
+    parts = group_kfold_split(
+        [g for _, _, g in kept], [CLASSES.index(c) for _, c, _ in kept], val_fraction, test_fraction, split_seed, origin
+    )
+    items = [(kept[i][0], kept[i][1], split, kept[i][2]) for split, idx in parts.items() for i in idx]
+    return build_source(items, origin, 0.0, 0.0, seed, classes=CLASSES)
 
 
 LAYOUT = Layout(
