@@ -388,10 +388,15 @@ def test_prompt_groups_that_never_open_are_removed_from_the_bundle(data, tmp_pat
     from pathotune import load_bundle
 
     out = tmp_path / "run"
-    m = train_run(tiny_cfg(data, out, method="pathotune", steps=2, lr=0.0, head_lr=0.0), progress=False)
+    cfg = tiny_cfg(data, out, method="pathotune", steps=2, lr=0.0, head_lr=0.0, selection="best")
+    m = train_run(cfg, progress=False)
     assert m["prompt_groups"]["kept"] == [] and set(m["prompt_groups"]["dropped"]) == {"tvp", "ttp", "ivp"}
     assert len(m["prompt_groups"]["candidates"]) == 8
     assert m["kept_params"] < m["trainable_params"]
+    # The default rule keeps step 0 (no gain beats the noise), so the groups go without scoring any subset.
+    m2 = train_run(cfg.model_copy(update={"selection": "significant", "out": str(tmp_path / "r2")}), progress=False)
+    assert m2["selected_step"] == 0 and m2["prompt_groups"]["kept"] == [] and m2["prompt_groups"]["candidates"] == []
+    assert m2["balanced_accuracy"] == m["balanced_accuracy"]
     bundle = load_bundle(out / "bundle")
     assert bundle.groups == [] and bundle.switches.tvp_tokens == 0
     from safetensors.torch import load_file
@@ -401,7 +406,8 @@ def test_prompt_groups_that_never_open_are_removed_from_the_bundle(data, tmp_pat
 
 def test_selection_keeps_groups_that_help(data, tmp_path):
     out = tmp_path / "run"
-    m = train_run(tiny_cfg(data, out, method="tvp+ttp", steps=6, eval_every=3, lr=0.05), progress=False)
+    cfg = tiny_cfg(data, out, method="tvp+ttp", steps=6, eval_every=3, lr=0.05, selection="best")
+    m = train_run(cfg, progress=False)
     cands = {tuple(c["kept"]): c for c in m["prompt_groups"]["candidates"]}
     best = cands[tuple(m["prompt_groups"]["kept"])]
     assert all((best["val_score"], -best["val_loss"]) >= (c["val_score"], -c["val_loss"]) for c in cands.values())

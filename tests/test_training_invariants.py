@@ -18,6 +18,7 @@ EXPECTED = {
     "vpt-shallow": {"head", "tvp", "gates"},
     "vpt-deep": {"head", "tvp", "gates"},
     "text": {"head", "ttp", "gates"},
+    "text-classes": {"head", "ttp", "gates"},
     "instance": {"head", "ivp", "gates"},
     "pathotune": {"head", "tvp", "ttp", "ivp", "gates"},
     "pathotune-fm": {"head", "tvp", "ttp", "ivp", "gates"},
@@ -37,6 +38,9 @@ def test_trainable_set_and_frozen_weights(method, tiny_kwargs, images, text_feat
     torch.manual_seed(0)
     encoder = {"ivp_source": "encoder", "ivp_encoder": "vit_tiny_patch16_224"}
     extra = encoder if method in ("instance", "pathotune-fm") else {}
+    if method == "text-classes":  # one text encoding per class
+        text_features = tuple(t.unsqueeze(0).expand(3, *t.shape) * torch.tensor([1.0, -1.0, 0.5]).view(3, *[1] * t.ndim)
+                              for t in text_features)  # fmt: skip
     model = create_model(NAME, method, 3, text_features=text_features, **extra, **tiny_kwargs)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in trainable} == EXPECTED[method]

@@ -71,6 +71,12 @@ METHODS: dict[str, Method] = {
         Method("vpt-shallow", _TVP, _PROMPTS, "VPT-shallow: task visual prompts at the input."),
         Method("vpt-deep", _TVP_DEEP, _PROMPTS, "VPT-deep: fresh task visual prompts at every layer."),
         Method("text", _TTP, _PROMPTS, "Task textual prompts only."),
+        Method(
+            "text-classes",
+            {"ttp_tokens": 2, "ttp_text": "classes", "ttp_deep": True},
+            _PROMPTS,
+            "Textual prompts from one text per class (its name or description), re-entering at every layer.",
+        ),
         Method("instance", _IVP, _PROMPTS, "Instance visual prompts only (early source: no second pass)."),
         Method("pathotune", {**_TVP_DEEP, **_TTP, **_IVP}, _PROMPTS, "PathoTune: deep TVP + TTP + IVP."),
         Method(

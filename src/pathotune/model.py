@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .backbones import TokenViT, create_backbone, get_backbone_spec
+from .backbones import TokenViT, bundled_cnn_file, create_backbone, get_backbone_spec
 from .backbones.loading import fingerprint, read_state_dict
 from .errors import ConfigError
 from .methods import get_method
@@ -29,7 +29,7 @@ from .prompts.attention import check_block, prompted_block
 from .report import trainable_percent
 from .switches import Switches
 from .task import Task
-from .text import encode_task_text
+from .text import encode_task_text, encode_texts
 
 # How a model is saved, loaded and shared as a bundle: ``pathotune.bundle`` (a higher layer, imported by the
 # package's __init__) fills it with "save", "load" and "push", so the methods below need no upward import.
@@ -98,7 +98,11 @@ class PathoTuneModel(nn.Module):
             if text_features is None:
                 raise ConfigError("textual prompts need the encoded task text; build the model with create_model")
             pooled, tokens = text_features
-            self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, s.ttp_layer, s.ttp_hidden, s.ttp_mode)
+            n = (s.ttp_depth or depth) if s.ttp_deep else 1
+            layers = list(range(s.ttp_layer, min(depth, s.ttp_layer + n)))
+            if s.ttp_text == "classes" and (pooled.ndim != 2 or pooled.shape[0] != num_classes):
+                raise ConfigError(f"ttp_text='classes' needs one text encoding per class ({num_classes})")
+            self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, layers, s.ttp_hidden, s.ttp_mode)
         self.instance_encoder = instance_encoder
         if s.ivp_tokens:
             in_dim = instance_encoder.dim if instance_encoder is not None else dim
@@ -264,7 +268,7 @@ class PathoTuneModel(nn.Module):
     def layout(self) -> tuple:
         """Everything that fixes the token sequence; models with equal layouts can share one batched forward."""
         s = self.switches
-        counts = tuple(getattr(s, f"{g}_tokens") for g in GROUP_ORDER)
+        counts = tuple(getattr(self, g).num_tokens if getattr(self, g, None) is not None else 0 for g in GROUP_ORDER)
         sched = tuple(sorted((k, tuple(v)) for k, v in self.schedule.items()))
         return (counts, sched, s.ivp_source, s.pool_prompts, s.prompt_attn, self.provenance.instance_fingerprint)
 
@@ -384,6 +388,8 @@ def build_instance_encoder(name: str, weights: str | Path | None, backbone: Toke
         fp = fingerprint(enc.vit)
     else:
         enc = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.model_kwargs)
+        if spec.family == "cnn" and weights in (None, "bundled"):
+            weights = bundled_cnn_file(name)
         if weights is not None:
             sd = read_state_dict(weights, spec)
             sd = spec.key_map(sd) if spec.key_map else sd
@@ -438,7 +444,9 @@ def create_model(
         img_size=bb.img_size,
         backbone_kwargs=backbone_kwargs,
     )
-    if s.ttp_tokens and text_features is None:
+    if s.ttp_tokens and text_features is None and s.ttp_text == "classes":
+        text_features = encode_texts(task.class_texts(), s.text_encoder, s.text_weights)
+    elif s.ttp_tokens and text_features is None:
         text_features = encode_task_text(task.render(), s.text_encoder, s.text_weights)
     inst = None
     if s.ivp_tokens and s.ivp_source == "encoder":

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import ConfigError
 from .prompts import VRM_KINDS
 from .prompts.attention import PROMPT_ATTENTION
-from .prompts.textual import TTP_MODES
+from .prompts.textual import TTP_MODES, TTP_TEXTS
 
 IVP_SOURCES = ("backbone", "early", "encoder")
 TRAIN_MODES = ("head", "prompts", "all", "lora")
@@ -28,6 +28,9 @@ class Switches:
     ttp_mode: str = "pooled"  # "pooled" or "attn"
     ttp_hidden: int = 128
     ttp_layer: int = 0
+    ttp_text: str = "task"  # "task": the task description; "classes": one text per class (name or description)
+    ttp_deep: bool = False  # re-enter before each of ttp_depth layers from ttp_layer (a shift per layer)
+    ttp_depth: int | None = None  # deep only: how many layers (None: all from ttp_layer on)
     text_encoder: str = "minilm"
     text_weights: str | None = None
     # Instance-specific visual prompts.
@@ -65,6 +68,7 @@ class Switches:
                 raise ConfigError(f"switch {name} must be >= 0, got {getattr(self, name)}")
         choices = {
             "ttp_mode": TTP_MODES,
+            "ttp_text": TTP_TEXTS,
             "ivp_vrm": VRM_KINDS,
             "ivp_source": IVP_SOURCES,
             "train": TRAIN_MODES,
@@ -84,8 +88,9 @@ class Switches:
         for name in ("tvp_dropout", "ivp_dropout", "lora_dropout", "head_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"switch {name} must be in [0, 1), got {getattr(self, name)}")
-        if self.tvp_depth is not None and self.tvp_depth < 1:
-            raise ConfigError(f"switch tvp_depth must be >= 1 or None, got {self.tvp_depth}")
+        for name in ("tvp_depth", "ttp_depth"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"switch {name} must be >= 1 or None, got {getattr(self, name)}")
 
     @property
     def num_prompts(self) -> int:

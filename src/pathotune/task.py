@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import ConfigError
 
 DEFAULT_TEMPLATE = "A {task} task on {stain} stained {organ} histopathology images. Classes: {classes}. {description}"
+CLASS_TEMPLATE = "A {stain} stained {organ} histopathology image of {name}."
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Task:
     description: str = ""
     template: str = DEFAULT_TEMPLATE
     text_classes: tuple[str, ...] = ()  # names the text uses instead of ``classes`` (the shuffled control)
+    class_descriptions: dict[str, str] = field(default_factory=dict, hash=False)  # class -> short per-class text
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -45,6 +47,15 @@ class Task:
         )
         return " ".join(text.split())
 
+    def class_texts(self) -> list[str]:
+        """One text per class, in class order (TTP with ``ttp_text='classes'``): its description, else its name
+        (the names of ``text_classes`` when set), in ``CLASS_TEMPLATE``."""
+        names = self.text_classes or self.classes
+        return [
+            CLASS_TEMPLATE.format(stain=self.stain, organ=self.organ, name=self.class_descriptions.get(c) or name)
+            for c, name in zip(self.classes, names, strict=True)
+        ]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["classes"] = list(self.classes)
@@ -57,4 +68,11 @@ class Task:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown task key(s) {sorted(unknown)}; allowed keys are {sorted(known)}")
-        return cls(**{**d, "classes": tuple(d.get("classes", ())), "text_classes": tuple(d.get("text_classes", ()))})
+        return cls(
+            **{
+                **d,
+                "classes": tuple(d.get("classes", ())),
+                "text_classes": tuple(d.get("text_classes", ())),
+                "class_descriptions": dict(d.get("class_descriptions") or {}),
+            }
+        )

@@ -29,7 +29,7 @@ class BackboneSpec:
 
     name: str
     timm_name: str
-    family: str  # "natural", "pathology" or "timm"
+    family: str  # "natural", "pathology", "timm", or "cnn" (an IVP instance encoder only, never prompted)
     img_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -54,8 +54,9 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 def list_backbones(family: str | None = None) -> list[str]:
-    """Registered backbone ids (any timm ViT name is accepted by ``create_model`` as well)."""
-    return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
+    """Registered backbone ids (any timm ViT name is accepted by ``create_model`` as well); the CNN instance
+    encoders (family ``cnn``) only when asked for by family."""
+    return sorted(n for n, s in _REGISTRY.items() if (s.family != "cnn" if family is None else s.family == family))
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:

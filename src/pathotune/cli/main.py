@@ -81,6 +81,25 @@ def train(
         bool | None, typer.Option("--probe-refit", help="linear: refit on train+val with the C chosen on val.")
     ] = None,
     skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Go on without unreadable files.")] = None,
+    split_seed: Annotated[
+        int | None, typer.Option(help="Draw a group k-fold split with this seed (default: the data's own split).")
+    ] = None,
+    tta: Annotated[
+        bool | None, typer.Option("--tta", help="Also score with the 8 rot90 x flip views averaged.")
+    ] = None,
+    probe_features: Annotated[str | None, typer.Option(help="Probe features: standardized or raw.")] = None,
+    probe_c: Annotated[
+        str | None, typer.Option(help="Probe C: val (grid on validation), cv, uni (UNI's rule), or a number.")
+    ] = None,
+    probe_views: Annotated[
+        int | None, typer.Option(help="Probe on K augmented views of each training tile (augmentation-matched).")
+    ] = None,
+    selection: Annotated[
+        str | None, typer.Option(help="Step/group selection: significant (default), best, or cv (small data).")
+    ] = None,
+    text_control: Annotated[
+        str | None, typer.Option(help="TTP control: none, empty, random (same norm) or unrelated (a sentence).")
+    ] = None,
     num_workers: Annotated[int | None, typer.Option()] = None,
     devices: Annotated[str | None, typer.Option(help="Devices per node: a count or 'auto'.")] = None,
     accelerator: Annotated[str | None, typer.Option(help="auto, cpu, gpu...")] = None,
@@ -107,7 +126,13 @@ def train(
     from ..engine.run import train_seeds
     from ..report import format_percent, trainable_percent
 
-    task = {k: v for k, v in {"text": task_text, "organ": organ, "stain": stain}.items() if v is not None}
+    task = {
+        k: v
+        for k, v in {"text": task_text, "organ": organ, "stain": stain, "control": text_control}.items()
+        if v is not None
+    }
+    probe = {k: v for k, v in {"features": probe_features, "c": _number_or(probe_c), "views": probe_views}.items()}
+    probe = {k: v for k, v in probe.items() if v is not None}
     dev = None if devices is None else (int(devices) if devices.isdigit() else devices)
     cfg = load_config(
         config,
@@ -129,6 +154,10 @@ def train(
         switches=parse_switches(switch) or None,
         head_init=head_init,
         probe_refit=probe_refit,
+        probe=probe or None,
+        selection=selection,
+        tta=tta,
+        split_seed=split_seed,
         task=task or None,
         skip_bad=skip_bad,
         num_workers=num_workers,
@@ -155,6 +184,16 @@ def train(
         print_json({**result, "out": cfg.out})
 
 
+def _number_or(text: str | None) -> str | float | None:
+    """A flag that is a keyword or a number (``--probe-c 0.1``)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 @app.command("eval")
 def evaluate(
     bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
@@ -170,6 +209,7 @@ def evaluate(
     accelerator: AcceleratorOpt = "auto",
     precision: PrecisionOpt = "32-true",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Go on without unreadable files.")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the 8 rot90 x flip views of every image.")] = False,
     out: Annotated[
         Path | None,
         typer.Option(help="Write metrics.json and report.md here (into OUT/eval/<data>-<split>/ if OUT holds a run)."),
@@ -197,11 +237,14 @@ def evaluate(
             progress=not quiet,
             runtime=rt,
             skip_bad=skip_bad,
+            tta=tta,
         )
         if not rt.main:
             return
+        ci = m.get("ci") or {}
+        note = m.get("ci_note")
         print_table(
-            [{"metric": k, "value": m[k], "95% CI": m.get("ci", {}).get(k)} for k in METRIC_NAMES],
+            [{"metric": k, "value": m[k], "95% CI": note or ci.get(k)} for k in METRIC_NAMES],
             title=f"{bundle} on {data} ({m['split']}, n={m['n']})",
         )
         if out is not None:
@@ -227,6 +270,7 @@ def predict(
     devices: DevicesOpt = "1",
     accelerator: AcceleratorOpt = "auto",
     precision: PrecisionOpt = "32-true",
+    tta: Annotated[bool, typer.Option("--tta", help="Average the 8 rot90 x flip views of every image.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -251,6 +295,7 @@ def predict(
             workers=num_workers,
             progress=not quiet,
             runtime=rt,
+            tta=tta,
         )
         if not rt.main:
             return

@@ -13,10 +13,15 @@ from .config import TrainConfig
 
 
 class FeatureSet(Dataset):
-    """Frozen features computed once, for head-only training (the linear probe trains to convergence fast)."""
+    """Frozen features computed once, for head-only training (the linear probe trains to convergence fast).
 
-    def __init__(self, features: torch.Tensor, labels: list[int]) -> None:
+    ``features`` is (N, D), or (N, V, D) for V test-time views of each image (the head averages their
+    probabilities). ``groups``: each sample's resampling unit (``Sample.unit``), when known.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: list[int], groups: list[str] | None = None) -> None:
         self.features, self._labels = features, list(labels)
+        self.groups = groups
 
     @property
     def labels(self) -> list[int]:
@@ -35,6 +40,8 @@ class HeadOnly(nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim == 3:  # test-time views: average their probabilities (returned as log-probabilities)
+            return self.model.forward_head(features).softmax(-1).mean(1).log()
         return self.model.forward_head(features)
 
     def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:

@@ -29,6 +29,43 @@ class TaskConfig(BaseModel):
     description: str = ""
     text: str | None = None  # free text that replaces the rendered template entirely ("" encodes empty text)
     shuffle_classes: bool = False  # control: class names in the text permuted (seeded), so they mislabel
+    # What TTP reads instead of the task's own text encoding (text/controls.py): "empty" (the empty string),
+    # "random" (a seeded random vector of the real encoding's norm), "unrelated" (an unrelated sentence)
+    control: Literal["none", "empty", "random", "unrelated"] = "none"
+    class_descriptions: dict[str, str] = Field(default_factory=dict)  # class -> short text (ttp_text=classes)
+
+
+class ProbeConfig(BaseModel):
+    """How the linear probe is fitted (engine/probe.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    features: Literal["standardized", "raw"] = "standardized"
+    # "val": from a log grid on validation; "cv": by cross-validation inside train + val, then fitted on both;
+    # "uni": UNI's fixed rule C = feature dim x classes / 100, fitted on train + val; or a number
+    c: Literal["val", "cv", "uni"] | float = "val"
+    views: int = 0  # features of this many augmented views of every training tile (the training augmentation)
+    folds: int = 5  # cross-validation folds for c: cv (fewer when a class has fewer labels)
+
+    @field_validator("c")
+    @classmethod
+    def _c(cls, v: str | float) -> str | float:
+        if not isinstance(v, str) and not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be val, cv, uni or a number > 0")
+        return v
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be >= 2")
+        return v
 
 
 class TrainConfig(BaseModel):
@@ -60,7 +97,16 @@ class TrainConfig(BaseModel):
     patience: int = 5  # evaluations without a better smoothed validation score, after min_steps
     head_init: Literal["probe", "random"] | None = None  # None: the method's (probe for every trained method)
     probe_refit: bool = False  # linear: refit on train + val with the C chosen on val
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     select_groups: bool = True  # keep only the prompt groups that help on validation
+    # How validation chooses the step and the prompt groups (engine/selection.py): "significant" leaves step 0
+    # (the probe) or keeps a group only when a paired bootstrap over validation groups says the gain beats its
+    # noise; "best" takes the best score; "cv" chooses the step by cross-validation over train + val
+    selection: Literal["significant", "best", "cv"] = "significant"
+    selection_alpha: float = 0.05  # one-sided level of the significance rule
+    selection_folds: int = 5  # folds of selection: cv
+    tta: bool = False  # also score with test-time augmentation (the 8 rot90 x flip views averaged)
+    split_seed: int | None = None  # None: the data's own split; a number: a group k-fold split drawn with it
     cache_features: bool = True  # head-only methods train on features computed once
     seed: int = 0
     num_workers: int = 0
@@ -95,7 +141,21 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a finite number >= 0")
         return v
 
-    @field_validator("num_workers", "seed", "bootstrap", "min_steps")
+    @field_validator("selection_alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not 0.0 < v < 0.5:
+            raise ValueError("must be in (0, 0.5)")
+        return v
+
+    @field_validator("selection_folds")
+    @classmethod
+    def _selection_folds(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be >= 2")
+        return v
+
+    @field_validator("num_workers", "seed", "bootstrap", "min_steps", "split_seed")
     @classmethod
     def _not_negative(cls, v: int | None) -> int | None:
         if v is not None and v < 0:

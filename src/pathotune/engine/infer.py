@@ -24,9 +24,10 @@ from ..errors import DataError, OutputError
 from ..model import PathoTuneModel
 from ..multitask import MultiTaskModel
 from ..report import atomic_path, atomic_write_json, write_run_report
-from .metrics import METRIC_NAMES, bootstrap_ci, classification_metrics
+from .metrics import METRIC_NAMES, classification_metrics, group_bootstrap_ci
 from .runfolder import check_out_usable, is_run_output, run_state
 from .runtime import Runtime, infer_dataset
+from .tta import averaged
 
 __all__ = [
     "check_output_file",
@@ -57,14 +58,18 @@ def run_probs(
     workers: int = 0,
     progress: bool = True,
     runtime: Runtime | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
     """Class probabilities of every sample of ``dataset`` (its ``(image, label, index)`` items), in order, on
-    ``runtime`` (default: this process, on the CPU)."""
+    ``runtime`` (default: this process, on the CPU); with ``tta`` averaged over the 8 rot90 x flip views."""
     rt = runtime or Runtime.of()
     model.eval().to(rt.device)
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
         return model(x).float().softmax(-1)
+
+    if tta:
+        probabilities = averaged(probabilities)
 
     with quiet_native_stderr() as stream:  # a bad TIFF's libtiff chatter would print before the error line
         probs = infer_dataset(
@@ -95,11 +100,13 @@ def evaluate(
     progress: bool = True,
     runtime: Runtime | None = None,
     skip_bad: bool = False,
+    tta: bool = False,
 ) -> dict:
     """Metrics of a bundle on labelled data; class names are matched by name, not by position.
 
     ``split`` ``auto`` is test, else val, else all samples. The result is :func:`classification_metrics` (with
-    bootstrap CIs under ``ci`` unless ``bootstrap`` is 0) plus split, n, bundle, data, ``evaluation: True``,
+    bootstrap CIs under ``ci`` unless ``bootstrap`` is 0: over the data's groups when it names them, with
+    ``ci_note`` saying when there are too few) plus split, n, bundle, data, ``evaluation: True``, ``tta``,
     ``skipped_files`` and how it ran (:func:`settings`). ``runtime`` defaults to this process on the CPU.
     """
     rt = runtime or Runtime.of()
@@ -117,11 +124,14 @@ def evaluate(
         raise DataError(f"data {data} has classes {unknown} that bundle {bundle} does not know (it has {names})")
     remap = {i: names.index(c) for i, c in enumerate(source.classes)}
     labels = np.array([remap[s.label] for s in samples])
-    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress, rt)
+    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress, rt, tta)
     metrics = classification_metrics(labels, probs, names)
     if bootstrap:
-        metrics["ci"] = bootstrap_ci(labels, probs, METRIC_NAMES, n=bootstrap)
+        groups = [s.unit for s in samples] if source.has_groups() else None
+        res = group_bootstrap_ci(labels, probs, groups, METRIC_NAMES, n=bootstrap)
+        metrics.update({"ci": res["ci"], "ci_unit": res["unit"], "ci_units": res["units"], "ci_note": res["note"]})
     metrics.update({"split": split, "n": len(samples), "bundle": str(bundle), "data": str(data), "evaluation": True})
+    metrics["tta"] = tta
     metrics.update({"skipped_files": skipped, **settings(rt, batch_size, workers)})
     return metrics
 
@@ -129,8 +139,8 @@ def evaluate(
 def eval_output_dir(out: str | Path, metrics: dict) -> Path:
     """Where ``eval --out`` writes, so that it never replaces a training run's outputs.
 
-    ``out`` itself when it is new, empty, or holds an earlier evaluation of the same bundle, data and split;
-    otherwise (a run folder, a bundle, anything else) ``out/eval/<data>-<split>/``, which is refused when it
+    ``out`` itself when it is new, empty, or holds an earlier evaluation of the same bundle, data, split and
+    views; otherwise (a run folder, a bundle, anything else) ``out/eval/<data>-<split>[-tta]/``, refused when it
     holds an evaluation of something else.
     """
     out = Path(out)
@@ -138,7 +148,7 @@ def eval_output_dir(out: str | Path, metrics: dict) -> Path:
     if _holds_same_eval(out, metrics) or not out.exists() or not any(out.iterdir()):
         return out
     stem = Path(str(metrics["data"]).rstrip("/").split(":")[-1]).name or "data"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{metrics['split']}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}-{metrics['split']}" + ("-tta" if metrics.get("tta") else ""))
     target = out / "eval" / name
     if target.exists() and any(target.iterdir()) and not _holds_same_eval(target, metrics):
         raise OutputError(
@@ -156,6 +166,7 @@ def _holds_same_eval(folder: Path, metrics: dict) -> bool:
         isinstance(old, dict)
         and old.get("evaluation") is True
         and all(old.get(k) == metrics.get(k) for k in EVAL_IDENTITY)
+        and bool(old.get("tta")) == bool(metrics.get("tta"))  # single views and averaged views are two results
     )
 
 
@@ -205,11 +216,12 @@ def predict_files(
     workers: int = 0,
     progress: bool = True,
     runtime: Runtime | None = None,
+    tta: bool = False,
 ) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
     """Per-class probabilities of every image for every bundle; all bundles share one backbone forward.
 
     ``batch_size`` counts images times tasks (each image runs once per bundle); ``runtime`` defaults to this
-    process on the CPU.
+    process on the CPU; ``tta`` averages the 8 rot90 x flip views of every image.
     """
     rt = runtime or Runtime.of()
     files = image_files(inputs)
@@ -227,9 +239,10 @@ def predict_files(
         return torch.cat([torch.stack(logits[t * n : (t + 1) * n]).float().softmax(-1) for t in range(n_tasks)], 1)
 
     per_batch = max(1, batch_size // n_tasks)
+    fn = averaged(every_task) if tta else every_task
     with quiet_native_stderr() as stream:  # a bad TIFF's libtiff chatter would print before the error line
         probs = infer_dataset(
-            rt, dataset, every_task, per_batch, workers, progress=progress, desc="predict", file=stream
+            rt, dataset, fn, per_batch, workers, progress=progress, desc="predict", file=stream
         ).numpy()
     ends = np.cumsum(sizes)
     out = {
@@ -248,6 +261,7 @@ def predict_to_csv(
     workers: int = 0,
     progress: bool = True,
     runtime: Runtime | None = None,
+    tta: bool = False,
 ) -> tuple[list[Path], dict[str, tuple[list[str], np.ndarray]]]:
     """:func:`predict_files` written as CSV to ``out`` (checked before any work; written by rank 0), and returned.
 
@@ -256,7 +270,7 @@ def predict_to_csv(
     """
     check_output_file(out)
     rt = runtime or Runtime.of()
-    files, results = predict_files(bundles, inputs, weights, batch_size, workers, progress, rt)
+    files, results = predict_files(bundles, inputs, weights, batch_size, workers, progress, rt, tta)
     if not rt.main:
         return files, results
     single = len(results) == 1

@@ -2,8 +2,11 @@
 
 Everything counts optimizer steps (see ``budget.py``): warm-up and cosine decay, evaluations, checkpoints and
 early stopping. The model is judged on validation before the first step too (step 0), so a method that starts
-at the linear probe can never end below it on validation. A checkpoint can fall mid-epoch: the sampler
-restarts at the right batch and augmentation is seeded per sample, so a resumed run is the uninterrupted one.
+at the linear probe can never end below it on validation. Which evaluation is kept is the ``selection`` rule:
+``best`` keeps the best score (ties to the lower validation loss); ``significant`` keeps the best score (ties to
+the earlier step) only when its gain over step 0 beats the validation noise (``significance.gain_bounds``, a
+max-T bound over every evaluated step), else step 0. A checkpoint can fall mid-epoch: the sampler restarts at
+the right batch and augmentation is seeded per sample, so a resumed run is the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from . import runtime
 from .budget import Budget
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import classification_metrics
+from .significance import gain_bounds
 
 VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
@@ -66,6 +70,9 @@ class FitState:
     train_images: int = 0
     first_loss: float | None = None  # training loss of the first batch, what divergence is judged against
     first_val_loss: float | None = None  # validation loss at step 0
+    val_probs: list[torch.Tensor] = field(default_factory=list)  # validation probabilities at every evaluation
+    start_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the trainable tensors at step 0
+    selection: dict | None = None  # how the kept step was chosen (rule "significant": the test)
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
@@ -191,7 +198,8 @@ class _Fit:
 
     def __init__(self, fabric, model, train_set, val_set, budget: Budget, lr, head_lr, weight_decay, batch_size,
                  ckpt_path: Path, seed, class_names, grad_accum, monitor, workers, progress,
-                 checkpoint_extra=None, log_prefix: str = "") -> None:  # fmt: skip
+                 checkpoint_extra=None, log_prefix: str = "", selection: str = "best", alpha: float = 0.05,
+                 val_groups=None, stop_at: int | None = None) -> None:  # fmt: skip
         if batch_size % fabric.world_size:
             raise PathoTuneError(f"batch_size {batch_size} must divide evenly over {fabric.world_size} processes")
         self.fabric, self.model, self.budget = fabric, model, budget
@@ -199,7 +207,9 @@ class _Fit:
         self.ckpt_path, self.seed, self.grad_accum = ckpt_path, seed, grad_accum
         self.per_rank = batch_size // fabric.world_size
         self.train_loader = sharded_loader(fabric, train_set, self.per_rank, True, seed, workers)
-        self.val_loader = sharded_loader(fabric, val_set, self.per_rank, False, seed, workers)
+        self.val_loader = sharded_loader(fabric, val_set, self.per_rank, False, seed, workers) if val_set else None
+        self.selection, self.alpha, self.val_groups = selection, alpha, val_groups
+        self.stop = budget.steps if stop_at is None else min(stop_at, budget.steps)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / grad_accum)
         self.optimizer = torch.optim.AdamW(param_groups(model, lr, head_lr, weight_decay))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -232,17 +242,49 @@ class _Fit:
         self.state = FitState(**{k: ck["fit"][k] for k in FitState.__dataclass_fields__ if k in ck["fit"]})
 
     def train(self) -> None:
-
-        fabric, st, budget = self.fabric, self.state, self.budget
+        fabric, st = self.fabric, self.state
         self.ddp_model, self.optimizer = fabric.setup(self.model, self.optimizer)
         if not st.evaluated:
             self.evaluate()  # step 0 (or the step a killed run had not judged yet)
         # wiped on a terminal (also on an error, before its line prints); periodic plain lines in logs and pipes
-        with progress_bar(budget.steps, "steps", "step", enabled=self.show, initial=st.step) as bar:
-            while st.step < budget.steps and not st.stopped_early:
+        with progress_bar(self.stop, "steps", "step", enabled=self.show, initial=st.step) as bar:
+            while st.step < self.stop and not st.stopped_early:
                 self._epoch_from(st.step, bar)
+        if self.val_set is None:
+            return  # nothing judged: the model is the one at the last step
+        if self.selection == "significant":
+            self._significant_or_step0()
         if st.best_state:
             load_trainable_state(self.model, st.best_state)
+
+    def _significant_or_step0(self) -> None:
+        """Keep the best evaluation only if its gain over step 0 beats the validation noise; else step 0."""
+        st = self.state
+        steps = [row["step"] for row in st.history]
+        later = [i for i, step in enumerate(steps) if step > 0]
+        y = np.asarray(self.val_set.labels)
+        pairs = [(st.val_probs[i].double().numpy(), st.val_probs[0].double().numpy()) for i in later]
+        gains = gain_bounds(y, pairs, self.val_groups, self.monitor, self.alpha, simultaneous=True)
+        best = steps.index(st.best_step)
+        chosen = best if best in later and gains.significant(later.index(best)) else 0
+        st.selection = {
+            "rule": "significant",
+            "best_step": st.best_step,
+            "kept_step": steps[chosen],
+            "best_gain": gains.gain[later.index(best)] if best in later else 0.0,
+            "best_lower": (gains.lower[later.index(best)] if best in later and gains.lower else None),
+            "units": gains.units,
+            "unit": gains.unit,
+            "alpha": self.alpha,
+            "note": gains.note,
+        }
+        if chosen == 0 and st.best_step != 0:
+            st.best_state, st.best_step = st.start_state, 0
+            st.best_score, st.best_loss = self._score_at(0), st.history[0]["val_loss"]
+
+    def _score_at(self, i: int) -> float:
+        row = self.state.history[i]
+        return -row["val_loss"] if self.monitor == "loss" else row[f"val_{self.monitor}"]
 
     def _epoch_from(self, step: int, bar) -> None:
         """Run optimizer steps from ``step`` to the end of its epoch (or of the budget, or an early stop)."""
@@ -284,13 +326,13 @@ class _Fit:
             st.step += 1
             st.evaluated = False
             bar.update(1)
-            if st.step % self.budget.eval_every == 0 or st.step == self.budget.steps:
+            if st.step % self.budget.eval_every == 0 or st.step in (self.budget.steps, self.stop):
                 st.train_seconds += time.perf_counter() - t0
                 st.train_images += seen * fabric.world_size
                 self.evaluate(loss_sum / max(seen, 1))
                 t0, loss_sum, seen = time.perf_counter(), 0.0, 0
                 self.ddp_model.train()
-                if st.stopped_early or st.step >= self.budget.steps:
+                if st.stopped_early or st.step >= self.stop:
                     return
         st.train_seconds += time.perf_counter() - t0
         st.train_images += seen * fabric.world_size
@@ -299,6 +341,11 @@ class _Fit:
         """Judge on validation, keep the best state, update early stopping, write the checkpoint."""
 
         fabric, st, budget = self.fabric, self.state, self.budget
+        if st.step == 0 and not st.start_state:
+            st.start_state = trainable_state(self.model)
+        if self.val_set is None:
+            self._unjudged(train_loss)
+            return
         t0 = time.perf_counter()
         probs, val_loss = predict(fabric, self.model, self.val_loader, len(self.val_set))
         if not (np.isfinite(probs).all() and math.isfinite(val_loss)):
@@ -334,11 +381,15 @@ class _Fit:
             "seconds": time.perf_counter() - t0,
         }
         st.history.append(row)
+        st.val_probs.append(torch.as_tensor(probs, dtype=torch.float32))
         lower_better = self.monitor == "loss"
         raw = val_loss if lower_better else (m[self.monitor] if m[self.monitor] is not None else -math.inf)
         score = -raw if lower_better else raw  # higher is better from here on
-        # Best: the monitored score, ties broken by the lower validation loss.
-        improved = st.best_score is None or (score, -val_loss) > (st.best_score, -(st.best_loss or 0.0))
+        # Best: the monitored score; ties to the lower validation loss ("best") or to the earlier step.
+        if self.selection == "significant":
+            improved = st.best_score is None or score > st.best_score
+        else:
+            improved = st.best_score is None or (score, -val_loss) > (st.best_score, -(st.best_loss or 0.0))
         if improved:
             st.best_score, st.best_loss, st.best_step = score, val_loss, st.step
             st.best_state = trainable_state(self.model)
@@ -359,6 +410,28 @@ class _Fit:
                 + (f"\nearly stop: smoothed val {self.monitor} flat for {budget.patience} evaluations"
                    if st.stopped_early else "")
             )  # fmt: skip
+        self._checkpoint(row)
+
+    def _unjudged(self, train_loss: float | None) -> None:
+        """No validation set (a final fit for a step chosen elsewhere): log the step, keep the latest state."""
+        fabric, st = self.fabric, self.state
+        if train_loss is not None:
+            train_loss = float(fabric.all_reduce(torch.tensor(train_loss, device=fabric.device)))
+            if _exploded(train_loss, st.first_loss):
+                raise TrainingError(
+                    f"training diverged: training loss {train_loss:.4g} at step {st.step}, more than "
+                    f"{EXPLODE_FACTOR:g}x its start ({st.first_loss:.4g})",
+                    _kept(self.ckpt_path),
+                    "lower --lr / --head-lr",
+                )
+        row = {"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 3), "train_loss": train_loss,
+               "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
+        st.history.append(row)
+        st.best_step, st.evaluated = st.step, True
+        self._checkpoint(row)
+
+    def _checkpoint(self, row: dict) -> None:
+        fabric, st = self.fabric, self.state
         if fabric.is_global_zero:
             save_checkpoint(
                 self.ckpt_path,
@@ -396,8 +469,12 @@ def fit(
     progress: bool = True,
     checkpoint_extra: dict | None = None,
     log_prefix: str = "",
+    selection: str = "best",
+    alpha: float = 0.05,
+    val_groups=None,
+    stop_at: int | None = None,
 ) -> FitState:
-    """Train ``model``'s trainable parameters for ``budget``; keep the best evaluation on ``monitor``.
+    """Train ``model``'s trainable parameters for ``budget``; keep the evaluation the ``selection`` rule picks.
 
     Datasets yield ``(input, label, index)`` and expose ``labels``. ``model`` may be a PathoTuneModel or a
     head over cached features: anything whose forward maps inputs to logits. Selection uses validation only,
@@ -405,9 +482,14 @@ def fit(
     resume). Every evaluation row goes to the Fabric's loggers, its names prefixed by ``log_prefix``
     (``seed_1/``). Training stops with :class:`TrainingError` on a non-finite loss or one that explodes far above
     where it started; the checkpoint of the last evaluation before that is kept.
+
+    ``selection``: ``best`` or ``significant`` (module docstring); ``val_groups`` are the validation samples'
+    resampling units for that test. ``val_set=None`` judges nothing and keeps the last step; ``stop_at`` ends
+    training at that step of the budget's schedule (a step chosen by cross-validation).
     """
     run = _Fit(fabric, model, train_set, val_set, budget, lr, head_lr, weight_decay, batch_size, ckpt_path, seed,
-               class_names, grad_accum, monitor, workers, progress, checkpoint_extra, log_prefix)  # fmt: skip
+               class_names, grad_accum, monitor, workers, progress, checkpoint_extra, log_prefix, selection, alpha,
+               val_groups, stop_at)  # fmt: skip
     if resume and ckpt_path.is_file():
         run.resume()
     run.train()

@@ -4,6 +4,14 @@ Point estimates come straight from scikit-learn so they match what reviewers com
 bootstrap evaluates thousands of resamples at once from batched confusion matrices and weighted rank
 statistics (sklearn's per-call overhead would make 1000 resamples take seconds); the test-suite checks
 those batched values against :func:`classification_metrics` resample by resample.
+
+Intervals resample groups (slides, patients, region blocks: ``Sample.group``), not patches, because patches of
+one group are not independent. With fewer than ``MIN_GROUPS`` groups there is no interval, and the result says
+so (``interval_note``) instead of printing a narrow one. The resampling is written here rather than through
+``scipy.stats.bootstrap``: that function resamples one level of observations and returns NaN when any resample
+leaves a metric undefined, whereas these intervals resample groups nested in splits with the seeds beside them
+(``compare.py``), draw one set of groups for every metric and both methods of a pair, and drop the resamples
+where a metric is undefined (a class missing from the drawn groups), counting them.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from sklearn.metrics import (
 from sklearn.preprocessing import label_binarize
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
+MIN_GROUPS = 5  # fewer independent units than this: no interval, and the report says so
 
 # Upper bound on resamples x samples held in memory at once by the bootstrap (about 32 MB of int64).
 _CHUNK_ELEMS = 4_000_000
@@ -213,6 +222,123 @@ def _bootstrap_values(
         weights = np.bincount(flat, minlength=n * size).reshape(n, size).astype(np.int32)
         out["auroc"] = _batched_auroc(y, p, weights)
     return {name: out[name] for name in metric_names}
+
+
+def weighted_metric_values(
+    y: np.ndarray, p: np.ndarray, weights: np.ndarray, metric_names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Metric values per row of ``weights`` ((R, N) integer multiplicities of the samples); NaN where undefined.
+
+    The same definitions as :func:`classification_metrics`, evaluated for many resamples at once; ``loss`` is
+    the weighted mean cross-entropy.
+    """
+    n_classes = p.shape[1]
+    pred = p.argmax(axis=1)
+    pair = np.zeros((y.size, n_classes * n_classes))
+    pair[np.arange(y.size), y * n_classes + pred] = 1.0
+    cm = (weights.astype(np.float64) @ pair).reshape(-1, n_classes, n_classes)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+    total = support.sum(axis=1)
+    out: dict[str, np.ndarray] = {}
+    present = support > 0
+    out["accuracy"] = _safe_ratio(tp.sum(axis=1), total)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    out["balanced_accuracy"] = _safe_ratio(recall.sum(axis=1), present.sum(axis=1).astype(np.float64))
+    seen = support + predicted
+    f1 = np.divide(2 * tp, seen, out=np.zeros_like(tp), where=seen > 0)
+    out["macro_f1"] = _safe_ratio(f1.sum(axis=1), (seen > 0).sum(axis=1).astype(np.float64))
+    out["weighted_f1"] = _safe_ratio((f1 * support).sum(axis=1), total)
+    if "auroc" in metric_names:
+        out["auroc"] = _batched_auroc(y, p, weights.astype(np.int32))
+    if "loss" in metric_names:
+        nll = -np.log(np.clip(p[np.arange(y.size), y], 1e-12, None))
+        out["loss"] = _safe_ratio(weights @ nll, weights.sum(axis=1).astype(np.float64))
+    return {name: out[name] for name in metric_names}
+
+
+def resampling_units(groups: Sequence[Any] | None, n: int) -> tuple[np.ndarray, int]:
+    """(unit index of each of ``n`` samples, number of units): the groups, or each sample alone without them."""
+    if groups is None:
+        return np.arange(n), n
+    if len(groups) != n:
+        raise ValueError(f"got {len(groups)} groups for {n} samples")
+    names, unit = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return unit.astype(np.int64), len(names)
+
+
+def unit_weights(rng: np.random.Generator, unit: np.ndarray, n_units: int, n_resamples: int) -> np.ndarray:
+    """(R, N) multiplicities of the samples when ``n_units`` units are drawn with replacement R times."""
+    draws = rng.integers(0, n_units, size=(n_resamples, n_units))
+    counts = np.bincount((draws + n_units * np.arange(n_resamples)[:, None]).ravel(), minlength=n_resamples * n_units)
+    return counts.reshape(n_resamples, n_units)[:, unit]
+
+
+def interval_note(n_units: int, unit: str = "group", minimum: int = MIN_GROUPS) -> str | None:
+    """Why there is no interval (fewer than ``minimum`` independent units), or None when there may be one."""
+    if n_units >= minimum:
+        return None
+    return f"too few {unit}s for an interval ({n_units} {unit}{'s' if n_units != 1 else ''}; {minimum} needed)"
+
+
+def group_bootstrap_ci(
+    y_true: Any,
+    probs: Any,
+    groups: Sequence[Any] | None,
+    metric_names: Sequence[str] = METRIC_NAMES,
+    n: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Percentile intervals that resample groups (each sample alone when ``groups`` is None).
+
+    Returns ``{"ci": {metric: (low, high) or (None, None)}, "unit": "group"|"image", "units": n, "note": ...}``;
+    with fewer than :data:`MIN_GROUPS` units every interval is (None, None) and ``note`` says why. A metric left
+    undefined by a resample (a class missing from the drawn groups) skips that resample; ``undefined`` counts them.
+    """
+    if groups is None:
+        return {
+            "ci": bootstrap_ci(y_true, probs, metric_names, n=n, seed=seed, alpha=alpha),
+            "unit": "image",
+            "units": len(y_true),
+            "note": None,
+            "undefined": {},
+        }
+    y, p = _check_inputs(y_true, probs)
+    unit, n_units = resampling_units(groups, y.size)
+    note = interval_note(n_units)
+    names = list(metric_names)
+    if note is not None:
+        return {
+            "ci": dict.fromkeys(names, (None, None)),
+            "unit": "group",
+            "units": n_units,
+            "note": note,
+            "undefined": {},
+        }
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n, _CHUNK_ELEMS // y.size))
+    values: dict[str, list[np.ndarray]] = {m: [] for m in names}
+    for start in range(0, n, chunk):
+        w = unit_weights(rng, unit, n_units, min(chunk, n - start))
+        for name, vals in weighted_metric_values(y, p, w, names).items():
+            values[name].append(vals)
+    ci: dict[str, tuple[float | None, float | None]] = {}
+    undefined: dict[str, int] = {}
+    for name in names:
+        vals = np.concatenate(values[name])
+        undefined[name] = int(np.isnan(vals).sum())
+        vals = vals[~np.isnan(vals)]
+        ci[name] = (
+            (None, None) if vals.size == 0 else tuple(float(v) for v in np.quantile(vals, [alpha / 2, 1 - alpha / 2]))
+        )
+    return {
+        "ci": ci,
+        "unit": "group",
+        "units": n_units,
+        "note": None,
+        "undefined": {k: v for k, v in undefined.items() if v},
+    }
 
 
 def bootstrap_ci(

@@ -32,17 +32,21 @@ from ..report import (
     write_run_report,
 )
 from ..task import Task
+from ..text import text_encoding
 from . import runtime
 from .budget import plan_budget
-from .cached import FeatureSet, HeadOnly, frozen_features
+from .cached import FeatureSet, HeadOnly, extract_features, frozen_features
 from .config import TrainConfig, dump_config
-from .loop import FitState, fit, predict, sharded_loader
-from .metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
+from .crossval import cv_select_and_fit
+from .judge import headline, judged, monitored, split_probs, tta_probs
+from .loop import FitState, fit
+from .metrics import METRIC_NAMES, aggregate_seeds
 from .probe import fit_probe_head
 from .runfolder import CHECKPOINT, RunFolder, check_resume_settings, final_outputs, open_run_folder
-from .selection import select_prompt_groups
+from .selection import drop_all_groups, select_prompt_groups
 
 SUMMARY_KEYS = METRIC_NAMES
+SPLITS_USED = ("train", "val", "test")
 BAD_FILES = "bad_files.csv"  # every unreadable image of the last scan, in --out (not a run output: it may stay)
 
 
@@ -97,13 +101,16 @@ def resolve_recipe(cfg: TrainConfig) -> Recipe:
 
 
 def build_task(cfg: TrainConfig, classes: list[str]) -> Task:
-    """The task TTP encodes. Controls: ``text: ""`` encodes empty text; ``shuffle_classes`` mislabels them."""
+    """The task TTP encodes. ``text: ""`` encodes empty text; ``shuffle_classes`` mislabels the classes (a weak
+    control: the sentence hardly changes); ``task.control`` replaces the encoding itself (text/controls.py)."""
     t = cfg.task
     if t.text is not None:
         escaped = t.text.replace("{", "{{").replace("}", "}}")
-        task = Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), template=escaped)
+        task = Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), template=escaped,
+                    class_descriptions=dict(t.class_descriptions))  # fmt: skip
     else:
-        task = Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), description=t.description)
+        task = Task(name=t.name, organ=t.organ, stain=t.stain, classes=tuple(classes), description=t.description,
+                    class_descriptions=dict(t.class_descriptions))  # fmt: skip
     if not t.shuffle_classes or len(classes) < 2:
         return task
     k = 1 + cfg.seed % (len(classes) - 1)  # a seeded rotation: every class is named after another one
@@ -118,12 +125,42 @@ def peak_memory_mb(fabric) -> float:
 
 
 def predictions_csv(dataset, probs: np.ndarray, class_names: list[str]) -> str:
-    """One row per evaluated image: its path, label, predicted class and per-class probabilities."""
+    """One row per evaluated image: its path, label, predicted class, group (empty: none) and probabilities."""
     rows = []
     for i, row in enumerate(probs):
-        path = str(dataset.samples[i].path_or_key) if hasattr(dataset, "samples") else str(i)
-        rows.append([path, class_names[dataset.labels[i]], class_names[int(row.argmax())], *[f"{p:.6f}" for p in row]])
-    return csv_text(rows, ["path", "label", "pred", *[f"prob_{c}" for c in class_names]])
+        sample = dataset.samples[i] if hasattr(dataset, "samples") else None
+        path = str(sample.path_or_key) if sample is not None else str(i)
+        group = (sample.group or "") if sample is not None else ""
+        pred = class_names[int(row.argmax())]
+        rows.append([path, class_names[dataset.labels[i]], pred, group, *[f"{p:.6f}" for p in row]])
+    return csv_text(rows, ["path", "label", "pred", "group", *[f"prob_{c}" for c in class_names]])
+
+
+def task_text_features(cfg: TrainConfig, task: Task) -> tuple[tuple | None, dict | None]:
+    """The text encodings TTP reads (the task text, or one per class) under the config's text control, and the
+    record of what was encoded with its cosine to the real text; (None, None) for methods without TTP."""
+    s = get_method(cfg.method).resolve(**cfg.switches)
+    if not s.ttp_tokens:
+        return None, None
+    texts = task.class_texts() if s.ttp_text == "classes" else [task.render()]
+    pooled, tokens, info = text_encoding(texts, s.text_encoder, s.text_weights, cfg.task.control, cfg.seed)
+    if s.ttp_text == "task":
+        pooled, tokens = pooled[0], tokens[0]
+    return (pooled, tokens), info
+
+
+def augmented_views(fabric, model, samples, train_tf, cfg: TrainConfig, progress: bool) -> torch.Tensor:
+    """(N, K, D) frozen features of K = ``cfg.probe.views`` augmented views of every training tile, drawn with the
+    training augmentation of the prompt methods (view k is epoch k of the seeded per-sample augmentation)."""
+    model.eval().to(fabric.device)
+    views = []
+    for k in range(cfg.probe.views):
+        ds = PatchDataset(samples, train_tf, seed=cfg.seed)
+        ds.epoch = k
+        views.append(
+            extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"view {k}", progress)
+        )
+    return torch.stack(views, dim=1)
 
 
 def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
@@ -181,7 +218,11 @@ def _train(
     """
     out = workdir
     fabric.seed_everything(cfg.seed, verbose=False)
-    source = load_source(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    # The split depends on split_seed alone (the data's own split when None; carved fractions use seed 0), never on
+    # the initialisation seed: varying seeds and varying splits are separate sources of spread.
+    source = load_source(
+        cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=0, split_seed=cfg.split_seed
+    )
     report = scan(source, progress=progress and fabric.is_global_zero)
     if fabric.is_global_zero:
         write_bad_files(bad_files_dir, report)
@@ -204,13 +245,17 @@ def _train(
     eval_split = "test" if source.split("test") else "val"
 
     recipe = resolve_recipe(cfg)
+    check_probe_settings(cfg, recipe)
+    task = build_task(cfg, classes)
+    text_features, text_info = task_text_features(cfg, task)
     model = create_model(
         cfg.backbone,
         cfg.method,
         len(classes),
-        task=build_task(cfg, classes),
+        task=task,
         weights=resolve_weights(cfg.backbone, cfg.weights),
         img_size=cfg.image_size,
+        text_features=text_features,
         backbone_kwargs=cfg.backbone_kwargs,
         **cfg.switches,
     )
@@ -227,16 +272,24 @@ def _train(
     plain = {split: PatchDataset(source.split(split), eval_tf) for split in dict.fromkeys(("train", "val", eval_split))}
     datasets = {**plain, "train": PatchDataset(source.split("train"), train_tf, seed=cfg.seed)}
 
+    units = {split: [s.unit for s in source.split(split)] for split in SPLITS_USED}
+    grouped = source.has_groups()
     head_only = model.switches.train == "head"
     cached = head_only and (recipe.trainer == "probe" or (cfg.cache_features and cfg.augment == "none"))
+    cross_validated = recipe.trainer == "steps" and cfg.selection == "cv"
     feats: dict[str, FeatureSet] = {}
     probe = None
-    if cached or recipe.head_init == "probe":
+    if cached or (recipe.head_init == "probe" and not cross_validated):
         wanted = plain if cached else {k: plain[k] for k in ("train", "val")}
         feats = frozen_features(fabric, model, wanted, cfg, progress)
-    if recipe.trainer == "probe" or recipe.head_init == "probe":
+        for split, fs in feats.items():
+            fs.groups = units.get(split)
+    if (recipe.trainer == "probe" or recipe.head_init == "probe") and not cross_validated:
         refit = cfg.probe_refit and recipe.trainer == "probe"
-        probe = fit_probe_head(model, feats, classes, cfg.monitor, refit=refit)
+        views = (
+            augmented_views(fabric, model, source.split("train"), train_tf, cfg, progress) if cfg.probe.views else None
+        )
+        probe = fit_probe_head(model, feats, classes, cfg.monitor, refit, cfg.probe, views)
 
     if fabric.is_global_zero and not resume:  # a resumed run keeps its config.yaml until it has finished
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -261,47 +314,90 @@ def _train(
         )
         if fabric.is_global_zero and progress:
             print(f"budget: {budget.steps} steps ({budget.source}), validation every {budget.eval_every}")
-        state = fit(
-            fabric,
-            module,
-            fit_sets["train"],
-            fit_sets["val"],
-            budget,
-            recipe.lr,
-            recipe.head_lr,
-            recipe.weight_decay,
-            cfg.batch_size,
-            out / "checkpoints" / "last.pt",
-            cfg.seed,
-            classes,
-            grad_accum=cfg.grad_accum,
-            monitor=cfg.monitor,
-            workers=0 if cached else cfg.num_workers,
-            resume=resume,
-            progress=progress,
-            checkpoint_extra={"config": cfg.model_dump(mode="json"), "recipe": asdict(recipe)},
-            log_prefix=log_prefix,
-        )
+        extra = {"config": cfg.model_dump(mode="json"), "recipe": asdict(recipe)}
+        if cross_validated:
+            pool = source.split("train") + source.split("val")
+            pool_feats = frozen_features(fabric, model, {"pool": PatchDataset(pool, eval_tf)}, cfg, progress)["pool"]
+            state, _, probe = cv_select_and_fit(
+                fabric, model, pool, pool_feats, train_tf, eval_tf, budget, recipe, cfg, classes,
+                out / "checkpoints", resume, progress,
+            )  # fmt: skip
+        else:
+            state = fit(
+                fabric,
+                module,
+                fit_sets["train"],
+                fit_sets["val"],
+                budget,
+                recipe.lr,
+                recipe.head_lr,
+                recipe.weight_decay,
+                cfg.batch_size,
+                out / "checkpoints" / "last.pt",
+                cfg.seed,
+                classes,
+                grad_accum=cfg.grad_accum,
+                monitor=cfg.monitor,
+                workers=0 if cached else cfg.num_workers,
+                resume=resume,
+                progress=progress,
+                checkpoint_extra=extra,
+                log_prefix=log_prefix,
+                selection="best" if cfg.selection == "best" else "significant",
+                alpha=cfg.selection_alpha,
+                val_groups=units["val"] if grouped else None,
+            )
         params = model.trainable_parameters()  # what the method trained, before selection removes any group
-        if cfg.select_groups and model.gates:
-            selection = select_prompt_groups(fabric, model, fit_sets["val"], cfg, classes)
+        if cfg.select_groups and model.gates and not cross_validated:
+            if cfg.selection == "significant" and state.best_step == 0:
+                selection = drop_all_groups(model)  # step 0 kept: every gate shut, the model is the probe
+            else:
+                reference = state.val_probs[0].double().numpy() if state.val_probs else None
+                groups = units["val"] if grouped else None
+                selection = select_prompt_groups(fabric, model, fit_sets["val"], cfg, classes, reference, groups)
     fit_seconds = time.perf_counter() - t0
 
     eval_set = fit_sets[eval_split]
-    loader = sharded_loader(fabric, eval_set, max(1, cfg.batch_size // fabric.world_size), False, cfg.seed, 0)
     t1 = time.perf_counter()
-    probs, eval_loss = predict(fabric, module, loader, len(eval_set))
+    probs, eval_loss = split_probs(fabric, module, eval_set, cfg)
     infer_seconds = time.perf_counter() - t1
     labels = np.asarray(eval_set.labels)
-    metrics = classification_metrics(labels, probs, classes)
-    if cfg.bootstrap:
-        metrics["ci"] = bootstrap_ci(labels, probs, SUMMARY_KEYS, n=cfg.bootstrap, seed=cfg.seed)
+    eval_groups = units[eval_split] if grouped else None
+    metrics = judged(labels, probs, classes, eval_groups, cfg)
+    # The validation score of the model as kept: what chooses between variants (the strongest probe). None when
+    # the model was fitted on validation too (a refit or UNI probe, cross-validated selection).
+    honest_val = not cross_validated and (probe is None or probe.fit_on == "train")
+    val_labels = np.asarray(fit_sets["val"].labels)
+    val_score = None
+    if honest_val:
+        val_score = kept_val_score(state, selection, cfg.monitor) if recipe.trainer == "steps" else None
+        if val_score is None and eval_split == "val":
+            val_score = monitored(val_labels, probs, eval_loss, classes, cfg.monitor)
+        elif val_score is None:
+            val_probs, val_loss = split_probs(fabric, module, fit_sets["val"], cfg)
+            val_score = monitored(val_labels, val_probs, val_loss, classes, cfg.monitor)
+    tta, tta_rows = None, None
+    if cfg.tta:
+        tta_probs_eval = tta_probs(fabric, module, model, plain[eval_split], cfg, progress)
+        tta = headline(judged(labels, tta_probs_eval, classes, eval_groups, cfg))
+        tta["val_score"] = None
+        if honest_val:
+            vp = (
+                tta_probs(fabric, module, model, plain["val"], cfg, progress) if eval_split != "val" else tta_probs_eval
+            )
+            tta["val_score"] = monitored(val_labels, vp, None, classes, cfg.monitor) if cfg.monitor != "loss" else None
+        tta_rows = predictions_csv(datasets[eval_split], tta_probs_eval, classes)
     metrics.update(
         {
             "method": cfg.method,
             "backbone": cfg.backbone,
             "seed": cfg.seed,
+            "split_seed": cfg.split_seed,
             "eval_split": eval_split,
+            "val_score": val_score,
+            "groups": {split: len(set(units[split])) for split in units} if grouped else None,
+            "tta": tta,
+            "text": text_info,
             "eval_loss": eval_loss,
             "n_train": len(datasets["train"]),
             "n_val": len(datasets["val"]),
@@ -317,6 +413,7 @@ def _train(
             "budget": budget.to_dict() if budget else None,
             "probe": probe.summary() if probe else None,
             "prompt_groups": selection,
+            "selection": state.selection or {"rule": cfg.selection if recipe.trainer == "steps" else None},
             "recipe": {
                 "trainer": recipe.trainer,
                 "head_init": recipe.head_init if recipe.trainer == "steps" else None,
@@ -344,9 +441,14 @@ def _train(
     )
     if fabric.is_global_zero:
         with final_outputs(out) as final:  # all of them appear together, metrics.json (a finished run) last
-            save_bundle(model, final / "bundle", extra={"metrics": {k: metrics[k] for k in SUMMARY_KEYS}})
+            bundle_extra = {"metrics": {k: metrics[k] for k in SUMMARY_KEYS}}
+            if text_info and text_info["control"] != "none":
+                bundle_extra["text_control"] = text_info  # the encoding the bundle carries is not its task text's
+            save_bundle(model, final / "bundle", extra=bundle_extra)
             atomic_write_text(final / "log.csv", csv_text(state.history))
             atomic_write_text(final / "predictions.csv", predictions_csv(datasets[eval_split], probs, classes))
+            if tta_rows is not None:
+                atomic_write_text(final / "predictions_tta.csv", tta_rows)
             if resume:  # the resolved config differs from the checkpoint's in harmless keys only (num_workers...)
                 atomic_write_text(final / "config.yaml", dump_config(cfg))
             title = f"{cfg.method} on {cfg.backbone}"
@@ -354,6 +456,30 @@ def _train(
             atomic_write_json(final / "metrics.json", metrics)
     fabric.barrier()
     return metrics
+
+
+def kept_val_score(state: FitState, selection: dict | None, monitor: str) -> float | None:
+    """The validation score of the model as kept, from what selection already scored (no further pass)."""
+    if selection and selection.get("candidates"):
+        chosen = next(c for c in selection["candidates"] if c["kept"] == selection["kept"])
+        return chosen["val_score"]
+    row = next((r for r in state.history if r.get("step") == state.best_step and "val_loss" in r), None)
+    if row is None or (selection and selection.get("dropped")):  # groups dropped unscored: step 0, the probe
+        row = state.history[0] if state.history and "val_loss" in state.history[0] else None
+    if row is None:
+        return None
+    return -row["val_loss"] if monitor == "loss" else row.get(f"val_{monitor}")
+
+
+def check_probe_settings(cfg: TrainConfig, recipe: Recipe) -> None:
+    """A trained method chooses its step on validation, so the probe it starts from must not see validation."""
+    if recipe.trainer != "steps" or recipe.head_init != "probe" or cfg.selection == "cv":
+        return
+    if cfg.probe.c in ("cv", "uni"):
+        raise ConfigError(
+            f"probe.c={cfg.probe.c} fits the starting probe on validation too, so validation could no longer choose "
+            f"{cfg.method}'s step; use probe.c: val (or a number), or selection: cv"
+        )
 
 
 def zero_rate_warning(lr: float, head_lr: float, head_only: bool) -> str | None:

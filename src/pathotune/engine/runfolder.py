@@ -45,7 +45,8 @@ RUN_OUTPUTS = frozenset(
 _SEED_DIR = re.compile(r"seed_\d+")
 # Settings that cannot change what a resumed run computes: where it writes, loader processes, how many
 # bootstrap resamples the final confidence intervals use, where its curves are logged.
-HARMLESS_ON_RESUME = frozenset({"out", "resume", "overwrite", "num_workers", "bootstrap", "logger"})
+# tta only adds scores after training: it never changes the trajectory
+HARMLESS_ON_RESUME = frozenset({"out", "resume", "overwrite", "num_workers", "bootstrap", "logger", "tta"})
 RECIPE_KEYS = ("lr", "head_lr", "weight_decay", "min_steps", "warmup_fraction", "head_init")
 
 
@@ -235,6 +236,10 @@ def open_run_folder(out: str | Path, resume: bool, overwrite: bool, checkpoint: 
     )
 
 
+_DEFAULTS = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()}
+_DEFAULTS = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in _DEFAULTS.items()}
+
+
 def settings_changed(old: dict, new: dict, old_recipe: dict | None, new_recipe: dict) -> list[str]:
     """The settings that differ between a checkpoint's config and this run's, in ``key old -> new`` form.
 
@@ -247,9 +252,10 @@ def settings_changed(old: dict, new: dict, old_recipe: dict | None, new_recipe: 
             continue
         if key in RECIPE_KEYS and old_recipe is not None:
             a, b = old_recipe.get(key), new_recipe.get(key)
-        else:
-            a, b = old.get(key), new.get(key)
+        else:  # a key the old config predates had its default then
+            a, b = old.get(key, _DEFAULTS.get(key)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
+            a = {**(_DEFAULTS.get(key) or {}), **a} if isinstance(_DEFAULTS.get(key), dict) else a
             changed += [
                 f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
             ]

@@ -107,3 +107,13 @@ def encode_task_text(text: str, encoder: str = "minilm", weights: str | Path | N
         pooled, tokens = enc.encode([text])
         _CACHE[key] = (pooled[0].clone(), tokens[0].clone())
     return _CACHE[key]
+
+
+def encode_texts(texts: list[str], encoder: str = "minilm", weights: str | Path | None = None):
+    """Several texts, each encoded once per process: (pooled (T, D), tokens (T, L, D)), tokens zero-padded."""
+    encoded = [encode_task_text(t, encoder, weights) for t in texts]
+    length = max(tok.shape[0] for _, tok in encoded)
+    tokens = torch.zeros(len(encoded), length, encoded[0][1].shape[-1])
+    for i, (_, tok) in enumerate(encoded):
+        tokens[i, : tok.shape[0]] = tok
+    return torch.stack([p for p, _ in encoded]), tokens
