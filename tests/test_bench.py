@@ -86,7 +86,7 @@ def test_grid_runs_every_cell_and_summarises(grid):
     assert f"pathotune bench --config {tmp / 'grid.yaml'}" in text
     assert (tmp / "benchmarks" / "figures" / "tiny_colours_accuracy_vs_params.png").is_file()
     assert summary.is_file()
-    assert "L-BFGS logistic-regression probe, C=" in text and "head from the probe" in text
+    assert "L-BFGS logistic-regression probe on standardized features, C=" in text and "head from the probe" in text
     assert "Model selection" in text and "validation data only" in text and "Machine: " in text
     # The paired comparison is computed from the cells' predictions over both seeds.
     assert "#### Paired comparisons" in text and "| vpt-deep | linear |" in text
@@ -336,7 +336,7 @@ def test_fewshot_grid_end_to_end(colours, tmp_path, monkeypatch):
         for e in (0, 1):
             folder = root / f"k{k}" / f"episode_{e}"
             rows = (folder / "manifest.csv").read_text().splitlines()
-            assert rows[0] == "path,label,split" and len(rows) == 1 + 4 * k + 8
+            assert rows[0] == "path,label,split,group" and len(rows) == 1 + 4 * k + 8
             cell = yaml.safe_load((folder / "linear" / "cell.yaml").read_text())
             assert cell["data"] == str(folder / "manifest.csv") and cell["seed"] == e
             assert cell["val_fraction"] == 0 and cell["test_fraction"] == 0

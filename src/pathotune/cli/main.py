@@ -428,11 +428,18 @@ def bench(
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Train nothing: report the finished cells and name the missing ones.")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check the grid starts: build its cells and data, list them; train nothing."),
+    ] = False,
 ) -> None:
-    """Run (or resume) a grid of methods x datasets x seeds; writes its section of BENCHMARKS.md."""
-    from ..engine.bench import load_bench_config, run_bench
+    """Run (or resume) a grid of methods x datasets x splits x seeds; writes its section of BENCHMARKS.md."""
+    from ..engine.bench import load_bench_config, plan_bench, run_bench
 
     cfg = load_bench_config(config)
+    if dry_run:
+        console.print(plan_bench(cfg, str(config)))
+        return
     summary = run_bench(cfg, str(config), progress=not quiet, train=not report_only)
     console.print(summary.read_text())
     console.print(f"summary: {summary}; merged into {cfg.output}")

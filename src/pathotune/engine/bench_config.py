@@ -1,5 +1,6 @@
-"""A benchmark grid's configuration: datasets, methods and variants, comparisons, the few-shot protocol, and the
-training config of each cell (grid defaults < common < the method's overrides < the variant's own keys).
+"""A benchmark grid's configuration: datasets, methods and variants, splits and seeds, the strongest-of
+baselines, comparisons, the few-shot protocol, and the training config of each cell (grid defaults < common <
+the method's overrides < the variant's own keys).
 
 Every cell's TrainConfig is built when the file loads, so a bad key fails before anything trains.
 """
@@ -19,8 +20,9 @@ from .config import TrainConfig
 
 BENCH_KEYS = ("balanced_accuracy", "macro_f1", "auroc")
 BUILTIN_DATA = ("slide_qc",)
-RESERVED_VARIANT_KEYS = ("data", "out", "seed")  # the grid sets these per cell
+RESERVED_VARIANT_KEYS = ("data", "out", "seed", "split_seed")  # the grid sets these per cell
 FEWSHOT_DIR = "_fewshot"  # under a dataset's folder; no method slug starts with "_", so it never collides
+TTA_SUFFIX = " +tta"  # a cell trained with tta: its test-time-augmented result, reported as its own row
 
 
 class DatasetEntry(BaseModel):
@@ -40,6 +42,7 @@ class FewShotConfig(BaseModel):
     methods: list[str]  # method or variant names
     seed: int = 0  # seeds the episode draws (with k and the episode number) and the dataset's own split
     datasets: list[str] | None = None  # None: every dataset of the grid
+    comparisons: list[list[str]] = Field(default_factory=list)  # [method, baseline]: paired over episodes
 
     @field_validator("shots")
     @classmethod
@@ -72,6 +75,9 @@ class BenchConfig(BaseModel):
     datasets: dict[str, DatasetEntry]
     methods: list[str] = Field(default_factory=list)  # method or variant names; may be empty with fewshot
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    splits: list[int] | None = None  # split seeds (a group k-fold split each); None: the data's own split
+    # name -> candidates (methods, variants, or "<name> +tta"): per split, the one with the best validation score
+    strongest: dict[str, list[str]] = Field(default_factory=dict)
     common: dict = Field(default_factory=dict)  # TrainConfig keys for every cell
     overrides: dict[str, dict] = Field(default_factory=dict)  # method -> TrainConfig keys (its recipe)
     variants: dict[str, dict] = Field(default_factory=dict)  # display name -> {method: ..., **TrainConfig keys}
@@ -130,12 +136,29 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     stray = sorted(set(cfg.overrides) - used)
     if stray:
         raise ConfigError(f"{p}: overrides for methods not in the grid: {stray}")
+    for key, values in (("seeds", cfg.seeds), ("splits", cfg.splits or [])):
+        if len(set(values)) != len(values):
+            twice = next(v for v in values if values.count(v) > 1)
+            raise ConfigError(f"{p}: key '{key}': {twice} is listed twice; each {key[:-1]} runs once")
+        if any(v < 0 for v in values):
+            raise ConfigError(f"{p}: key '{key}': values must be >= 0")
+    rows = reported_names(cfg)
+    for name, members in cfg.strongest.items():
+        if name in rows:
+            raise ConfigError(f"{p}: key 'strongest.{name}': the name of a method or variant; give it its own name")
+        bad = [m for m in members if m not in rows]
+        if not members or bad:
+            what = f"{bad[0]!r} is not in methods (with tta: '<name>{TTA_SUFFIX}')" if bad else "name candidates"
+            raise ConfigError(f"{p}: key 'strongest.{name}': {what}")
     for i, pair in enumerate(cfg.comparisons):
         if len(pair) != 2 or pair[0] == pair[1]:
             raise ConfigError(f"{p}: key 'comparisons.{i}': give two different names, [method, baseline]")
-        missing = [n for n in pair if n not in cfg.methods]
+        missing = [n for n in pair if n not in rows and n not in cfg.strongest]
         if missing:
-            raise ConfigError(f"{p}: key 'comparisons.{i}': {missing[0]!r} is not in methods")
+            raise ConfigError(f"{p}: key 'comparisons.{i}': {missing[0]!r} is not in methods or strongest")
+    for i, pair in enumerate(cfg.fewshot.comparisons if cfg.fewshot else []):
+        if len(pair) != 2 or pair[0] == pair[1] or any(n not in cfg.fewshot.methods for n in pair):
+            raise ConfigError(f"{p}: key 'fewshot.comparisons.{i}': give two different few-shot methods")
     if cfg.fewshot and cfg.fewshot.datasets:
         missing = [d for d in cfg.fewshot.datasets if d not in cfg.datasets]
         if missing:
@@ -144,6 +167,15 @@ def load_bench_config(path: str | Path) -> BenchConfig:
         for n in names:
             _check_cell(p, cfg, dataset, n)
     return cfg
+
+
+def reported_names(cfg: BenchConfig) -> list[str]:
+    """Every row a grid reports: its methods and variants, and ``<name> +tta`` for those trained with tta."""
+    out = list(cfg.methods)
+    for name in cfg.methods:
+        if any(cell_config(cfg, d, "<data>", name, 0, Path("<out>")).get("tta") for d in cfg.datasets):
+            out.append(name + TTA_SUFFIX)
+    return out
 
 
 def _check_cell(p: Path, cfg: BenchConfig, dataset: str, name: str) -> None:
@@ -169,19 +201,23 @@ def _check_cell(p: Path, cfg: BenchConfig, dataset: str, name: str) -> None:
         raise ConfigError(f"{p}: key '{origin}{'.'.join(loc)}': {what}") from None
 
 
-def resolve_data(entry: DatasetEntry, root: Path) -> str:
+def resolve_data(entry: DatasetEntry, root: Path, split: int | None = None) -> tuple[str, int | None]:
+    """(the ``data`` of a cell, its ``split_seed``). A builtin dataset is built here, one folder per split (its
+    builder draws the split; the cell reads the manifest, which names the groups); any other data is re-split by
+    the cell itself with ``split_seed``."""
     if not entry.data.startswith("builtin:"):
-        return entry.data
+        return entry.data, split
     name = entry.data.split(":", 1)[1]
     if name not in BUILTIN_DATA:
         raise ConfigError(f"unknown builtin dataset '{name}'; available: {list(BUILTIN_DATA)}")
+    out = root / "data" / (name if split is None else f"{name}_split{split}")
+    build_slide_qc_tiles(out, split_seed=split)
+    return str(out / "manifest.csv"), None
 
-    out = root / "data" / name
-    build_slide_qc_tiles(out)
-    return str(out)
 
-
-def cell_config(cfg: BenchConfig, dataset: str, data: str, method: str, seed: int, out: Path) -> dict:
+def cell_config(
+    cfg: BenchConfig, dataset: str, data: str, method: str, seed: int, out: Path, split_seed: int | None = None
+) -> dict:
     """A cell's TrainConfig keys: grid defaults < common < the method's overrides < the variant's own keys.
 
     ``method`` may be a variant name. ``task`` mappings merge key by key in the same order, with the dataset's
@@ -198,6 +234,7 @@ def cell_config(cfg: BenchConfig, dataset: str, data: str, method: str, seed: in
         "image_size": cfg.image_size,
         "method": base,
         "seed": seed,
+        "split_seed": split_seed,
         "val_fraction": entry.val_fraction,
         "test_fraction": entry.test_fraction,
         "out": str(out),

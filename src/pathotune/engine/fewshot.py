@@ -2,8 +2,10 @@
 
 Each (k, episode) draws its own tiles from a generator seeded by (seed, k, episode), so an episode is the same
 for every method (their results pair up) and on every rerun (cells resume). Validation is also k per class:
-a few-shot learner that picked its hyper-parameters on a large validation set would not be few-shot.
-Results are summarised over episodes with a t-interval, since episodes, not test images, are the replicates.
+a few-shot learner that picked its hyper-parameters on a large validation set would not be few-shot. Every
+method gets the same 2k labelled tiles per class; how it spends them is its own recipe (the probe with C
+cross-validated inside them and fitted on all, PathoTune with ``selection: cv``). Results are summarised over
+episodes with a t-interval, since episodes, not test images, are the replicates.
 """
 
 from __future__ import annotations
@@ -69,14 +71,14 @@ def sample_episode(source: PatchSource, k: int, episode: int, seed: int = 0) -> 
 
 
 def manifest_csv(episode: Episode, classes: Sequence[str]) -> str:
-    """The episode as a path,label,split manifest with absolute paths, readable by ``--data``."""
+    """The episode as a path,label,split,group manifest with absolute paths, readable by ``--data``."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "label", "split"])
+    w.writerow(["path", "label", "split", "group"])
     for s in episode.samples:
         if isinstance(s.path_or_key, H5Ref):
             raise ConfigError(f"few-shot manifests list image files; {s.path_or_key} is inside an HDF5 file")
-        w.writerow([os.path.abspath(s.path_or_key), classes[s.label], s.split])
+        w.writerow([os.path.abspath(s.path_or_key), classes[s.label], s.split, s.group or ""])
     return buf.getvalue()
 
 

@@ -499,6 +499,9 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> di
     The folder rules of a single run apply to the whole: ``--resume`` skips finished seeds and continues the
     unfinished one; ``--overwrite`` replaces the whole set once every seed has finished.
     """
+    if len(set(seeds)) != len(seeds):
+        twice = next(s for s in seeds if seeds.count(s) > 1)
+        raise ConfigError(f"--seeds lists {twice} twice; each seed runs once (its folder is seed_{twice})")
     if len(seeds) <= 1:
         return train_run(cfg.model_copy(update={"seed": seeds[0] if seeds else cfg.seed}), progress=progress)
     folder = open_run_folder(cfg.out, cfg.resume, cfg.overwrite)

@@ -2,6 +2,7 @@
 
 from .io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, to_jsonable
 from .markdown import (
+    check_section,
     format_cell,
     format_params,
     format_percent,
@@ -15,6 +16,7 @@ from .progress import progress_bar
 
 __all__ = [
     "atomic_dir",
+    "check_section",
     "csv_text",
     "atomic_path",
     "atomic_write_bytes",

@@ -113,17 +113,20 @@ def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
     ci = metrics.get("ci") or {}
     level = float(metrics.get("ci_level", 0.95))
     ci_column = f"{level:.0%} CI"
+    note = metrics.get("ci_note")
     rows = []
     for name, label in _METRIC_LABELS.items():
         if name in metrics:
-            row = {"Metric": label, "Value": metrics[name]}
+            row = {"Metric": label, "Value": metrics[name] if metrics[name] is not None else "undefined"}
             if ci:
-                row[ci_column] = ci.get(name)
+                row[ci_column] = note or ci.get(name)
             rows.append(row)
     columns = ["Metric", "Value", ci_column] if ci else ["Metric", "Value"]
     lines = ["## Metrics", ""]
     if "n_samples" in metrics:
         lines += [f"Evaluated on {format_cell(metrics['n_samples'])} samples.", ""]
+    if ci and metrics.get("ci_unit") == "group":
+        lines += [f"Intervals resample the {metrics.get('ci_units')} groups of the evaluated split, not samples.", ""]
     lines += [markdown_table(rows, columns), ""]
     notes = metrics.get("notes") or []
     if notes:
@@ -167,12 +170,7 @@ def _training_section(metrics: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     probe = metrics.get("probe")
     if probe:
-        fitted = "train + validation (refit with the chosen C)" if probe.get("refit") else "train"
-        lines.append(
-            f"- Linear probe: logistic regression (L-BFGS, {probe['iterations']} iterations) fitted on {fitted}; "
-            f"L2 strength C = {probe['C']:.3g} chosen on validation (score {probe['val_score']:.3f}, "
-            f"loss {probe['val_loss']:.3f}) from {len(probe.get('grid', []))} values."
-        )
+        lines.append(_probe_line(probe))
     budget = metrics.get("budget")
     if budget:
         recipe = metrics.get("recipe", {})
@@ -186,13 +184,62 @@ def _training_section(metrics: Mapping[str, Any]) -> list[str]:
             f"- Ran {metrics.get('steps_run')} steps ({stop}); validation selected step {metrics.get('selected_step')}"
             + (" (the probe itself)." if metrics.get("selected_step") == 0 else ".")
         )
+    selection = metrics.get("selection") or {}
+    if selection.get("rule") == "significant" and "kept_step" in selection:
+        lower = selection.get("best_lower")
+        if selection.get("note"):
+            bound = "no bound: " + selection["note"]
+        elif lower is None:
+            bound = "no later step scored higher"
+        else:
+            bound = f"one-sided lower bound {lower:+.3f}"
+        lines.append(
+            f"- Selection rule 'significant': best step {selection['best_step']} (gain {selection['best_gain']:+.3f} "
+            f"over step 0 on validation, {bound}, max-T paired bootstrap over {selection['units']} "
+            f"{selection['unit']}s, alpha {selection['alpha']}); kept step {selection['kept_step']}."
+        )
+    elif selection.get("rule") == "cv":
+        lines.append(
+            f"- Selection rule 'cv': {selection.get('folds')}-fold cross-validation over train + validation "
+            f"({selection.get('units')} units); kept step {selection.get('kept_step', 0)}"
+            + (f" ({selection['note']})." if selection.get("note") else ".")
+        )
     groups = metrics.get("prompt_groups")
     if groups:
         lines.append(
             f"- Prompt groups kept on validation: {', '.join(groups['kept']) or 'none'}; "
             f"dropped: {', '.join(groups['dropped']) or 'none'}."
         )
+    text = metrics.get("text")
+    if text and text.get("control") != "none":
+        lines.append(f"- Text control '{text['control']}': cosine to the real text encoding {text['cosine']:.3f}.")
+    tta = metrics.get("tta")
+    if tta:
+        lines.append(
+            f"- Test-time augmentation (8 rot90 x flip views averaged): balanced accuracy "
+            f"{format_cell(tta.get('balanced_accuracy'))}, macro-F1 {format_cell(tta.get('macro_f1'))}, AUROC "
+            f"{format_cell(tta.get('auroc'))}."
+        )
     return ["## Training", "", *lines, ""] if lines else []
+
+
+def _probe_line(probe: Mapping[str, Any]) -> str:
+    """How the linear probe was fitted and how its C was set."""
+    rule = probe.get("rule", "val")
+    fitted = "train + validation" if probe.get("refit") or probe.get("fit_on") == "train+val" else "train"
+    views = f", {probe['views']} augmented views per training tile" if probe.get("views") else ""
+    how = {
+        "val": f"chosen on validation (score {format_cell(probe.get('val_score'))}, loss "
+        f"{format_cell(probe.get('val_loss'))}) from {len(probe.get('grid', []))} values",
+        "cv": f"chosen by {probe.get('folds')}-fold cross-validation inside train + validation",
+        "uni": "fixed by UNI's rule (feature dim x classes / 100)",
+        "fixed": "fixed" + (f" ({probe['note']})" if probe.get("note") else ""),
+    }.get(rule, rule)
+    return (
+        f"- Linear probe: logistic regression (L-BFGS, {probe['iterations']} iterations) on "
+        f"{probe.get('features', 'standardized')} features{views}, fitted on {fitted}; L2 strength C = "
+        f"{probe['C']:.3g} {how}."
+    )
 
 
 def write_run_report(
@@ -228,16 +275,31 @@ def write_run_report(
     return atomic_write_text(root / "report.md", "\n".join(lines))
 
 
-def merge_section(path: Path, key: str, section: str) -> None:
-    """Write ``section`` into the markdown file ``path`` between ``<!-- key:start -->`` and ``<!-- key:end -->``,
-    replacing what was there and keeping everything else (appended when absent). A section that lost one marker
-    (a hand edit) is refused, file untouched, rather than written a second time."""
+def check_section(path: Path, key: str) -> str:
+    """The text of ``path`` (a new page's title when absent), once its ``key`` section markers are sound: both or
+    neither, each once, start before end. Anything else (a hand edit) raises OutputError naming the fix."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{section}\n{end}"
     text = path.read_text() if path.is_file() else f"# {path.stem.title()}\n"
     if (start in text) != (end in text):
         lost = start if end in text else end
         raise OutputError(f"{path}: the marker {lost} is missing; put it back around the old section and rerun")
+    for marker in (start, end):
+        if text.count(marker) > 1:
+            raise OutputError(
+                f"{path}: the marker {marker} appears {text.count(marker)} times; keep one pair and rerun"
+            )
+    if start in text and text.index(end) < text.index(start):
+        raise OutputError(f"{path}: the marker {end} comes before {start}; put them in order and rerun")
+    return text
+
+
+def merge_section(path: Path, key: str, section: str) -> None:
+    """Write ``section`` into the markdown file ``path`` between ``<!-- key:start -->`` and ``<!-- key:end -->``,
+    replacing what was there and keeping everything else (appended when absent). Markers that lost their pair,
+    repeat or come out of order (a hand edit) are refused, file untouched, rather than written a second time."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n{section}\n{end}"
+    text = check_section(path, key)
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
