@@ -189,3 +189,37 @@ def test_aggregate_seeds_single_run_and_errors() -> None:
         aggregate_seeds([{"acc": 0.5}, {}], ["acc"])
     with pytest.raises(ValueError):
         aggregate_seeds([], ["acc"])
+
+
+def test_weighted_values_match_sklearn_per_resample() -> None:
+    from pathotune.engine.metrics import weighted_metric_values
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 40)
+    p = rng.dirichlet(np.ones(3), 40)
+    weights = rng.integers(0, 3, (6, 40))
+    weights[:, :3] = 1  # every class present
+    got = weighted_metric_values(y, p, weights, ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc"])
+    for r in range(6):
+        idx = np.repeat(np.arange(40), weights[r])
+        ref = classification_metrics(y[idx], p[idx], ["a", "b", "c"])
+        for name, vals in got.items():
+            assert vals[r] == pytest.approx(ref[name], abs=1e-9), name
+
+
+def test_group_bootstrap_resamples_groups_and_refuses_too_few() -> None:
+    from pathotune.engine.metrics import MIN_GROUPS, group_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    p = np.where(rng.random((120, 1)) < 0.8, np.eye(2)[y], np.eye(2)[1 - y]) * 0.9 + 0.05
+    few = group_bootstrap_ci(y, p, [f"g{i % 3}" for i in range(120)], n=200)
+    assert few["units"] == 3 and few["note"] == f"too few groups for an interval (3 groups; {MIN_GROUPS} needed)"
+    assert all(v == (None, None) for v in few["ci"].values())
+    # Groups that share their errors (each group all right or all wrong): the interval is wider than by image.
+    block = np.repeat(np.arange(12), 10)
+    right = np.isin(block, rng.choice(12, 9, replace=False))
+    q = np.where(right[:, None], np.eye(2)[y], np.eye(2)[1 - y]) * 0.9 + 0.05
+    by_group = group_bootstrap_ci(y, q, [f"b{b}" for b in block], n=500)["ci"]["accuracy"]
+    by_image = group_bootstrap_ci(y, q, None, n=500)["ci"]["accuracy"]
+    assert by_group[1] - by_group[0] > 2 * (by_image[1] - by_image[0])

@@ -68,3 +68,70 @@ def test_one_class_is_refused():
     x, _ = blobs(20, 2)
     with pytest.raises(ConfigError, match="at least two classes"):
         fit_probe(x, np.zeros(20, dtype=int), x, np.zeros(20, dtype=int), ["a", "b"])
+
+
+def _sklearn_probs(x, y, c, xv, standardize, max_iter=3000):
+    if standardize:
+        scaler = StandardScaler().fit(x)
+        ref = LogisticRegression(C=c, max_iter=max_iter, tol=1e-6).fit(scaler.transform(x), y)
+        return ref.predict_proba(scaler.transform(xv))
+    return LogisticRegression(C=c, max_iter=max_iter, tol=1e-6).fit(x, y).predict_proba(xv)
+
+
+def _head_probs(probe, xv):
+    return (torch.tensor(xv, dtype=torch.float32) @ probe.weight.T + probe.bias).softmax(-1).numpy()
+
+
+def test_raw_features_fold_without_standardising():
+    x, y = blobs(90, 3)
+    xv, yv = blobs(60, 3, seed=1)
+    probe = fit_probe(x / 40, y, xv / 40, yv, ["a", "b", "c"], grid=(0.5,), features="raw")
+    assert probe.features == "raw" and probe.rule == "val" and probe.fit_on == "train"
+    np.testing.assert_allclose(_head_probs(probe, xv / 40), _sklearn_probs(x / 40, y, 0.5, xv / 40, False), atol=3e-5)
+
+
+def test_uni_rule_fixes_c_and_fits_train_and_validation():
+    """UNI's protocol: C = feature dim x classes / 100, no tuning, fitted on train + val together."""
+    x, y = blobs(60, 3, dim=12)
+    xv, yv = blobs(60, 3, seed=3, dim=12)
+    probe = fit_probe(x / 40, y, xv / 40, yv, ["a", "b", "c"], features="raw", c="uni")
+    assert probe.C == pytest.approx(12 * 3 / 100) and probe.rule == "uni" and probe.fit_on == "train+val"
+    assert probe.val_score is None  # validation fitted it: it cannot choose between variants
+    both, yb = np.concatenate([x, xv]) / 40, np.concatenate([y, yv])
+    np.testing.assert_allclose(
+        _head_probs(probe, xv / 40), _sklearn_probs(both, yb, 0.36, xv / 40, False, 1000), atol=3e-5
+    )
+
+
+def test_cross_validated_c_uses_every_label_and_falls_back_with_one_per_class():
+    x, y = blobs(30, 3, spread=4.0)
+    xv, yv = blobs(30, 3, seed=4, spread=4.0)
+    grid = (1e-3, 1e-1, 10.0)
+    probe = fit_probe(x, y, xv, yv, ["a", "b", "c"], grid=grid, c="cv", folds=5)
+    assert probe.rule == "cv" and probe.folds == 5 and probe.fit_on == "train+val" and probe.C in grid
+    assert probe.val_score == max(r["val_score"] for r in probe.grid)
+    both, yb = np.concatenate([x, xv]), np.concatenate([y, yv])
+    np.testing.assert_allclose(_head_probs(probe, xv), _sklearn_probs(both, yb, probe.C, xv, True), atol=3e-5)
+    # 1 + 1 labels per class: folds of 2 hold one label per class out each; 1 label per class: no CV possible
+    assert fit_probe(x[:3], y[:3], xv[:3], yv[:3], ["a", "b", "c"], grid=grid, c="cv").folds == 2
+    alone = fit_probe(x[:3], y[:3], xv[:0], yv[:0], ["a", "b", "c"], grid=grid, c="cv")
+    assert alone.rule == "fixed" and alone.C == 1.0 and "fewer than 2 labels" in alone.note
+
+
+def test_augmented_views_of_one_tile_stay_in_one_fold():
+    """The probe on K views per tile: cross-validation groups the views of a tile, so no tile is on both sides."""
+    from pathotune.engine.cached import FeatureSet
+    from pathotune.engine.probe import fit_probe_head
+
+    x, y = blobs(24, 3, dim=6)
+    views = torch.tensor(np.stack([x + 0.01 * k for k in range(4)], axis=1), dtype=torch.float32)  # (24, 4, 6)
+    feats = {
+        "train": FeatureSet(torch.tensor(x, dtype=torch.float32), list(y)),
+        "val": FeatureSet(torch.tensor(x[:6], dtype=torch.float32), list(y[:6])),
+    }
+    head = torch.nn.Module()
+    head.head = torch.nn.Linear(6, 3)
+    from pathotune.engine.config import ProbeConfig
+
+    probe = fit_probe_head(head, feats, ["a", "b", "c"], "balanced_accuracy", False, ProbeConfig(), views)
+    assert probe.views == 4 and torch.equal(head.head.weight.data, probe.weight)
