@@ -353,3 +353,69 @@ def test_fewshot_grid_end_to_end(colours, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "run_cell", refuse)
     bench.run_bench(cfg, str(p), progress=False)
+
+
+def test_hierarchical_bootstrap_over_splits_groups_and_seeds():
+    from pathotune.engine.compare import SplitPairs, compare_runs, paired_bootstrap_splits
+
+    rng = np.random.default_rng(0)
+    splits = []
+    for s in range(5):
+        y = rng.integers(0, 3, 40)
+        m = np.where(rng.random((2, 40)) < 0.8, y, (y + 1) % 3)
+        b = np.where(rng.random((2, 40)) < 0.6, y, (y + 1) % 3)
+        splits.append(SplitPairs(y, m, b, [f"s{s}g{i % 8}" for i in range(40)]))
+    r = paired_bootstrap_splits(splits, n_resamples=500)
+    assert r.n_splits == 5 and r.n_groups == 40 and r.unit == "group" and r.note is None
+    assert r.mean == pytest.approx(np.mean(r.per_split)) and r.ci_low < r.mean < r.ci_high and r.verdict == "better"
+    few = paired_bootstrap_splits(splits[:3], n_resamples=100)
+    assert few.ci_low is None and few.verdict == "no interval" and few.note.startswith("too few splits")
+    one = paired_bootstrap_splits(splits[:1], n_resamples=100)  # one split of 8 test groups: groups are the unit
+    assert one.note is None and one.n_groups == 8
+    # compare_runs takes split -> seed -> predictions, matching rows by path within each split
+    names = ["a", "b", "c"]
+    method = {s: {0: {f"s{s}/{i}": (names[p.labels[i]], names[p.method[0, i]], p.groups[i]) for i in range(40)}}
+              for s, p in enumerate(splits)}  # fmt: skip
+    base = {s: {0: {f"s{s}/{i}": (names[p.labels[i]], names[p.baseline[0, i]], p.groups[i]) for i in range(40)}}
+            for s, p in enumerate(splits)}  # fmt: skip
+    diff, note = compare_runs(method, base, n_resamples=200)
+    assert note["splits"] == [0, 1, 2, 3, 4] and diff.n_splits == 5 and diff.unit == "group"
+
+
+def test_split_axis_strongest_baseline_and_tta_rows(colours, tmp_path, monkeypatch):
+    """Cells over split seeds; '+tta' rows from cells trained with tta; the strongest probe chosen per split on
+    validation; the comparison names which one it took."""
+    monkeypatch.setattr(bench, "run_cell", in_process)
+    data = tmp_path / "m.csv"
+    files = sorted(colours.rglob("*.png"))
+    data.write_text("path,label,group\n" + "".join(f"{f},{f.parent.name},g{i % 8}\n" for i, f in enumerate(files)))
+    p = write_config(
+        tmp_path,
+        datasets={"colours": {"data": str(data), "val_fraction": 0.25, "test_fraction": 0.25}},
+        methods=["linear", "linear (raw)", "vpt-deep"],
+        splits=[0, 1],
+        variants={"linear (raw)": {"method": "linear", "probe": {"features": "raw"}}},
+        overrides={"linear": {"tta": True}},
+        strongest={"strongest probe": ["linear", "linear +tta", "linear (raw)"]},
+        comparisons=[["vpt-deep", "strongest probe"], ["linear +tta", "linear"]],
+    )
+    cfg = bench.load_bench_config(p)
+    bench.run_bench(cfg, str(p), progress=False)
+    root = tmp_path / "runs" / "tiny" / "colours"
+    for split in (0, 1):
+        m = json.loads((root / "linear" / f"split_{split}" / "seed_0" / "metrics.json").read_text())
+        assert m["split_seed"] == split and m["tta"] and m["val_score"] is not None
+        assert (root / "linear" / f"split_{split}" / "seed_0" / "predictions_tta.csv").is_file()
+    picks = json.loads((tmp_path / "runs" / "tiny" / "strongest.json").read_text())["colours"]["strongest probe"]
+    assert set(picks) == {"0", "1"} and all(
+        v["member"] in ("linear", "linear +tta", "linear (raw)") for v in picks.values()
+    )
+    rows = json.loads((tmp_path / "runs" / "tiny" / "comparisons.json").read_text())
+    assert rows[0]["chosen"] == {k: v["member"] for k, v in picks.items()} and rows[0]["n_splits"] == 2
+    assert (
+        rows[0]["verdict"] == "no interval" and rows[0]["note"] == "too few splits for an interval (2 splits; 5 needed)"
+    )
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| linear +tta |" in text and "#### Strongest baselines" in text and "too few splits" in text
+    plan = bench.plan_bench(cfg, str(p))
+    assert "6 cells" in plan and "grid    colours/linear: 2 cells, 2 finished" in plan

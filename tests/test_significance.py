@@ -137,3 +137,30 @@ def test_selection_rules_are_configurable(rule: str) -> None:
 
     assert TrainConfig(data="x", selection=rule).selection == rule
     assert TrainConfig(data="x").selection == "significant"
+
+
+def test_cross_validated_selection_uses_every_label(tmp_path) -> None:
+    """selection: cv pools train + val; with nothing to gain (lr 0) it keeps step 0, which is then exactly the
+    probe fitted on the pool with C cross-validated inside it (the few-shot probe)."""
+    from helpers import TINY_CONFIG, read_predictions, write_dataset
+
+    from pathotune.engine.config import TrainConfig
+    from pathotune.engine.run import train_run
+
+    data = write_dataset(tmp_path / "d", {"train": 4, "val": 2, "test": 3})
+    base = {**TINY_CONFIG, "data": str(data), "accelerator": "cpu", "augment": "none", "bootstrap": 0}
+    cv = train_run(TrainConfig(**base, method="vpt-deep", steps=4, eval_every=2, lr=0.0, head_lr=0.0,
+                               selection="cv", selection_folds=3, out=str(tmp_path / "cv")), progress=False)  # fmt: skip
+    sel = cv["selection"]
+    assert sel["rule"] == "cv" and sel["folds"] == 3 and sel["steps"] == [0, 2, 4] and sel["kept_step"] == 0
+    assert all((tmp_path / "cv" / "checkpoints" / f"fold_{f}.pt").is_file() for f in range(3))
+    assert cv["val_score"] is None and cv["probe"]["rule"] == "cv" and cv["probe"]["fit_on"] == "train+val"
+    probe = train_run(
+        TrainConfig(**base, method="linear", probe={"c": "cv"}, out=str(tmp_path / "lin")), progress=False
+    )
+    assert probe["probe"]["C"] == cv["probe"]["C"]
+    a, b = read_predictions(tmp_path / "cv" / "predictions.csv"), read_predictions(tmp_path / "lin" / "predictions.csv")
+    assert [r["pred"] for r in a] == [r["pred"] for r in b]
+    with pytest.raises(Exception, match="probe.c=cv fits the starting probe on validation"):
+        train_run(TrainConfig(**base, method="vpt-deep", steps=2, probe={"c": "cv"}, out=str(tmp_path / "x")),
+                  progress=False)  # fmt: skip

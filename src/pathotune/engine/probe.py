@@ -183,10 +183,9 @@ def fit_probe(
         return Probe(w, b, chosen, None, None, True, int(np.max(clf.n_iter_)), converged, rule="uni",
                      fit_on="train+val", **info)  # fmt: skip
     if c == "cv":
-        n_train = len(train_y)
-        tg = np.asarray(train_groups) if train_groups is not None else np.arange(n_train)
-        vg = np.asarray(val_groups) if val_groups is not None else np.arange(len(val_y)) + n_train
-        groups = np.array([f"t{g}" for g in tg] + [f"v{g}" for g in vg])
+        tg = [str(g) for g in train_groups] if train_groups is not None else [f"t{i}" for i in range(len(train_y))]
+        vg = [str(g) for g in val_groups] if val_groups is not None else [f"v{i}" for i in range(len(val_y))]
+        groups = np.array(tg + vg)
         k = _cv_folds(y, groups, folds)
         if k < 2:
             scaler, clf, converged = _fit(x, y, FALLBACK_C, features)
