@@ -149,8 +149,8 @@ def test_cross_validated_selection_uses_every_label(tmp_path) -> None:
 
     data = write_dataset(tmp_path / "d", {"train": 4, "val": 2, "test": 3})
     base = {**TINY_CONFIG, "data": str(data), "accelerator": "cpu", "augment": "none", "bootstrap": 0}
-    cv = train_run(TrainConfig(**base, method="vpt-deep", steps=4, eval_every=2, lr=0.0, head_lr=0.0,
-                               selection="cv", selection_folds=3, out=str(tmp_path / "cv")), progress=False)  # fmt: skip
+    frozen = {"lr": 0.0, "head_lr": 0.0, "selection": "cv", "selection_folds": 3, "out": str(tmp_path / "cv")}
+    cv = train_run(TrainConfig(**base, method="vpt-deep", steps=4, eval_every=2, **frozen), progress=False)
     sel = cv["selection"]
     assert sel["rule"] == "cv" and sel["folds"] == 3 and sel["steps"] == [0, 2, 4] and sel["kept_step"] == 0
     assert all((tmp_path / "cv" / "checkpoints" / f"fold_{f}.pt").is_file() for f in range(3))
