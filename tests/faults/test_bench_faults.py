@@ -79,12 +79,9 @@ def test_report_only_over_an_empty_runs_folder_is_refused(root, monkeypatch, cap
 @pytest.mark.parametrize(
     ("page", "words"),
     [
-        ("<!-- bench:tiny:end -->\nx\n<!-- bench:tiny:start -->\n", "comes before"),
-        (
-            "<!-- bench:tiny:start -->\na\n<!-- bench:tiny:end -->\n<!-- bench:tiny:start -->\nb\n<!-- bench:tiny:end -->\n",
-            "appears 2 times",
-        ),
-        ("<!-- bench:tiny:start -->\nold\n", "is missing"),
+        (f"{END}x\n{START}", "comes before"),
+        (f"{START}a\n{END}{START}b\n{END}", "appears 2 times"),
+        (f"{START}old\n", "is missing"),
     ],
 )
 def test_damaged_markers_are_refused_before_any_work(root, monkeypatch, capsys, page: str, words: str) -> None:
