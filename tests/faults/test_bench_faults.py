@@ -20,9 +20,8 @@ from helpers import COLOURS, TINY2, one_line_error, run_main, write_dataset, wri
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PUBLISHED = (
-    "# Benchmarks\n\nHand-written.\n\n<!-- bench:tiny:start -->\n## tiny\n\nold numbers\n<!-- bench:tiny:end -->\n"
-)
+START, END = "<!-- bench:tiny:start -->\n", "<!-- bench:tiny:end -->\n"
+PUBLISHED = f"# Benchmarks\n\nHand-written.\n\n{START}## tiny\n\nold numbers\n{END}"
 
 
 def snapshot(root: Path) -> dict[str, str]:
