@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,7 +32,13 @@ def test_demo_runs_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"},
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "OMP_NUM_THREADS": "2",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the source under test, where it is not installed
+        },
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for method in ("linear", "pathotune"):
@@ -43,6 +50,12 @@ def test_demo_runs_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| linear |" in report and "| pathotune |" in report and "Whole slide" in report
     assert "PathoTune minus the probe:" in report and "paired bootstrap" in report
+    # 4 test regions: too few for an interval, and the report says so instead of printing one
+    assert "too few groups for an interval (4 groups; 5 needed)" in report and "no interval" in report
+    # the slide step is judged where the truth is known, and the pen-free slide's pen tiles are called errors
+    assert "## Where the truth is known" in report and "labels from HistoQC's pen masks" in report
+    assert "has no pen marks" in report and "false positives" in report
+    assert (out / "slide" / "pen_check" / "manifest.csv").is_file()
     pt = json.loads((out / "pathotune" / "metrics.json").read_text())
     assert pt["recipe"]["head_init"] == "probe" and pt["steps_run"] == 2
     heat = out / "slide" / "heatmaps"
