@@ -36,6 +36,7 @@ from .bench_config import (
     TTA_SUFFIX,
     BenchConfig,
     cell_config,
+    dataset_methods,
     fewshot_cell_config,
     load_bench_config,
     resolve_data,
@@ -128,7 +129,7 @@ def _jobs(cfg: BenchConfig, root: Path, episodes: dict) -> list[tuple[tuple, str
     for dataset, entry in cfg.datasets.items():
         for split in cfg.splits or [None]:
             where = f"{dataset}/split {split}" if split is not None else dataset
-            for name in cfg.methods:
+            for name in dataset_methods(cfg, dataset):
                 for seed in cfg.seeds:
                     d = grid_cell_dir(root, dataset, name, seed, split)
 
@@ -239,7 +240,14 @@ def run_comparisons(cfg: BenchConfig, root: Path, strongest: dict) -> list[dict]
 
     rows = []
     for dataset in cfg.datasets:
+        ran = dataset_methods(cfg, dataset)
+
+        def runs_here(name: str, ran=ran) -> bool:
+            return any(m.removesuffix(TTA_SUFFIX) in ran for m in cfg.strongest.get(name, [name]))
+
         for method, baseline in cfg.comparisons:
+            if not (runs_here(method) and runs_here(baseline)):
+                continue  # a pair this dataset does not run
             sides: list[dict] = [{}, {}]
             chosen: dict[str, str] = {}
             for split in cfg.splits or [None]:

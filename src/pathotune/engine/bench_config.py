@@ -31,6 +31,7 @@ class DatasetEntry(BaseModel):
     task: dict = Field(default_factory=dict)
     val_fraction: float = 0.2
     test_fraction: float = 0.0
+    methods: list[str] | None = None  # the grid's methods this dataset runs (None: all of them)
 
 
 class FewShotConfig(BaseModel):
@@ -163,10 +164,19 @@ def load_bench_config(path: str | Path) -> BenchConfig:
         missing = [d for d in cfg.fewshot.datasets if d not in cfg.datasets]
         if missing:
             raise ConfigError(f"{p}: key 'fewshot.datasets': {missing[0]!r} is not in datasets")
-    for dataset in cfg.datasets:
+    for dataset, entry in cfg.datasets.items():
+        stray = [m for m in entry.methods or [] if m not in cfg.methods]
+        if stray:
+            raise ConfigError(f"{p}: key 'datasets.{dataset}.methods': {stray[0]!r} is not in methods")
         for n in names:
             _check_cell(p, cfg, dataset, n)
     return cfg
+
+
+def dataset_methods(cfg: BenchConfig, dataset: str) -> list[str]:
+    """The grid methods a dataset runs."""
+    chosen = cfg.datasets[dataset].methods
+    return [m for m in cfg.methods if chosen is None or m in chosen]
 
 
 def reported_names(cfg: BenchConfig) -> list[str]:
