@@ -138,7 +138,8 @@ def main() -> None:
         print(r)
     print(
         f"{args.per_class} train + {args.per_class} val tiles per class, {args.image_size} px, "
-        f"{args.reps} split seeds, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"{args.reps} split seeds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "summary": table}, indent=2))
