@@ -69,6 +69,7 @@ def run_cell(cell: dict, cell_dir: Path) -> dict:
         raise PathoTuneError(f"benchmark cell {cell_dir} failed (exit {code}): {tail[0]}; see {cell_dir}/train.log")
     metrics = json.loads((cell_dir / "metrics.json").read_text())
     metrics["cell_seconds"] = time.perf_counter() - t0
+    metrics["cell_cpu_seconds"] = usage.ru_utime + usage.ru_stime  # comparable across loaded and idle machines
     if "peak_memory_mb" not in metrics or metrics["peak_memory_mb"] is None:
         metrics["peak_memory_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
     return metrics
