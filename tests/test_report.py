@@ -248,7 +248,7 @@ def test_write_run_report(tmp_path: Path) -> None:
     assert text.startswith("# Tiny run\n")
     assert "| Metric | Value | 95% CI |" in text
     assert "| Balanced accuracy | 0.700 | [0.450, 0.880] |" in text
-    assert "| AUROC (one-vs-rest macro) | – | – |" in text
+    assert "| AUROC (one-vs-rest macro) | undefined | – |" in text  # the reason is in the notes below
     assert "| benign | 0.714 | 0.833 | 0.769 | 6 |" in text
     assert "| 12.3 K (12,345) | 1.23 M (1,234,500) | 1.00 % |" in text  # one rounding: 2 decimals
     assert "- a note" in text
