@@ -138,7 +138,7 @@ def test_debug_shows_traceback(unknown_key_runs):
     ("overrides", "expected"),
     [
         ({"epochs": "abc"}, "key 'epochs'"),
-        ({"task": {"colour": "pink"}}, "unknown key 'task.colour'; allowed keys are ['description', 'name', 'organ'"),
+        ({"task": {"colour": "pink"}}, "unknown key 'task.colour'; allowed keys are ['class_descriptions', 'control', 'description', 'name', 'organ'"),
         ({"batch_size": 0}, "key 'batch_size'"),
         ({"switches": {"no_such_switch": 1}}, "no_such_switch"),
     ],
@@ -221,7 +221,7 @@ def test_methods_lists_all_methods(monkeypatch, capsys):
     assert code == 0
     names = [row[0] for row in table_rows(out)]
     assert sorted(names) == sorted(list_methods())
-    assert len(names) == 13
+    assert len(names) == 14
 
 
 def test_info_shows_method_and_classes(trained_run, monkeypatch, capsys):
