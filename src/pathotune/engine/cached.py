@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import PatchDataset
 from ..model import PathoTuneModel
 from . import runtime
 from .config import TrainConfig
@@ -66,3 +67,17 @@ def frozen_features(fabric, model: PathoTuneModel, datasets: dict, cfg: TrainCon
         f = extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"features {split}", progress)
         out[split] = FeatureSet(f, ds.labels)
     return out
+
+
+def augmented_views(fabric, model, samples, train_tf, cfg: TrainConfig, progress: bool) -> torch.Tensor:
+    """(N, K, D) frozen features of K = ``cfg.probe.views`` augmented views of every training tile, drawn with the
+    training augmentation of the prompt methods (view k is epoch k of the seeded per-sample augmentation)."""
+    model.eval().to(fabric.device)
+    views = []
+    for k in range(cfg.probe.views):
+        ds = PatchDataset(samples, train_tf, seed=cfg.seed)
+        ds.epoch = k
+        views.append(
+            extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"view {k}", progress)
+        )
+    return torch.stack(views, dim=1)

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..report import csv_text
 from .cached import FeatureSet, HeadOnly, extract_features
 from .config import TrainConfig
-from .loop import predict, sharded_loader
+from .loop import FitState, predict, sharded_loader
 from .metrics import METRIC_NAMES, classification_metrics, group_bootstrap_ci
 from .tta import TTAModel, stacked
 
@@ -64,4 +65,29 @@ def headline(metrics: dict) -> dict:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-__all__ = ["headline", "judged", "monitored", "split_probs", "tta_probs"]
+def predictions_csv(dataset, probs: np.ndarray, class_names: list[str]) -> str:
+    """One row per evaluated image: its path, label, predicted class, group (empty: none) and probabilities."""
+    rows = []
+    for i, row in enumerate(probs):
+        sample = dataset.samples[i] if hasattr(dataset, "samples") else None
+        path = str(sample.path_or_key) if sample is not None else str(i)
+        group = (sample.group or "") if sample is not None else ""
+        pred = class_names[int(row.argmax())]
+        rows.append([path, class_names[dataset.labels[i]], pred, group, *[f"{p:.6f}" for p in row]])
+    return csv_text(rows, ["path", "label", "pred", "group", *[f"prob_{c}" for c in class_names]])
+
+
+def kept_val_score(state: FitState, selection: dict | None, monitor: str) -> float | None:
+    """The validation score of the model as kept, from what selection already scored (no further pass)."""
+    if selection and selection.get("candidates"):
+        chosen = next(c for c in selection["candidates"] if c["kept"] == selection["kept"])
+        return chosen["val_score"]
+    row = next((r for r in state.history if r.get("step") == state.best_step and "val_loss" in r), None)
+    if row is None or (selection and selection.get("dropped")):  # groups dropped unscored: step 0, the probe
+        row = state.history[0] if state.history and "val_loss" in state.history[0] else None
+    if row is None:
+        return None
+    return -row["val_loss"] if monitor == "loss" else row.get(f"val_{monitor}")
+
+
+__all__ = ["headline", "judged", "kept_val_score", "monitored", "predictions_csv", "split_probs", "tta_probs"]

@@ -31,6 +31,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from ..errors import ConfigError
+from ..methods import Recipe
+from .config import TrainConfig
 from .metrics import classification_metrics
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 3, 15))  # inverse L2 strength, 10^-4 .. 10^3
@@ -252,3 +254,14 @@ def fit_probe_head(
         model.head.weight.copy_(probe.weight)
         model.head.bias.copy_(probe.bias)
     return probe
+
+
+def check_probe_settings(cfg: TrainConfig, recipe: Recipe) -> None:
+    """A trained method chooses its step on validation, so the probe it starts from must not see validation."""
+    if recipe.trainer != "steps" or recipe.head_init != "probe" or cfg.selection == "cv":
+        return
+    if cfg.probe.c in ("cv", "uni"):
+        raise ConfigError(
+            f"probe.c={cfg.probe.c} fits the starting probe on validation too, so validation could no longer choose "
+            f"{cfg.method}'s step; use probe.c: val (or a number), or selection: cv"
+        )

@@ -1,7 +1,7 @@
 """A whole run: data -> model -> fit -> judged on held-out data -> metrics, report, bundle, log.
 
-About 430 lines: the steps of one run, in order, each a short function; the pieces they call (probe, loop,
-selection, cached features, run folder) are their own modules.
+About 500 lines: the steps of one run, in order, each a short function; the pieces they call (probe, loop,
+selection, cross-validation, cached features, judging, run folder) are their own modules.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from ..task import Task
 from ..text import text_encoding
 from . import runtime
 from .budget import plan_budget
-from .cached import FeatureSet, HeadOnly, extract_features, frozen_features
+from .cached import FeatureSet, HeadOnly, augmented_views, frozen_features
 from .config import TrainConfig, dump_config
 from .crossval import cv_select_and_fit
-from .judge import headline, judged, monitored, split_probs, tta_probs
+from .judge import headline, judged, kept_val_score, monitored, predictions_csv, split_probs, tta_probs
 from .loop import FitState, fit
 from .metrics import METRIC_NAMES, aggregate_seeds
-from .probe import fit_probe_head
+from .probe import check_probe_settings, fit_probe_head
 from .runfolder import CHECKPOINT, RunFolder, check_resume_settings, final_outputs, open_run_folder
 from .selection import drop_all_groups, select_prompt_groups
 
@@ -124,18 +124,6 @@ def peak_memory_mb(fabric) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def predictions_csv(dataset, probs: np.ndarray, class_names: list[str]) -> str:
-    """One row per evaluated image: its path, label, predicted class, group (empty: none) and probabilities."""
-    rows = []
-    for i, row in enumerate(probs):
-        sample = dataset.samples[i] if hasattr(dataset, "samples") else None
-        path = str(sample.path_or_key) if sample is not None else str(i)
-        group = (sample.group or "") if sample is not None else ""
-        pred = class_names[int(row.argmax())]
-        rows.append([path, class_names[dataset.labels[i]], pred, group, *[f"{p:.6f}" for p in row]])
-    return csv_text(rows, ["path", "label", "pred", "group", *[f"prob_{c}" for c in class_names]])
-
-
 def task_text_features(cfg: TrainConfig, task: Task) -> tuple[tuple | None, dict | None]:
     """The text encodings TTP reads (the task text, or one per class) under the config's text control, and the
     record of what was encoded with its cosine to the real text; (None, None) for methods without TTP."""
@@ -147,20 +135,6 @@ def task_text_features(cfg: TrainConfig, task: Task) -> tuple[tuple | None, dict
     if s.ttp_text == "task":
         pooled, tokens = pooled[0], tokens[0]
     return (pooled, tokens), info
-
-
-def augmented_views(fabric, model, samples, train_tf, cfg: TrainConfig, progress: bool) -> torch.Tensor:
-    """(N, K, D) frozen features of K = ``cfg.probe.views`` augmented views of every training tile, drawn with the
-    training augmentation of the prompt methods (view k is epoch k of the seeded per-sample augmentation)."""
-    model.eval().to(fabric.device)
-    views = []
-    for k in range(cfg.probe.views):
-        ds = PatchDataset(samples, train_tf, seed=cfg.seed)
-        ds.epoch = k
-        views.append(
-            extract_features(fabric, model.backbone, ds, cfg.batch_size, cfg.num_workers, f"view {k}", progress)
-        )
-    return torch.stack(views, dim=1)
 
 
 def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
@@ -456,30 +430,6 @@ def _train(
             atomic_write_json(final / "metrics.json", metrics)
     fabric.barrier()
     return metrics
-
-
-def kept_val_score(state: FitState, selection: dict | None, monitor: str) -> float | None:
-    """The validation score of the model as kept, from what selection already scored (no further pass)."""
-    if selection and selection.get("candidates"):
-        chosen = next(c for c in selection["candidates"] if c["kept"] == selection["kept"])
-        return chosen["val_score"]
-    row = next((r for r in state.history if r.get("step") == state.best_step and "val_loss" in r), None)
-    if row is None or (selection and selection.get("dropped")):  # groups dropped unscored: step 0, the probe
-        row = state.history[0] if state.history and "val_loss" in state.history[0] else None
-    if row is None:
-        return None
-    return -row["val_loss"] if monitor == "loss" else row.get(f"val_{monitor}")
-
-
-def check_probe_settings(cfg: TrainConfig, recipe: Recipe) -> None:
-    """A trained method chooses its step on validation, so the probe it starts from must not see validation."""
-    if recipe.trainer != "steps" or recipe.head_init != "probe" or cfg.selection == "cv":
-        return
-    if cfg.probe.c in ("cv", "uni"):
-        raise ConfigError(
-            f"probe.c={cfg.probe.c} fits the starting probe on validation too, so validation could no longer choose "
-            f"{cfg.method}'s step; use probe.c: val (or a number), or selection: cv"
-        )
 
 
 def zero_rate_warning(lr: float, head_lr: float, head_only: bool) -> str | None:
