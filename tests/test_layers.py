@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),
     ("slides", "mil"),
     ("heatmaps",),
+    ("viewer",),
     ("cli", "__init__", "__main__"),
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}

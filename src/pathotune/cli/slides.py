@@ -6,6 +6,7 @@ command so that `pathotune --help` does not load torch and the models.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -386,3 +387,119 @@ def heatmap(
         ]
     print_table(rows, title=f"heatmaps ({'MIL attention' if model else 'tile class probabilities'})")
     console.print(f"heatmaps and GeoJSON written to {out}")
+
+
+# -- the browser viewer: `slides view` (served) and `slides export-viewer` (a static folder) ---------------------
+ViewSlidesArg = Annotated[str, typer.Argument(help="A slide, a folder of slides, or a CSV with slide_path (and mpp).")]
+ViewFeaturesOpt = Annotated[
+    str | None, typer.Option(help="Folder of <slide_id>.h5 to score, with --bundle or --model (as `slides heatmap`).")
+]
+ViewModelOpt = Annotated[str | None, typer.Option("--model", help="MIL run folder: shows its attention.")]
+ViewBundleOpt = Annotated[Path | None, typer.Option(help="Patch bundle: shows its per-tile class probabilities.")]
+ViewWeightsOpt = Annotated[str | None, typer.Option(help="Backbone weights for --bundle, if not where it says.")]
+ViewHeatmapOpt = Annotated[
+    Path | None, typer.Option(help="A `slides heatmap --out` folder: shows its tiles' scores, no model needed.")
+]
+ViewTilesOpt = Annotated[
+    Path | None, typer.Option(help="A `slides tile --out` folder: tissue (and pen, blur, fold) polygons.")
+]
+QualityOpt = Annotated[int, typer.Option(help="JPEG quality of the slide tiles (1..95).")]
+
+
+def _viewer_catalog(slides, features, bundle, model, weights, heatmap, tiles, mpp) -> Any:
+    from ..viewer.catalog import build_catalog
+
+    catalog = build_catalog(
+        slides, mpp=mpp, features=features, bundle=bundle, model=model, heatmap=heatmap, tiles=tiles, weights=weights
+    )
+    scored = sum(e.overlay is not None for e in catalog.entries.values())
+    if features is not None or heatmap is not None:
+        console.print(f"scored tiles for {scored} of {len(catalog.entries)} slides", soft_wrap=True)
+    if catalog.unmatched:
+        console.print(f"no slide for the scores of: {', '.join(catalog.unmatched)}", soft_wrap=True)
+    return catalog
+
+
+@app.command()
+def view(
+    slides: ViewSlidesArg,
+    features: ViewFeaturesOpt = None,
+    model: ViewModelOpt = None,
+    bundle: ViewBundleOpt = None,
+    weights: ViewWeightsOpt = None,
+    heatmap: ViewHeatmapOpt = None,
+    tiles: ViewTilesOpt = None,
+    mpp: MppOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; other than loopback, a token is required.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    token: Annotated[
+        str | None, typer.Option(help="Access token (16+ characters); generated when --host is not loopback.")
+    ] = None,
+    quality: QualityOpt = 75,
+    cache_tiles: Annotated[int, typer.Option(help="Slide tiles kept in memory (an LRU cache).")] = 1024,
+) -> None:
+    """Serve a browser viewer: pan and zoom the slides with the model's map over the tissue (Ctrl-C stops it)."""
+    from ..viewer.app import listen, resolve_token, serve
+    from ..viewer.deepzoom import check_quality
+
+    check_quality(quality)
+    token = resolve_token(host, token)
+    sock = listen(host, port)
+    try:
+        catalog = _viewer_catalog(slides, features, bundle, model, weights, heatmap, tiles, mpp)
+    except BaseException:
+        sock.close()
+        raise
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
+    console.print(f"viewer of {len(catalog.entries)} slide(s) at {url} (Ctrl-C stops it)", soft_wrap=True)
+    sys.stdout.flush()
+    serve(catalog, sock, token=token, quality=quality, cache_tiles=cache_tiles)
+
+
+@app.command("export-viewer")
+def export_viewer(
+    slides: ViewSlidesArg,
+    out: Annotated[Path, typer.Option(help="New folder for the viewer: index.html, DZI pyramids, overlay data.")],
+    features: ViewFeaturesOpt = None,
+    model: ViewModelOpt = None,
+    bundle: ViewBundleOpt = None,
+    weights: ViewWeightsOpt = None,
+    heatmap: ViewHeatmapOpt = None,
+    tiles: ViewTilesOpt = None,
+    mpp: MppOpt = None,
+    max_level: Annotated[
+        int | None,
+        typer.Option(help="Finest Deep Zoom level written (level L is at most 2^L px wide); default: full size."),
+    ] = None,
+    quality: QualityOpt = 75,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the viewer as a static folder (opens from file:// or any web host, no Python) and report its size."""
+    from ..viewer.export import check_export_options, folder_bytes
+    from ..viewer.export import export_viewer as write_viewer
+
+    check_export_options(out, max_level, quality, overwrite)
+    catalog = _viewer_catalog(slides, features, bundle, model, weights, heatmap, tiles, mpp)
+    rows = write_viewer(catalog, out, max_level=max_level, quality=quality, overwrite=overwrite, progress=not quiet)
+    print_table(
+        [
+            {
+                "slide_id": r.slide_id,
+                "level": f"{r.max_level} of {r.full_level}",
+                "size px": f"{r.width} x {r.height}",
+                "tiles": r.tiles,
+                "MB": f"{r.bytes / 1e6:.2f}",
+            }
+            for r in rows
+        ],
+        title="Deep Zoom pyramids written",
+    )
+    total = folder_bytes(out)
+    console.print(
+        f"viewer written to {out}: {total / 1e6:.2f} MB on disk ({total:,} bytes); open {out / 'index.html'}",
+        soft_wrap=True,
+    )

@@ -6,6 +6,7 @@ QuPath reads a FeatureCollection of Polygon features in level-0 pixel coordinate
 (name and RGB colour) its class. JSON has no NaN, so non-finite scores are left out of the measurements
 (QuPath shows a missing measurement as NaN).
 
+Tiles go both ways too: :func:`read_tiles_geojson` reads such a file back (corners, side, scores, classes).
 Tissue goes both ways. :func:`tissue_geojson` writes a mask as annotation polygons with holes (classified
 ``Tissue``), so the mask can be checked or corrected by hand in QuPath; :func:`geojson_tissue_mask` reads such a
 file back, or any QuPath or TRIDENT export of polygons (a FeatureCollection, a bare list of features as QuPath
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,12 @@ from .polygons import Polygon, fill_polygons, mask_polygons
 __all__ = [
     "OBJECT_TYPES",
     "TISSUE_CLASS",
+    "TilesGeojson",
     "class_colour",
     "geojson_tissue_mask",
     "mask_shape",
     "read_geojson_polygons",
+    "read_tiles_geojson",
     "tiles_feature_collection",
     "tiles_geojson",
     "tissue_feature_collection",
@@ -128,6 +132,61 @@ def tiles_geojson(
     return Path(path)
 
 
+@dataclass(frozen=True)
+class TilesGeojson:
+    """Tiles read back from :func:`tiles_geojson`'s file: level-0 top-left corners (N, 2), the tile side,
+    the measurements (name -> (N,), NaN where a tile lacks one) and each tile's class name (or None)."""
+
+    coords: np.ndarray
+    side: float
+    scores: dict[str, np.ndarray]
+    classification: list[str | None]
+
+
+def read_tiles_geojson(path: str | Path) -> TilesGeojson:
+    """The tiles of a ``slides heatmap`` GeoJSON (or any FeatureCollection of equal axis-aligned squares),
+    with their measurements and classes, so a finished heat map can be shown again without its model."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataError(f"tiles GeoJSON {path} not found; check the path") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"cannot read tiles GeoJSON {path}: {one_line(e, 200)}; rerun `slides heatmap`") from None
+    corners, sides, rows, classes = [], set(), [], []
+    for feature in _features(path, doc):
+        props = feature.get("properties") if isinstance(feature, dict) else None
+        polygons = _polygons(path, feature.get("geometry") if isinstance(feature, dict) else None)
+        ring = polygons[0][0] if len(polygons) == 1 and len(polygons[0]) == 1 else np.empty((0, 2))
+        lo, hi = (ring.min(axis=0), ring.max(axis=0)) if len(ring) == 4 else (None, None)
+        square = lo is not None and set(map(tuple, ring)) == {
+            (lo[0], lo[1]),
+            (hi[0], lo[1]),
+            (hi[0], hi[1]),
+            (lo[0], hi[1]),
+        }
+        if not square or hi[0] - lo[0] != hi[1] - lo[1] or hi[0] <= lo[0]:
+            raise DataError(
+                f"tiles GeoJSON {path}: feature {len(corners)} is not an axis-aligned square tile; pass the GeoJSON "
+                "`pathotune slides heatmap` wrote"
+            )
+        corners.append(lo)
+        sides.add(round(float(hi[0] - lo[0]), 3))
+        props = props if isinstance(props, dict) else {}
+        rows.append(props.get("measurements") if isinstance(props.get("measurements"), dict) else {})
+        cls = props.get("classification")
+        classes.append(str(cls["name"]) if isinstance(cls, dict) and cls.get("name") is not None else None)
+    if len(sides) > 1:
+        raise DataError(f"tiles GeoJSON {path} holds tiles of {len(sides)} sizes; pass one `slides heatmap` output")
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    try:
+        scores = {k: np.array([float(r.get(k, math.nan)) for r in rows], dtype=np.float64) for k in names}
+    except (TypeError, ValueError):
+        raise DataError(f"tiles GeoJSON {path}: a measurement is not a number; rerun `slides heatmap`") from None
+    coords = np.asarray(corners, dtype=np.float64).reshape(-1, 2)
+    return TilesGeojson(coords, sides.pop() if sides else 0.0, scores, classes)
+
+
 # -- tissue ---------------------------------------------------------------------------------------------------
 def mask_shape(dimensions: tuple[int, int], mask_size: int) -> tuple[int, int]:
     """(H, W) of a mask whose longer side is ``mask_size`` (never more than level 0), the grid of the slide's
@@ -209,8 +268,11 @@ def _features(path: Path, doc: object) -> list:
     raise DataError(f"GeoJSON {path} is no FeatureCollection, feature list, Feature or geometry; re-export it")
 
 
-def read_geojson_polygons(path: str | Path) -> list[Polygon]:
-    """Every Polygon and MultiPolygon part of a GeoJSON file, in its own (level-0 pixel) coordinates."""
+def read_geojson_polygons(path: str | Path, allow_empty: bool = False) -> list[Polygon]:
+    """Every Polygon and MultiPolygon part of a GeoJSON file, in its own (level-0 pixel) coordinates.
+
+    A file without any is refused unless ``allow_empty`` (a QC mask that found nothing, such as no pen marks).
+    """
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -222,7 +284,7 @@ def read_geojson_polygons(path: str | Path) -> list[Polygon]:
     for feature in _features(path, doc):
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
         polygons += [p for p in _polygons(path, geometry) if len(p[0]) >= 3]
-    if not polygons:
+    if not polygons and not allow_empty:
         raise DataError(
             f"tissue GeoJSON {path} holds no Polygon or MultiPolygon; draw or detect the tissue in QuPath and "
             "export its annotations as GeoJSON"

@@ -5,14 +5,14 @@ averaged, and the slide shows through wherever there is no tile. Colours come fr
 scores scaled to [vmin, vmax] (by default the scores' own min and max); a colour bar with both ends labelled
 sits to the right so the picture can be read on its own.
 
-:func:`bundle_heatmaps` paints a patch bundle's class probabilities from features extracted with it; MIL
-attention maps are :func:`pathotune.heatmaps.mil_heatmaps` (slides never import ``mil``).
+:func:`bundle_heatmaps` paints a patch bundle's class probabilities (:func:`bundle_tile_probs`) from features
+extracted with it; MIL attention maps are :func:`pathotune.heatmaps.mil_heatmaps` (slides never import ``mil``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .reader import SlideReader, open_slide
 __all__ = [
     "COLORBAR_WIDTH",
     "bundle_heatmaps",
+    "bundle_tile_probs",
     "check_heatmap_options",
     "open_source_slide",
     "paint_scores",
@@ -246,6 +247,33 @@ def _check_bundle_features(sf: SlideFeatures, model: PathoTuneModel, manifest: d
     )
 
 
+def bundle_tile_probs(
+    bundle: str | Path, features: str | Path, weights: str | None = None
+) -> Iterator[tuple[SlideFeatures, np.ndarray, list[str]]]:
+    """A patch bundle's class probabilities for every tile of every feature file in ``features``.
+
+    The features must come from ``slides extract --bundle`` with this bundle (or, for a linear probe, from its
+    plain backbone), so only its head runs here. The files are listed and the bundle loaded before this
+    returns; then each file yields (its features, (N, C) probabilities, the class names).
+    """
+    files = list_feature_files(features)
+    require_coords(files)
+    path = resolve_bundle(bundle)
+    manifest = read_manifest(path)
+    net = load_bundle(path, weights=weights)
+    classes = list(net.class_names)
+
+    def scored() -> Iterator[tuple[SlideFeatures, np.ndarray, list[str]]]:
+        for f in files:
+            sf = read_slide_features(f)
+            _check_bundle_features(sf, net, manifest, path)
+            with torch.inference_mode():
+                probs = net.forward_head(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
+            yield sf, probs, classes
+
+    return scored()
+
+
 def bundle_heatmaps(
     bundle: str | Path,
     features: str | Path,
@@ -257,26 +285,17 @@ def bundle_heatmaps(
 ) -> list[dict]:
     """Per slide, a patch bundle's class probabilities for every tile: one PNG per class and a GeoJSON.
 
-    The features must come from ``slides extract --bundle`` with this bundle, so only its head runs here.
-    Writes ``<slide_id>_<class>.png`` (probabilities on a fixed 0..1 scale, comparable across slides and
-    classes) and ``<slide_id>.geojson`` (``prob_<class>`` measurements, the top class as classification).
-    Returns per slide: slide_id, n_tiles, heatmaps, geojson, class_share (fraction of tiles per top class).
+    The probabilities are :func:`bundle_tile_probs`'s. Writes ``<slide_id>_<class>.png`` (probabilities on a
+    fixed 0..1 scale, comparable across slides and classes) and ``<slide_id>.geojson`` (``prob_<class>``
+    measurements, the top class as classification). Returns per slide: slide_id, n_tiles, heatmaps, geojson,
+    class_share (fraction of tiles per top class).
     """
     check_heatmap_options(max_size, alpha)
-    files = list_feature_files(features)
-    require_coords(files)
+    scored = bundle_tile_probs(bundle, features, weights=weights)
     slide_paths = slide_map(slides)
-    path = resolve_bundle(bundle)
-    manifest = read_manifest(path)
-    net = load_bundle(path, weights=weights)
-    classes = net.class_names
     out = Path(out)
     done = []
-    for f in files:
-        sf = read_slide_features(f)
-        _check_bundle_features(sf, net, manifest, path)
-        with torch.inference_mode():
-            probs = net.forward_head(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
+    for sf, probs, classes in scored:
         sid = sf.slide_id
         layers = [(out / f"{sid}_{safe_name(c)}.png", probs[:, j], c) for j, c in enumerate(classes)]
         style = {"cmap": "RdBu_r", "vmin": 0.0, "vmax": 1.0}
