@@ -12,7 +12,6 @@ Run one case alone: ``pytest tests/faults -k <name>``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_kit import Base, base_train_args, tmpfs
+from fault_kit import Base, base_train_args, sha_tree, tmpfs
 from helpers import TINY2, cli_cmd, cli_env, one_line_error, run_main, write_image
 
 from pathotune.errors import PathoTuneError
@@ -70,15 +69,6 @@ class Case:
     patch: Callable | None = None  # (monkeypatch) -> None, before the command
     check: Callable[[Ctx], None] | None = None  # what else must hold afterwards
     skip: Callable[[], str | None] | None = None  # a reason to skip here, or None
-
-
-def sha_tree(*roots: Path) -> dict[str, str]:
-    out = {}
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def no_results(out_name: str = "run") -> Callable[[Ctx], None]:

@@ -457,6 +457,7 @@ def view(
     console.print(f"viewer of {len(catalog.entries)} slide(s) at {url} (Ctrl-C stops it)", soft_wrap=True)
     sys.stdout.flush()
     serve(catalog, sock, token=token, quality=quality, cache_tiles=cache_tiles)
+    console.print("viewer stopped")
 
 
 @app.command("export-viewer")

@@ -151,12 +151,14 @@ def serve(
     cache_tiles: int = 1024,
     max_open: int = 8,
 ) -> None:
-    """Serve the viewer on an open socket until interrupted (Ctrl-C or SIGTERM)."""
+    """Serve the viewer on an open socket until Ctrl-C (then return) or SIGTERM, each after a graceful shutdown."""
     pool = PyramidPool(catalog.sources, quality=quality, cache_tiles=cache_tiles, max_open=max_open)
     app = create_app(catalog, pool, token)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a viewer ends: uvicorn has shut down gracefully and raised it again
     finally:
         pool.close()
         sock.close()
