@@ -3,14 +3,11 @@ headless Chromium driven by Playwright.
 
 The slide is real H&E; its bundle scores are hot in one known 256 px square (viewer_fixtures), so the test can
 say where the overlay's colour must appear on the screen. One browser for the module.
-
-With PATHOTUNE_SCREENSHOT_DIR set, the page as the README shows it is saved there as viewer.png.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 
@@ -92,6 +89,11 @@ def slide_rect(view: Page) -> tuple[int, int, int, int]:
     return round(x0), round(y0), round(x1), round(y1)
 
 
+def blocks(a: np.ndarray, k: int = 8) -> np.ndarray:
+    """(H, W, C) -> (H/k, k, W/k, k, C): k x k blocks, whose means are colours without the finest detail."""
+    return a[: a.shape[0] // k * k, : a.shape[1] // k * k].reshape(a.shape[0] // k, k, a.shape[1] // k, k, -1)
+
+
 def check_slide_pixels(view: Page, case: HotCase) -> None:
     """With the overlays off, the screen shows the slide: its pixels match the slide's thumbnail."""
     view.page.uncheck("#show-heatmap")
@@ -108,9 +110,6 @@ def check_slide_pixels(view: Page, case: HotCase) -> None:
     keep[: max(0, round(nav["bottom"]) - y0 + 2), max(0, round(nav["left"]) - x0 - 2) :] = False
     assert shot[keep].std() > 20  # real tissue on the screen, not a blank page
     # colours, block by block (8 px blocks: resampling may move fine detail by a pixel, not colours)
-    blocks = lambda a: a[: a.shape[0] // 8 * 8, : a.shape[1] // 8 * 8].reshape(
-        a.shape[0] // 8, 8, a.shape[1] // 8, 8, -1
-    )
     mask = blocks(keep[..., None].astype(float)).min(axis=(1, 3))[..., 0] > 0
     diff = np.abs(blocks(shot).mean(axis=(1, 3)) - blocks(thumb).mean(axis=(1, 3)))[mask]
     assert diff.mean() < 3.0 and np.percentile(diff, 99) < 12, (diff.mean(), np.percentile(diff, 99))
@@ -175,11 +174,6 @@ def test_served_viewer_shows_the_slide_and_its_map(browser, server: Server, case
         assert view.page.locator("#slide-list li").all_inner_texts() == ["hot.tif\n96 tiles", "plain.png"]
         check_slide_pixels(view, case)
         check_hot_square(view)
-        shots = os.environ.get("PATHOTUNE_SCREENSHOT_DIR")
-        if shots:
-            view.ready()
-            Path(shots).mkdir(parents=True, exist_ok=True)
-            view.page.screenshot(path=str(Path(shots) / "viewer.png"))
         assert view.console == [], view.console
     finally:
         view.close()
