@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
     ("hub",),
     ("report", "backbones", "prompts", "task"),
-    ("text", "switches", "features"),
+    ("text", "switches", "features", "records"),
     ("methods",),
     ("model",),
     ("bundle", "data"),
@@ -39,6 +39,8 @@ LAZY = {
     ("data/layouts/hgsc.py", "pyarrow"),  # optional dependency (the [hgsc] extra)
     ("data/layouts/hgsc.py", "shapely"),
     ("data/demo.py", "importlib"),  # a TYPE_CHECKING-only import
+    # the package root's public names load on first use (PEP 562); these are its TYPE_CHECKING-only imports
+    ("__init__.py", "pathotune"),
 }
 
 
@@ -97,3 +99,15 @@ def test_no_function_level_imports(path: Path):
     rel = str(path.relative_to(SRC))
     bad = [name for name, nested in imports(path) if nested and (rel, name.split(".")[0]) not in LAZY]
     assert not bad, f"{rel} imports inside a function: {bad}"
+
+
+def test_the_command_line_parses_before_loading_torch():
+    """`pathotune --help` and `--version` stay fast (under a second): the CLI imports no heavy module until a
+    command needs it."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "timm", "peft", "transformers", "matplotlib", "lightning_fabric", "h5py", "openslide")
+    code = f"import sys, pathotune.cli.main; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

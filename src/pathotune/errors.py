@@ -75,3 +75,17 @@ def write_error(path: str | os.PathLike, e: BaseException) -> OutputError:
     return OutputError(
         f"could not write {path} ({reason}); it was left as it was and files written before it are intact; {advice}"
     )
+
+
+# What an interrupted command has kept and how to go on, for the one line Ctrl-C prints (the CLI reads it).
+_interrupt_note: list[str] = []
+
+
+def note_interrupt(text: str | None) -> None:
+    """Say what Ctrl-C would leave behind from here on (``None``: nothing worth saying); the last note wins."""
+    _interrupt_note[:] = [] if text is None else [one_line(text)]
+
+
+def interrupt_message() -> str:
+    """The line printed when a command is interrupted: what was kept and how to resume."""
+    return "interrupted" + (f": {_interrupt_note[0]}" if _interrupt_note else "; nothing was written")

@@ -32,7 +32,7 @@ LOG_FIELDS = (
 
 @dataclass
 class SlideResult:
-    """What happened to one slide: extracted (with timing) or skipped as already done."""
+    """What happened to one slide: extracted (with timing), skipped as already done, or failed (with why)."""
 
     slide_id: str
     slide_path: str
@@ -41,6 +41,7 @@ class SlideResult:
     n_tiles: int
     seconds: float = 0.0
     plan_seconds: float = 0.0
+    reason: str = ""
 
     @property
     def tiles_per_s(self) -> float:
