@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError
-from .common import console, print_table
+from .common import cohort_exit, console, human_output, print_json, print_table
 
 app = typer.Typer(
     name="slides",
@@ -32,6 +32,23 @@ MppOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Results as JSON on stdout (everything else on stderr).")]
+SkipErrorsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-errors",
+        help="Go on past slides that fail (listed in OUT/errors.csv; exit code 3); a rerun retries only those.",
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace what OUT holds, once the new outputs are complete.")
+]
+RepairGeojsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--repair-geojson", help="Repair invalid tissue polygons with shapely's make_valid instead of refusing."
+    ),
+]
 
 # -- tiling and tissue options, shared by `slides tile` and `slides extract` -------------------------------------
 TargetMppOpt = Annotated[
@@ -145,7 +162,9 @@ def _tissue(
 @app.command()
 def tile(
     slides: SlidesOpt,
-    out: Annotated[Path, typer.Option(help="Folder for QC thumbnails, tile coordinate CSVs and tissue GeoJSON.")],
+    out: Annotated[
+        Path, typer.Option(help="Folder for QC thumbnails, tile lists, TRIDENT <id>_patches.h5 and tissue GeoJSON.")
+    ],
     target_mpp: TargetMppOpt = None,
     mag: MagOpt = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels at the target mpp; default 224.")] = None,
@@ -155,6 +174,7 @@ def tile(
     thumb_size: Annotated[int, typer.Option(help="Longer side of the QC thumbnail.")] = 1024,
     coords: CoordsOpt = None,
     tissue_geojson: TissueGeojsonOpt = None,
+    repair_geojson: RepairGeojsonOpt = False,
     tissue_method: TissueMethodOpt = "otsu",
     tissue_channel: TissueChannelOpt = "saturation",
     tissue_threshold: TissueThresholdOpt = None,
@@ -165,32 +185,45 @@ def tile(
     max_hole_frac: MaxHoleFracOpt = 0.02,
     min_area_frac: MinAreaFracOpt = 0.0005,
     mask_size: MaskSizeOpt = 1024,
-) -> None:
-    """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue) and
-    <id>_tissue.geojson (the tissue as QuPath annotations)."""
+    skip_errors: SkipErrorsOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> int | None:
+    """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue),
+    <id>_patches.h5 (TRIDENT's layout, for `extract --coords`) and <id>_tissue.geojson (QuPath annotations, for
+    `--tissue-geojson`). A rerun does only the slides not done yet."""
     from ..slides.inputs import slide_inputs
     from ..slides.qc import tile_slides
     from ..slides.tiling import TilingConfig
 
-    target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
-    cfg = TilingConfig(target, tile_size or 224, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
-    tissue = _tissue(
-        tissue_method,
-        tissue_channel,
-        tissue_threshold,
-        tissue_min_threshold,
-        tissue_close,
-        tissue_open,
-        fill_holes,
-        max_hole_frac,
-        min_area_frac,
-    )
-    inputs = slide_inputs(slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson)
-    summary = tile_slides(inputs, out, cfg, thumb_size=thumb_size, tissue=tissue)
-    shown = ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp")
-    what = f"tiles of {coords}" if coords else f"tiles at {cfg.target_mpp:g} mpp, {cfg.tile_size} px"
-    print_table([{k: r[k] for k in shown} for r in summary], title=what)
-    console.print(f"QC thumbnails, tile lists and tissue GeoJSON written to {out}")
+    with human_output(json_out):
+        target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
+        cfg = TilingConfig(target, tile_size or 224, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
+        tissue = _tissue(
+            tissue_method,
+            tissue_channel,
+            tissue_threshold,
+            tissue_min_threshold,
+            tissue_close,
+            tissue_open,
+            fill_holes,
+            max_hole_frac,
+            min_area_frac,
+        )
+        inputs = slide_inputs(
+            slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson, repair_geojson=repair_geojson
+        )
+        rows = tile_slides(
+            inputs, out, cfg, thumb_size=thumb_size, tissue=tissue, skip_errors=skip_errors, overwrite=overwrite
+        )
+        shown = ("slide_id", "status", "tiles", "candidates", "level", "read_size", "slide_mpp")
+        what = f"tiles of {coords}" if coords else f"tiles at {cfg.target_mpp:g} mpp, {cfg.tile_size} px"
+        print_table([{k: r.get(k) for k in shown} for r in rows], title=what)
+        console.print(f"QC thumbnails, tile lists, patches.h5 and tissue GeoJSON in {out}")
+        code = cohort_exit(rows, out)
+    if json_out:
+        print_json({"out": str(out), "slides": rows})
+    return code
 
 
 @app.command()
@@ -206,7 +239,7 @@ def extract(
     overlap: OverlapOpt = None,
     min_tissue: MinTissueOpt = None,
     image_size: Annotated[int | None, typer.Option(help="Model input size (default: the backbone's).")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 32,
     num_workers: Annotated[
         int | None,
         typer.Option(
@@ -214,9 +247,16 @@ def extract(
             "model's threads leave free)."
         ),
     ] = None,
+    chunk_tiles: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Tiles kept per chunk while a slide runs (whole batches): an interrupted slide resumes there."
+        ),
+    ] = 1024,
     mpp: MppOpt = None,
     coords: CoordsOpt = None,
     tissue_geojson: TissueGeojsonOpt = None,
+    repair_geojson: RepairGeojsonOpt = False,
     tissue_method: TissueMethodOpt = "otsu",
     tissue_channel: TissueChannelOpt = "saturation",
     tissue_threshold: TissueThresholdOpt = None,
@@ -228,65 +268,85 @@ def extract(
     min_area_frac: MinAreaFracOpt = 0.0005,
     mask_size: MaskSizeOpt = 1024,
     devices: Annotated[str, typer.Option(help="Devices per node: a count or 'auto'.")] = "1",
+    num_nodes: Annotated[int, typer.Option(min=1, help="Machines (SLURM: one srun task per device).")] = 1,
     accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu...")] = "auto",
     strategy: Annotated[str, typer.Option(help="auto, ddp...; slides are shared out across ranks.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 autocast on GPU), 32-true...")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute slides that have features.")] = False,
+    skip_errors: SkipErrorsOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Recompute every slide; the old features stay until the new set is done."),
+    ] = False,
     quiet: QuietOpt = False,
-) -> None:
-    """Tile features per slide into <out>/<slide_id>.h5; finished slides are skipped on a rerun."""
+    json_out: JsonOpt = False,
+) -> int | None:
+    """Tile features per slide into <out>/<slide_id>.h5; finished slides are skipped on a rerun, and a slide that
+    was interrupted resumes from its last finished chunk."""
     from ..engine.runtime import make_fabric
     from ..slides.extract import extract_slides
     from ..slides.extractor import load_extractor
     from ..slides.inputs import slide_inputs
     from ..slides.tiling import TilingConfig
 
-    target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
-    tissue = _tissue(
-        tissue_method,
-        tissue_channel,
-        tissue_threshold,
-        tissue_min_threshold,
-        tissue_close,
-        tissue_open,
-        fill_holes,
-        max_hole_frac,
-        min_area_frac,
-    )
-    inputs = slide_inputs(slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson)
-    ex = load_extractor(backbone=backbone, weights=weights, bundle=bundle, image_size=image_size)
-    cfg = TilingConfig(target, tile_size or ex.image_size, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
-    fabric = make_fabric(accelerator, _devices(devices), strategy, precision)
-    results = extract_slides(
-        ex,
-        inputs,
-        out,
-        tiling=cfg,
-        tissue=tissue,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        fabric=fabric,
-        overwrite=overwrite,
-        progress=not quiet,
-    )
-    if fabric.global_rank != 0:
-        return
-    rows = [
-        {
-            "slide_id": r.slide_id,
-            "status": r.status,
-            "tiles": r.n_tiles,
-            "seconds": r.seconds if r.status == "extracted" else None,
-            "tiles/s": r.tiles_per_s if r.status == "extracted" else None,
-        }
-        for r in results
-    ]
-    model = f"bundle {ex.bundle_path}" if ex.bundle_path else ex.backbone
-    tiles = f"the tiles of {coords}" if coords else f"{cfg.tile_size} px tiles at {cfg.target_mpp:g} mpp"
-    print_table(rows, title=f"{model}: {ex.feature_dim}-d features, {tiles}")
-    if fabric.world_size > 1:
-        console.print(f"rank 0's share shown; extract_log.csv lists the slides of all {fabric.world_size} ranks")
-    console.print(f"features written to {out} (extract_log.csv has per-slide timing)")
+    with human_output(json_out):
+        target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
+        tissue = _tissue(
+            tissue_method,
+            tissue_channel,
+            tissue_threshold,
+            tissue_min_threshold,
+            tissue_close,
+            tissue_open,
+            fill_holes,
+            max_hole_frac,
+            min_area_frac,
+        )
+        inputs = slide_inputs(
+            slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson, repair_geojson=repair_geojson
+        )
+        ex = load_extractor(backbone=backbone, weights=weights, bundle=bundle, image_size=image_size)
+        cfg = TilingConfig(target, tile_size or ex.image_size, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
+        fabric = make_fabric(accelerator, _devices(devices), strategy, precision, num_nodes=num_nodes)
+        results = extract_slides(
+            ex,
+            inputs,
+            out,
+            tiling=cfg,
+            tissue=tissue,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            fabric=fabric,
+            overwrite=overwrite,
+            progress=not quiet,
+            skip_errors=skip_errors,
+            chunk_tiles=chunk_tiles,
+        )
+        if fabric.global_rank != 0:
+            return None
+        rows = [
+            {
+                "slide_id": r.slide_id,
+                "status": r.status,
+                "tiles": r.n_tiles,
+                "seconds": r.seconds if r.status == "extracted" else None,
+                "tiles/s": r.tiles_per_s if r.status == "extracted" else None,
+                "reason": r.reason or None,
+                "slide_path": r.slide_path,
+                "features": str(r.path) if r.status != "failed" else None,
+            }
+            for r in results
+        ]
+        model = f"bundle {ex.bundle_path}" if ex.bundle_path else ex.backbone
+        tiles = f"the tiles of {coords}" if coords else f"{cfg.tile_size} px tiles at {cfg.target_mpp:g} mpp"
+        shown = ("slide_id", "status", "tiles", "seconds", "tiles/s")
+        print_table([{k: r[k] for k in shown} for r in rows], title=f"{model}: {ex.feature_dim}-d features, {tiles}")
+        if fabric.world_size > 1:
+            console.print(f"rank 0's share shown; extract_log.csv lists the slides of all {fabric.world_size} ranks")
+        console.print(f"features written to {out} (extract_log.csv has per-slide timing)")
+        code = cohort_exit(rows, out)
+    if json_out:
+        print_json({"out": str(out), "backbone": ex.backbone, "feature_dim": ex.feature_dim, "slides": rows})
+    return code
 
 
 @app.command()

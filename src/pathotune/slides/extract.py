@@ -43,7 +43,7 @@ from ..features import (
 from ..features.partial import PartialFeatures, plan_digest
 from ..records import incremental
 from ..report import progress_bar
-from .cohort import Cohort
+from .cohort import ERRORS, Cohort, read_errors
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .extract_log import LOG_NAME, ExtractLog, SlideResult
@@ -227,7 +227,9 @@ def _check(slide: SlideInput, tiling: TilingConfig) -> TilingConfig:
     with open_slide(slide.path, mpp=slide.mpp) as reader:
         own, _ = slide_tiling(reader, slide, tiling)
         if slide.tissue_geojson is not None:
-            geojson_tissue_mask(slide.tissue_geojson, reader.dimensions, mask_shape(reader.dimensions, 64))
+            geojson_tissue_mask(
+                slide.tissue_geojson, reader.dimensions, mask_shape(reader.dimensions, 64), slide.repair_geojson
+            )
     return own
 
 
@@ -356,6 +358,9 @@ def extract_slides(
             ex, every, out_dir, tiling, tissue, batch_size, num_workers, rt, progress, plan_ahead, chunk_tiles, cohort
         )
     cohort.out = final_dir
+    if rt.main and rt.world_size > 1 and skip_errors:  # every rank's failures, from the merged list
+        ids = {s.slide_id for s in every}
+        cohort.failures.update({k: f for k, f in read_errors(final_dir / ERRORS).items() if k in ids})
     results = [replace(r, path=feature_path(final_dir, r.slide_id)) for r in results]
     failed = [
         SlideResult(f.slide_id, f.slide_path, feature_path(final_dir, f.slide_id), "failed", 0, reason=f.reason)

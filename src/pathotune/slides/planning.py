@@ -78,7 +78,7 @@ def plan_on(
     mask = None
     if slide.tissue_geojson is not None:
         shape = mask_shape(reader.dimensions, tiling.mask_size)
-        mask = geojson_tissue_mask(slide.tissue_geojson, reader.dimensions, shape)
+        mask = geojson_tissue_mask(slide.tissue_geojson, reader.dimensions, shape, slide.repair_geojson)
     if pc is None:
         return plan_tiles(reader, own, mask=mask, tissue=tissue), own
     return plan_from_coords(reader, pc.coords, pc.tile_size_level0, own, mask=mask, tissue=tissue), own
