@@ -88,6 +88,21 @@ MinAreaFracOpt = Annotated[
 MaskSizeOpt = Annotated[
     int, typer.Option(help="Longer side (px) of the thumbnail the tissue mask is found on, or a GeoJSON drawn on.")
 ]
+# -- artifact flags (pen, blur, fold), shared by `slides tile` and `slides extract` -----------------------------
+DropArtifactsOpt = Annotated[
+    str,
+    typer.Option(help="Drop tiles flagged as any of these (comma-separated: pen, blur, fold; or all, none)."),
+]
+MaxArtifactOpt = Annotated[
+    float, typer.Option(help="A tile is dropped when more than this fraction of it is flagged by a dropped kind.")
+]
+BlurThresholdOpt = Annotated[
+    float,
+    typer.Option(help="Blur: tissue whose fine detail (|Laplacian|) is below this fraction of the slide's median."),
+]
+FoldThresholdOpt = Annotated[
+    float, typer.Option(help="Fold: tissue darker than this grey level (0..1; HistoQC's dark-tissue 0.15).")
+]
 
 
 def _devices(value: str) -> int | str:
@@ -113,6 +128,21 @@ def _target_mpp(
 def _min_tissue(min_tissue: float | None, coords: Path | None) -> float:
     """--min-tissue, by default 0.5 on a grid and 0 on another tool's tiles (which that tool already chose)."""
     return min_tissue if min_tissue is not None else 0.0 if coords is not None else 0.5
+
+
+def _artifacts(qc: str | None, drop: str, max_artifact: float, blur_threshold: float, fold_threshold: float) -> Any:
+    """The ArtifactConfig of the --qc / --drop-artifacts flags; without --qc (extract) only the dropped kinds run."""
+    from ..slides.artifacts import ArtifactConfig, parse_kinds
+
+    dropped = parse_kinds(drop, "--drop-artifacts")
+    kinds = dropped if qc is None else parse_kinds(qc, "--qc")
+    return ArtifactConfig(
+        kinds=kinds,
+        drop=dropped,
+        max_fraction=max_artifact,
+        blur_threshold=blur_threshold,
+        fold_threshold=fold_threshold,
+    )
 
 
 def _tissue(
@@ -165,13 +195,25 @@ def tile(
     max_hole_frac: MaxHoleFracOpt = 0.02,
     min_area_frac: MinAreaFracOpt = 0.0005,
     mask_size: MaskSizeOpt = 1024,
+    qc: Annotated[
+        str,
+        typer.Option(
+            "--qc", help="Artifact flags to compute and write (comma-separated: pen, blur, fold; or all, none)."
+        ),
+    ] = "pen,blur,fold",
+    drop_artifacts: DropArtifactsOpt = "none",
+    max_artifact: MaxArtifactOpt = 0.25,
+    blur_threshold: BlurThresholdOpt = 0.2,
+    fold_threshold: FoldThresholdOpt = 0.15,
 ) -> None:
-    """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue) and
-    <id>_tissue.geojson (the tissue as QuPath annotations)."""
+    """Plan tiles per slide: <id>_qc.png (tissue outline, artifacts and tiles), <id>_tiles.csv (level-0 x, y,
+    tissue and artifact fractions), <id>_tissue.geojson (the tissue as QuPath annotations), and per --qc flag
+    <id>_<flag>.png and <id>_<flag>.geojson (pen, blur, fold)."""
     from ..slides.inputs import slide_inputs
     from ..slides.qc import tile_slides
     from ..slides.tiling import TilingConfig
 
+    artifacts = _artifacts(qc, drop_artifacts, max_artifact, blur_threshold, fold_threshold)
     target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
     cfg = TilingConfig(target, tile_size or 224, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
     tissue = _tissue(
@@ -186,11 +228,13 @@ def tile(
         min_area_frac,
     )
     inputs = slide_inputs(slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson)
-    summary = tile_slides(inputs, out, cfg, thumb_size=thumb_size, tissue=tissue)
-    shown = ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp")
+    summary = tile_slides(inputs, out, cfg, thumb_size=thumb_size, tissue=tissue, artifacts=artifacts)
+    shown = ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp", *artifacts.kinds)
+    shown += ("dropped",) if artifacts.drop else ()
     what = f"tiles of {coords}" if coords else f"tiles at {cfg.target_mpp:g} mpp, {cfg.tile_size} px"
     print_table([{k: r[k] for k in shown} for r in summary], title=what)
-    console.print(f"QC thumbnails, tile lists and tissue GeoJSON written to {out}")
+    flags = f"; {', '.join(artifacts.kinds)}: fraction of the tissue flagged" if artifacts.kinds else ""
+    console.print(f"QC thumbnails, tile lists, tissue and artifact GeoJSON written to {out}{flags}")
 
 
 @app.command()
@@ -227,6 +271,10 @@ def extract(
     max_hole_frac: MaxHoleFracOpt = 0.02,
     min_area_frac: MinAreaFracOpt = 0.0005,
     mask_size: MaskSizeOpt = 1024,
+    drop_artifacts: DropArtifactsOpt = "none",
+    max_artifact: MaxArtifactOpt = 0.25,
+    blur_threshold: BlurThresholdOpt = 0.2,
+    fold_threshold: FoldThresholdOpt = 0.15,
     devices: Annotated[str, typer.Option(help="Devices per node: a count or 'auto'.")] = "1",
     accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu...")] = "auto",
     strategy: Annotated[str, typer.Option(help="auto, ddp...; slides are shared out across ranks.")] = "auto",
@@ -241,6 +289,7 @@ def extract(
     from ..slides.inputs import slide_inputs
     from ..slides.tiling import TilingConfig
 
+    artifacts = _artifacts(None, drop_artifacts, max_artifact, blur_threshold, fold_threshold)
     target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
     tissue = _tissue(
         tissue_method,
@@ -268,6 +317,7 @@ def extract(
         fabric=fabric,
         overwrite=overwrite,
         progress=not quiet,
+        artifacts=artifacts,
     )
     if fabric.global_rank != 0:
         return

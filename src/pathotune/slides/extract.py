@@ -35,6 +35,7 @@ from ..features import (
     write_feature_file,
 )
 from ..report import progress_bar
+from .artifacts import ArtifactConfig, describe
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .extract_log import LOG_NAME, ExtractLog, SlideResult
@@ -87,6 +88,7 @@ def _slide_attrs(
     slide: SlideInput,
     planned: PlannedSlide,
     rt: Runtime,
+    artifacts: ArtifactConfig | None = None,
 ) -> dict[str, Any]:
     plan = planned.plan
     return {
@@ -110,7 +112,7 @@ def _slide_attrs(
         "normalization": f"RGB tile at {ex.image_size} px (antialiased resize if needed), x / 255, "
         "then (x - norm_mean) / norm_std per channel",
         "precision": rt.precision,
-        "tissue_config": tiles_source(slide, tissue),
+        "tissue_config": tiles_source(slide, tissue, artifacts),
     }
 
 
@@ -127,10 +129,11 @@ def _extract_one(
     progress: bool,
     planned: PlannedSlide | None = None,
     on_started: Callable[[], None] | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> SlideResult:
     """Extract one slide; ``planned`` is its plan if made already, ``on_started`` runs once workers are forked."""
     sid = slide.slide_id
-    planned = planned or plan_slide(slide, tiling, tissue)
+    planned = planned or plan_slide(slide, tiling, tissue, artifacts=artifacts)
     plan, dim = planned.plan, ex.feature_dim
     transform = TileTransform(ex.mean, ex.std, ex.image_size)
     dataset = SlideTileDataset(slide.path, plan, transform.to_uint8, mpp=slide.mpp, backend=planned.backend)
@@ -150,7 +153,7 @@ def _extract_one(
             plan.coords,
             plan.tissue,
             dim,
-            _slide_attrs(ex, tiling, tissue, slide, planned, rt),
+            _slide_attrs(ex, tiling, tissue, slide, planned, rt, artifacts),
         ) as out:
             for y, (idx,) in itertools.chain(first, batches):
                 if y.shape != (len(idx), dim):
@@ -206,31 +209,35 @@ def _check(slide: SlideInput, tiling: TilingConfig) -> TilingConfig:
     return own
 
 
-def _recorded_sources(tissue_config: str) -> tuple[str | None, str | None]:
-    """The (tissue GeoJSON, coords file) a feature file's ``tissue_config`` names; Otsu files name neither (files
-    written before these sources existed hold a TissueConfig repr, which is Otsu on our grid)."""
+def _recorded_sources(tissue_config: str) -> tuple[str | None, str | None, dict | None]:
+    """The (tissue GeoJSON, coords file, artifact drop settings) a feature file's ``tissue_config`` names; Otsu
+    files name neither source (files written before these sources existed hold a TissueConfig repr, which is
+    Otsu on our grid), and files that dropped no flagged tiles name no artifact settings."""
     try:
         recorded = ast.literal_eval(tissue_config)
     except (ValueError, SyntaxError):
-        return None, None
+        return None, None, None
     if not isinstance(recorded, dict):
-        return None, None
-    return recorded.get("tissue_geojson"), recorded.get("coords")
+        return None, None, None
+    return recorded.get("tissue_geojson"), recorded.get("coords"), recorded.get("drop_artifacts")
 
 
-def _source_name(source: tuple[str | None, str | None]) -> str:
-    geojson, coords = source
+def _source_name(source: tuple[str | None, str | None, dict | None]) -> str:
+    geojson, coords, dropped = source
     mask = f"tissue GeoJSON {geojson}" if geojson else "the Otsu mask"
-    return f"{mask} and {f'coords {coords}' if coords else 'our grid'}"
+    flags = f", without the tiles flagged {','.join(dropped.get('drop', ()))}" if dropped else ""
+    return f"{mask} and {f'coords {coords}' if coords else 'our grid'}{flags}"
 
 
-def _check_tile_source(path: Path, slide: SlideInput) -> None:
-    """A finished file counts for this run only if its tiles came from the same tissue GeoJSON and coords file:
-    the request keys cannot tell a GeoJSON mask from Otsu's, or two coords files of the same tile size, apart."""
+def _check_tile_source(path: Path, slide: SlideInput, artifacts: ArtifactConfig | None = None) -> None:
+    """A finished file counts for this run only if its tiles came from the same tissue GeoJSON and coords file
+    and lost the same artifact-flagged tiles: the request keys cannot tell a GeoJSON mask from Otsu's, two
+    coords files of the same tile size, or a plan with and without flagged tiles apart."""
     old = _recorded_sources(str(read_feature_attrs(path).get("tissue_config", "")))
     new = (
         None if slide.tissue_geojson is None else str(Path(slide.tissue_geojson).resolve()),
         None if slide.coords is None else str(Path(slide.coords).resolve()),
+        describe(artifacts),
     )
     if old != new:
         raise ConfigError(
@@ -240,7 +247,13 @@ def _check_tile_source(path: Path, slide: SlideInput) -> None:
 
 
 def _finished(
-    slides: list[SlideInput], out_dir: Path, ex: FeatureExtractor, tiling: TilingConfig, overwrite: bool, rt: Runtime
+    slides: list[SlideInput],
+    out_dir: Path,
+    ex: FeatureExtractor,
+    tiling: TilingConfig,
+    overwrite: bool,
+    rt: Runtime,
+    artifacts: ArtifactConfig | None = None,
 ) -> dict[Path, int]:
     """Tile counts of the slides whose file is this request's finished result; every other slide is opened
     (its mpp, coords and tissue GeoJSON checked) now, so a missing one stops the run at once rather than hours
@@ -254,7 +267,7 @@ def _finished(
         if final.exists() and not overwrite:
             n = finished_tiles(final, request_attrs(ex, own or tiling))
             if n is not None:
-                _check_tile_source(final, slide)
+                _check_tile_source(final, slide, artifacts)
                 done[slide.path] = n
                 continue
             if rt.rank == 0:
@@ -278,6 +291,7 @@ def extract_slides(
     overwrite: bool = False,
     progress: bool = True,
     plan_ahead: bool | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> list[SlideResult]:
     """Extract every slide of this rank's share (``slides[rank::world_size]``), resuming a previous run.
 
@@ -289,14 +303,15 @@ def extract_slides(
     CPU the model already has every core). Returns one result per slide of this rank, in input order.
 
     ``slides`` are paths or :class:`SlideInput` (from :func:`.inputs.slide_inputs`: a per-slide mpp, TRIDENT or
-    CLAM tiles, a tissue GeoJSON); ``mpp_override`` applies to those without their own mpp.
+    CLAM tiles, a tissue GeoJSON); ``mpp_override`` applies to those without their own mpp. ``artifacts``
+    drops tiles flagged as pen, blur or fold (:class:`.artifacts.ArtifactConfig`, its ``drop`` kinds).
     """
     ex = as_extractor(model_or_backbone)
     tiling = _prepare(ex, tiling, batch_size)
     out_dir = Path(out_dir)
     every = as_inputs(slides, mpp_override)
     rt = Runtime.of(fabric, device)
-    done = _finished(every, out_dir, ex, tiling, overwrite, rt)
+    done = _finished(every, out_dir, ex, tiling, overwrite, rt, artifacts)
     mine = every[rt.rank :: rt.world_size]
     todo = [s for s in mine if s.path not in done]
     results = [
@@ -318,10 +333,12 @@ def extract_slides(
 
             def plan_next(nxt: SlideInput | None = after) -> None:
                 if nxt is not None:
-                    pending.append(PlanAhead(nxt, tiling, tissue, None))
+                    pending.append(PlanAhead(nxt, tiling, tissue, None, artifacts))
 
             try:
-                r = _extract_one(ex, slide, out_dir, tiling, tissue, batch_size, workers, rt, show, planned, plan_next)
+                r = _extract_one(
+                    ex, slide, out_dir, tiling, tissue, batch_size, workers, rt, show, planned, plan_next, artifacts
+                )
             except BaseException:
                 for p in pending:
                     p.join()

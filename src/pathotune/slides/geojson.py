@@ -139,9 +139,14 @@ def mask_shape(dimensions: tuple[int, int], mask_size: int) -> tuple[int, int]:
     return max(1, round(height / factor)), max(1, round(width / factor))
 
 
-def tissue_feature_collection(mask: np.ndarray, dimensions: tuple[int, int]) -> dict:
+def tissue_feature_collection(
+    mask: np.ndarray, dimensions: tuple[int, int], classification: dict = TISSUE_CLASS, name: str = "tissue"
+) -> dict:
     """The tissue of ``mask`` (covering a slide of level-0 ``dimensions``) as QuPath annotations: one Polygon
-    (exterior and holes, closed rings in level-0 pixels) per 4-connected piece, classified ``Tissue``."""
+    (exterior and holes, closed rings in level-0 pixels) per 4-connected piece, classified ``Tissue``.
+
+    Any other area mask (an artifact's, see :mod:`.artifacts`) goes out the same way under its own
+    ``classification`` (QuPath's name and RGB colour) and feature ``name`` ("<name> <i>")."""
     mask = np.asarray(mask, dtype=bool)
     width, height = dimensions
     sx, sy = width / mask.shape[1], height / mask.shape[0]
@@ -155,15 +160,21 @@ def tissue_feature_collection(mask: np.ndarray, dimensions: tuple[int, int]) -> 
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": coords},
-                "properties": {"objectType": "annotation", "name": f"tissue {i}", "classification": TISSUE_CLASS},
+                "properties": {"objectType": "annotation", "name": f"{name} {i}", "classification": classification},
             }
         )
     return {"type": "FeatureCollection", "features": features}
 
 
-def tissue_geojson(mask: np.ndarray, dimensions: tuple[int, int], path: str | Path) -> Path:
+def tissue_geojson(
+    mask: np.ndarray,
+    dimensions: tuple[int, int],
+    path: str | Path,
+    classification: dict = TISSUE_CLASS,
+    name: str = "tissue",
+) -> Path:
     """Write :func:`tissue_feature_collection` to ``path`` atomically and return the path."""
-    fc = tissue_feature_collection(mask, dimensions)
+    fc = tissue_feature_collection(mask, dimensions, classification, name)
     atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
     return Path(path)
 

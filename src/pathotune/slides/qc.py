@@ -1,10 +1,11 @@
-"""A quality-control picture per slide: the thumbnail with the tissue outline and the kept tiles drawn on it.
+"""A quality-control picture per slide: the thumbnail with the tissue outline, the artifact flags and the kept
+tiles drawn on it.
 
 One glance shows whether the mask missed faint tissue, kept pen marks or glass, or the grid sits at the wrong
 scale, which is cheaper than finding out after feature extraction. :func:`tile_slides` (``pathotune slides
 tile``) does that for a whole set of slides and writes each slide's tile list and its tissue as QuPath GeoJSON
 beside its picture, so a mask that needs fixing can be fixed by hand in QuPath and fed back
-(``--tissue-geojson``).
+(``--tissue-geojson``); pen, blur and fold flags (:mod:`.artifacts`) go beside it as masks and GeoJSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from ..report.io import atomic_path
+from .artifacts import ArtifactConfig, paint_artifacts, tissue_shares, write_artifacts
 from .geojson import tissue_geojson
 from .inputs import SlideInput, as_inputs, slide_inputs
 from .planning import plan_on
@@ -50,7 +52,7 @@ def qc_thumbnail(reader: SlideReader, plan: TilePlan, path: str | Path, max_size
     width, height = reader.dimensions
     sx, sy = width / tw, height / th
 
-    pixels = np.array(thumb)
+    pixels = paint_artifacts(np.array(thumb), plan.artifacts)
     pixels[_outline(plan.mask, (tw, th))] = MASK_COLOUR
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
@@ -79,6 +81,7 @@ def tile_slides(
     mpp: float | None = None,
     thumb_size: int = 1024,
     tissue: TissueConfig | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Plan the tiles of every slide in ``slides`` (a folder, a slide or a CSV, see :func:`find_slides`, or
     :class:`SlideInput` from :func:`.inputs.slide_inputs` with their mpp, coords and tissue GeoJSON).
@@ -86,7 +89,9 @@ def tile_slides(
     Writes per slide ``<id>_qc.png`` (:func:`qc_thumbnail`, longer side ``thumb_size``), ``<id>_tiles.csv``
     (level-0 x, y and tissue fraction of each kept tile) and ``<id>_tissue.geojson`` (the tissue mask as QuPath
     annotations, level-0 pixels), then ``tiles_summary.csv`` with one row per slide, which is also what this
-    returns.
+    returns. With ``artifacts``, each flag it computes also goes out as ``<id>_<kind>.png`` and
+    ``<id>_<kind>.geojson``, as a column of the tile list (the fraction of each tile flagged) and of the summary
+    (the fraction of the tissue flagged, and the tiles its ``drop`` kinds removed).
     """
     out = Path(out)
     summary = []
@@ -94,11 +99,15 @@ def tile_slides(
     for slide in inputs:
         sid = slide.slide_id
         with open_slide(slide.path, mpp=slide.mpp) as reader:
-            plan, _ = plan_on(reader, slide, tiling, tissue)
+            plan, _ = plan_on(reader, slide, tiling, tissue, artifacts)
             qc_thumbnail(reader, plan, out / f"{sid}_qc.png", max_size=thumb_size)
-        tiles = [[int(x), int(y), f"{t:.4f}"] for (x, y), t in zip(plan.coords.tolist(), plan.tissue, strict=True)]
-        _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue"], tiles)
+        kinds = list(plan.artifact_fractions)
+        columns = [plan.tissue, *plan.artifact_fractions.values()]
+        tiles = [[x, y, *(f"{v:.4f}" for v in vs)] for (x, y), *vs in zip(plan.coords.tolist(), *columns, strict=True)]
+        _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue", *kinds], tiles)
         tissue_geojson(plan.mask, plan.dimensions, out / f"{sid}_tissue.geojson")
+        write_artifacts(plan.artifacts, plan.dimensions, out, sid)
+        shares = {k: f"{v:.4f}" for k, v in tissue_shares(plan.artifacts, plan.mask).items()}
         summary.append(
             {
                 "slide_id": sid,
@@ -108,6 +117,8 @@ def tile_slides(
                 "read_size": plan.read_size,
                 "slide_mpp": plan.slide_mpp,
                 "tile_size_level0": plan.tile_size_level0,
+                **shares,
+                **({"dropped": plan.n_dropped} if artifacts is not None and artifacts.drop else {}),
                 "slide_path": str(slide.path),
             }
         )
