@@ -6,10 +6,9 @@ their defaults come from published tools, adapted where the thumbnail's scale di
 
 - **pen** (anywhere on the slide: ink on glass is common): red, green and blue ink by the RGB colour ranges of
   deep-histopath's pen filters (the rows histolab 0.7 keeps); black ink by HistoQC's dark threshold (grey below
-  0.15, LightDarkModule) among near-grey pixels, since the darkest H&E pixels (nuclei) are purple, not grey,
-  read at HistoQC's scale like the fold rule (below).
-  HistoQC's own PenMarkingModule classifies colours with a Gaussian naive Bayes fitted to 25 example colours;
-  ``benchmarks/pen_qc.py`` measures both on HistoQC's pen thumbnails.
+  0.15, LightDarkModule) among near-grey pixels (the darkest H&E pixels, nuclei, are purple, not grey), read at
+  HistoQC's scale as the fold rule is (below). HistoQC's own PenMarkingModule classifies colours with a Gaussian
+  naive Bayes fitted to 25 example colours; ``benchmarks/pen_qc.py`` measures both on HistoQC's pen thumbnails.
 - **blur** (within tissue): HistoQC's BlurDetectionModule measure, the magnitude of the grey image's Laplacian
   averaged by a Gaussian: little fine detail means out of focus. HistoQC cuts it at a fixed value on a 2.5x
   thumbnail; the mask grid's microns per pixel vary with slide size, so the cut here is a fraction of the
@@ -50,7 +49,7 @@ __all__ = [
     "artifact_masks",
     "blur_mask",
     "coloured_ink",
-    "describe",
+    "drop_settings",
     "fold_mask",
     "ink_mask",
     "paint_artifacts",
@@ -120,7 +119,7 @@ class ArtifactConfig:
     blur_sigma: Gaussian sigma of the |Laplacian| average (HistoQC's module default is 7 px on its 2.5x
         thumbnail; 4 keeps a flag within a few mask pixels of the blurred area).
     blur_threshold: tissue is blurred where that average falls below this fraction of its median over the
-        slide's tissue (a Gaussian blur of sigma 2 px brings it to about a tenth).
+        slide's tissue (a Gaussian blur of sigma 2 px brings it under a tenth).
     fold_threshold: tissue darker than this grey level is a fold (HistoQC's darktissue threshold, 0.15).
     fold_sigma: Gaussian sigma of the grey-level average the fold rule reads, at least.
     work_um: the dark rules (black ink, fold) read the image averaged over a box of about this many microns
@@ -335,7 +334,7 @@ def write_artifacts(
     return written
 
 
-def describe(cfg: ArtifactConfig | None) -> dict | None:
+def drop_settings(cfg: ArtifactConfig | None) -> dict | None:
     """The settings that decided which tiles the artifact flags dropped, for a feature file's record; None when
     no kind drops tiles."""
     if cfg is None or not cfg.drop:

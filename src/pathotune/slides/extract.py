@@ -35,7 +35,7 @@ from ..features import (
     write_feature_file,
 )
 from ..report import progress_bar
-from .artifacts import ArtifactConfig, describe
+from .artifacts import ArtifactConfig, drop_settings
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .extract_log import LOG_NAME, ExtractLog, SlideResult
@@ -237,7 +237,7 @@ def _check_tile_source(path: Path, slide: SlideInput, artifacts: ArtifactConfig 
     new = (
         None if slide.tissue_geojson is None else str(Path(slide.tissue_geojson).resolve()),
         None if slide.coords is None else str(Path(slide.coords).resolve()),
-        describe(artifacts),
+        drop_settings(artifacts),
     )
     if old != new:
         raise ConfigError(

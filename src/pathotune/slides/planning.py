@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .artifacts import ArtifactConfig, describe
+from .artifacts import ArtifactConfig, drop_settings
 from .coords import PatchCoords, read_patch_coords
 from .geojson import geojson_tissue_mask, mask_shape
 from .inputs import SlideInput, as_inputs
@@ -69,8 +69,8 @@ def tiles_source(slide: SlideInput, tissue: TissueConfig | None, artifacts: Arti
     )
     if slide.coords is not None:
         source["coords"] = str(Path(slide.coords).resolve())
-    if describe(artifacts) is not None:
-        source["drop_artifacts"] = describe(artifacts)
+    if drop_settings(artifacts) is not None:
+        source["drop_artifacts"] = drop_settings(artifacts)
     return repr(source)
 
 
