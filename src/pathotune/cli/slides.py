@@ -105,6 +105,21 @@ MinAreaFracOpt = Annotated[
 MaskSizeOpt = Annotated[
     int, typer.Option(help="Longer side (px) of the thumbnail the tissue mask is found on, or a GeoJSON drawn on.")
 ]
+# -- artifact flags (pen, blur, fold), shared by `slides tile` and `slides extract` -----------------------------
+DropArtifactsOpt = Annotated[
+    str,
+    typer.Option(help="Drop tiles flagged as any of these (comma-separated: pen, blur, fold; or all, none)."),
+]
+MaxArtifactOpt = Annotated[
+    float, typer.Option(help="A tile is dropped when more than this fraction of it is flagged by a dropped kind.")
+]
+BlurThresholdOpt = Annotated[
+    float,
+    typer.Option(help="Blur: tissue whose fine detail (|Laplacian|) is below this fraction of the slide's median."),
+]
+FoldThresholdOpt = Annotated[
+    float, typer.Option(help="Fold: tissue darker than this grey level (0..1; HistoQC's dark-tissue 0.15).")
+]
 
 
 def _devices(value: str) -> int | str:
@@ -130,6 +145,21 @@ def _target_mpp(
 def _min_tissue(min_tissue: float | None, coords: Path | None) -> float:
     """--min-tissue, by default 0.5 on a grid and 0 on another tool's tiles (which that tool already chose)."""
     return min_tissue if min_tissue is not None else 0.0 if coords is not None else 0.5
+
+
+def _artifacts(qc: str | None, drop: str, max_artifact: float, blur_threshold: float, fold_threshold: float) -> Any:
+    """The ArtifactConfig of the --qc / --drop-artifacts flags; without --qc (extract) only the dropped kinds run."""
+    from ..slides.artifacts import ArtifactConfig, parse_kinds
+
+    dropped = parse_kinds(drop, "--drop-artifacts")
+    kinds = dropped if qc is None else parse_kinds(qc, "--qc")
+    return ArtifactConfig(
+        kinds=kinds,
+        drop=dropped,
+        max_fraction=max_artifact,
+        blur_threshold=blur_threshold,
+        fold_threshold=fold_threshold,
+    )
 
 
 def _tissue(
@@ -185,18 +215,30 @@ def tile(
     max_hole_frac: MaxHoleFracOpt = 0.02,
     min_area_frac: MinAreaFracOpt = 0.0005,
     mask_size: MaskSizeOpt = 1024,
+    qc: Annotated[
+        str,
+        typer.Option(
+            "--qc", help="Artifact flags to compute and write (comma-separated: pen, blur, fold; or all, none)."
+        ),
+    ] = "pen,blur,fold",
+    drop_artifacts: DropArtifactsOpt = "none",
+    max_artifact: MaxArtifactOpt = 0.25,
+    blur_threshold: BlurThresholdOpt = 0.2,
+    fold_threshold: FoldThresholdOpt = 0.15,
     skip_errors: SkipErrorsOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> int | None:
-    """Plan tiles per slide: <id>_qc.png (tissue outline and tiles), <id>_tiles.csv (level-0 x, y, tissue),
-    <id>_patches.h5 (TRIDENT's layout, for `extract --coords`) and <id>_tissue.geojson (QuPath annotations, for
-    `--tissue-geojson`). A rerun does only the slides not done yet."""
+    """Plan tiles per slide: <id>_qc.png (tissue outline, artifacts and tiles), <id>_tiles.csv (level-0 x, y,
+    tissue and artifact fractions), <id>_patches.h5 (TRIDENT's layout, for `extract --coords`),
+    <id>_tissue.geojson (QuPath annotations, for `--tissue-geojson`), and per --qc flag <id>_<flag>.png and
+    <id>_<flag>.geojson (pen, blur, fold). A rerun does only the slides not done yet."""
     from ..slides.inputs import slide_inputs
     from ..slides.qc import tile_slides
     from ..slides.tiling import TilingConfig
 
     with human_output(json_out):
+        artifacts = _artifacts(qc, drop_artifacts, max_artifact, blur_threshold, fold_threshold)
         target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
         cfg = TilingConfig(target, tile_size or 224, overlap or 0, _min_tissue(min_tissue, coords), mask_size)
         tissue = _tissue(
@@ -214,12 +256,21 @@ def tile(
             slides, mpp=mpp, coords=coords, tissue_geojson=tissue_geojson, repair_geojson=repair_geojson
         )
         rows = tile_slides(
-            inputs, out, cfg, thumb_size=thumb_size, tissue=tissue, skip_errors=skip_errors, overwrite=overwrite
+            inputs,
+            out,
+            cfg,
+            thumb_size=thumb_size,
+            tissue=tissue,
+            artifacts=artifacts,
+            skip_errors=skip_errors,
+            overwrite=overwrite,
         )
-        shown = ("slide_id", "status", "tiles", "candidates", "level", "read_size", "slide_mpp")
+        shown = ("slide_id", "status", "tiles", "candidates", "level", "read_size", "slide_mpp", *artifacts.kinds)
+        shown += ("dropped",) if artifacts.drop else ()
         what = f"tiles of {coords}" if coords else f"tiles at {cfg.target_mpp:g} mpp, {cfg.tile_size} px"
         print_table([{k: r.get(k) for k in shown} for r in rows], title=what)
-        console.print(f"QC thumbnails, tile lists, patches.h5 and tissue GeoJSON in {out}")
+        flags = f"; {', '.join(artifacts.kinds)}: fraction of the tissue flagged" if artifacts.kinds else ""
+        console.print(f"QC thumbnails, tile lists, patches.h5, tissue and artifact GeoJSON in {out}{flags}")
         code = cohort_exit(rows, out)
     if json_out:
         print_json({"out": str(out), "slides": rows})
@@ -267,6 +318,10 @@ def extract(
     max_hole_frac: MaxHoleFracOpt = 0.02,
     min_area_frac: MinAreaFracOpt = 0.0005,
     mask_size: MaskSizeOpt = 1024,
+    drop_artifacts: DropArtifactsOpt = "none",
+    max_artifact: MaxArtifactOpt = 0.25,
+    blur_threshold: BlurThresholdOpt = 0.2,
+    fold_threshold: FoldThresholdOpt = 0.15,
     devices: Annotated[str, typer.Option(help="Devices per node: a count or 'auto'.")] = "1",
     num_nodes: Annotated[int, typer.Option(min=1, help="Machines (SLURM: one srun task per device).")] = 1,
     accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu...")] = "auto",
@@ -289,6 +344,7 @@ def extract(
     from ..slides.tiling import TilingConfig
 
     with human_output(json_out):
+        artifacts = _artifacts(None, drop_artifacts, max_artifact, blur_threshold, fold_threshold)
         target = _target_mpp(target_mpp, mag, tile_size, overlap, coords)
         tissue = _tissue(
             tissue_method,
@@ -320,6 +376,7 @@ def extract(
             progress=not quiet,
             skip_errors=skip_errors,
             chunk_tiles=chunk_tiles,
+            artifacts=artifacts,
         )
         if fabric.global_rank != 0:
             return None

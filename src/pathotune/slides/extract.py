@@ -43,6 +43,7 @@ from ..features import (
 from ..features.partial import PartialFeatures, plan_digest
 from ..records import incremental
 from ..report import progress_bar
+from .artifacts import ArtifactConfig, drop_settings
 from .cohort import ERRORS, Cohort, read_errors
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
@@ -100,6 +101,7 @@ def _slide_attrs(
     slide: SlideInput,
     planned: PlannedSlide,
     rt: Runtime,
+    artifacts: ArtifactConfig | None = None,
 ) -> dict[str, Any]:
     plan = planned.plan
     return {
@@ -123,7 +125,7 @@ def _slide_attrs(
         "normalization": f"RGB tile at {ex.image_size} px (antialiased resize if needed), x / 255, "
         "then (x - norm_mean) / norm_std per channel",
         "precision": rt.precision,
-        "tissue_config": tiles_source(slide, tissue),
+        "tissue_config": tiles_source(slide, tissue, artifacts),
     }
 
 
@@ -141,13 +143,14 @@ def _extract_one(
     planned: PlannedSlide | None = None,
     on_started: Callable[[], None] | None = None,
     chunk_tiles: int = DEFAULT_CHUNK_TILES,
+    artifacts: ArtifactConfig | None = None,
 ) -> SlideResult:
     """Extract one slide, resuming the chunks an interrupted run kept; ``planned`` is its plan if made already,
     ``on_started`` runs once the loader's workers are forked (or at once when there is nothing to compute)."""
     sid = slide.slide_id
-    planned = planned or plan_slide(slide, tiling, tissue)
+    planned = planned or plan_slide(slide, tiling, tissue, artifacts=artifacts)
     plan, dim = planned.plan, ex.feature_dim
-    attrs = _slide_attrs(ex, tiling, tissue, slide, planned, rt)
+    attrs = _slide_attrs(ex, tiling, tissue, slide, planned, rt, artifacts)
     chunk = max(batch_size, chunk_tiles - chunk_tiles % batch_size)  # whole batches: a resume cuts the same ones
     key = {**request_attrs(ex, planned.tiling or tiling), "plan": plan_digest(plan.coords, plan.tissue)}
     key.update(precision=rt.precision, tiles_from=attrs["tissue_config"])
@@ -233,31 +236,35 @@ def _check(slide: SlideInput, tiling: TilingConfig) -> TilingConfig:
     return own
 
 
-def _recorded_sources(tissue_config: str) -> tuple[str | None, str | None]:
-    """The (tissue GeoJSON, coords file) a feature file's ``tissue_config`` names; Otsu files name neither (files
-    written before these sources existed hold a TissueConfig repr, which is Otsu on our grid)."""
+def _recorded_sources(tissue_config: str) -> tuple[str | None, str | None, dict | None]:
+    """The (tissue GeoJSON, coords file, artifact drop settings) a feature file's ``tissue_config`` names; Otsu
+    files name neither source (files written before these sources existed hold a TissueConfig repr, which is
+    Otsu on our grid), and files that dropped no flagged tiles name no artifact settings."""
     try:
         recorded = ast.literal_eval(tissue_config)
     except (ValueError, SyntaxError):
-        return None, None
+        return None, None, None
     if not isinstance(recorded, dict):
-        return None, None
-    return recorded.get("tissue_geojson"), recorded.get("coords")
+        return None, None, None
+    return recorded.get("tissue_geojson"), recorded.get("coords"), recorded.get("drop_artifacts")
 
 
-def _source_name(source: tuple[str | None, str | None]) -> str:
-    geojson, coords = source
+def _source_name(source: tuple[str | None, str | None, dict | None]) -> str:
+    geojson, coords, dropped = source
     mask = f"tissue GeoJSON {geojson}" if geojson else "the Otsu mask"
-    return f"{mask} and {f'coords {coords}' if coords else 'our grid'}"
+    flags = f", without the tiles flagged {','.join(dropped.get('drop', ()))}" if dropped else ""
+    return f"{mask} and {f'coords {coords}' if coords else 'our grid'}{flags}"
 
 
-def _check_tile_source(path: Path, slide: SlideInput) -> None:
-    """A finished file counts for this run only if its tiles came from the same tissue GeoJSON and coords file:
-    the request keys cannot tell a GeoJSON mask from Otsu's, or two coords files of the same tile size, apart."""
+def _check_tile_source(path: Path, slide: SlideInput, artifacts: ArtifactConfig | None = None) -> None:
+    """A finished file counts for this run only if its tiles came from the same tissue GeoJSON and coords file
+    and lost the same artifact-flagged tiles: the request keys cannot tell a GeoJSON mask from Otsu's, two
+    coords files of the same tile size, or a plan with and without flagged tiles apart."""
     old = _recorded_sources(str(read_feature_attrs(path).get("tissue_config", "")))
     new = (
         None if slide.tissue_geojson is None else str(Path(slide.tissue_geojson).resolve()),
         None if slide.coords is None else str(Path(slide.coords).resolve()),
+        drop_settings(artifacts),
     )
     if old != new:
         raise ConfigError(
@@ -273,6 +280,7 @@ def _finished(
     tiling: TilingConfig,
     rt: Runtime,
     cohort: Cohort,
+    artifacts: ArtifactConfig | None = None,
 ) -> dict[Path, int]:
     """Tile counts of the slides whose file is this request's finished result; every other slide is opened
     (its mpp, coords and tissue GeoJSON checked) now, so a missing one stops the run at once rather than hours
@@ -289,7 +297,7 @@ def _finished(
             if final.exists():
                 n = finished_tiles(final, request_attrs(ex, own or tiling))
                 if n is not None:
-                    _check_tile_source(final, slide)
+                    _check_tile_source(final, slide, artifacts)
                     done[slide.path] = n
                     return
                 if rt.rank == 0:
@@ -324,6 +332,7 @@ def extract_slides(
     plan_ahead: bool | None = None,
     skip_errors: bool = False,
     chunk_tiles: int = DEFAULT_CHUNK_TILES,
+    artifacts: ArtifactConfig | None = None,
 ) -> list[SlideResult]:
     """Extract every slide of this rank's share (``slides[rank::world_size]`` of those that open), resuming a
     previous run; returns one result per slide of this rank in input order: ``extracted``, ``skipped`` (finished
@@ -338,7 +347,8 @@ def extract_slides(
     the current one is in the model (default: when the model is on an accelerator).
 
     ``slides`` are paths or :class:`SlideInput` (from :func:`.inputs.slide_inputs`: a per-slide mpp, TRIDENT or
-    CLAM tiles, a tissue GeoJSON); ``mpp_override`` applies to those without their own mpp.
+    CLAM tiles, a tissue GeoJSON); ``mpp_override`` applies to those without their own mpp. ``artifacts``
+    drops tiles flagged as pen, blur or fold (:class:`.artifacts.ArtifactConfig`, its ``drop`` kinds).
     """
     ex = as_extractor(model_or_backbone)
     tiling = _prepare(ex, tiling, batch_size)
@@ -355,7 +365,19 @@ def extract_slides(
         )
         cohort = Cohort(out_dir, skip_errors, rt.rank, rt.world_size)
         results = _extract_cohort(
-            ex, every, out_dir, tiling, tissue, batch_size, num_workers, rt, progress, plan_ahead, chunk_tiles, cohort
+            ex,
+            every,
+            out_dir,
+            tiling,
+            tissue,
+            batch_size,
+            num_workers,
+            rt,
+            progress,
+            plan_ahead,
+            chunk_tiles,
+            cohort,
+            artifacts,
         )
     cohort.out = final_dir
     if rt.main and rt.world_size > 1 and skip_errors:  # every rank's failures, from the merged list
@@ -384,10 +406,11 @@ def _extract_cohort(
     plan_ahead: bool | None,
     chunk_tiles: int,
     cohort: Cohort,
+    artifacts: ArtifactConfig | None = None,
 ) -> list[SlideResult]:
     """Every usable slide of this rank's share into ``out_dir``; the finished and extracted ones' results."""
     skip_errors = cohort.skip_errors
-    done = _finished(every, out_dir, ex, tiling, rt, cohort)
+    done = _finished(every, out_dir, ex, tiling, rt, cohort, artifacts)
     if cohort.stop:  # every rank saw the same slide fail: stop before any extraction
         cohort.raise_first()
     usable = [s for s in every if s.slide_id not in cohort.failures]
@@ -411,12 +434,12 @@ def _extract_cohort(
 
             def plan_next(nxt: SlideInput | None = after) -> None:
                 if nxt is not None:
-                    pending.append(PlanAhead(nxt, tiling, tissue, None))
+                    pending.append(PlanAhead(nxt, tiling, tissue, None, artifacts))
 
             def step(slide: SlideInput = slide, plan_next: Callable[[], None] = plan_next) -> SlideResult:
                 planned = pending.pop().result() if pending else None
                 args = (ex, slide, out_dir, tiling, tissue, batch_size, workers, rt, show, planned, plan_next)
-                return _extract_one(*args, chunk_tiles)
+                return _extract_one(*args, chunk_tiles, artifacts)
 
             try:
                 r = cohort.run(slide.slide_id, slide.path, "extract", step)

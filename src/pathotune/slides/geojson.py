@@ -156,13 +156,19 @@ def _shapely(rings: Polygon) -> ShapelyPolygon:
 
 
 def tissue_feature_collection(
-    mask: np.ndarray, dimensions: tuple[int, int], tolerance: float = SIMPLIFY_TOLERANCE
+    mask: np.ndarray,
+    dimensions: tuple[int, int],
+    classification: dict = TISSUE_CLASS,
+    name: str = "tissue",
+    tolerance: float = SIMPLIFY_TOLERANCE,
 ) -> dict:
     """The tissue of ``mask`` (covering a slide of level-0 ``dimensions``) as QuPath annotations: one Polygon
     (exterior and holes, closed rings in level-0 pixels) per 4-connected piece, classified ``Tissue``.
 
     Each piece's outline is traced along pixel edges (:func:`.polygons.mask_polygons`, exact), then simplified by
-    shapely within ``tolerance`` mask pixels, topology kept (0 keeps the exact staircase)."""
+    shapely within ``tolerance`` mask pixels, topology kept (0 keeps the exact staircase). Any other area mask (an
+    artifact's, see :mod:`.artifacts`) goes out the same way under its own ``classification`` (QuPath's name and
+    RGB colour) and feature ``name`` ("<name> <i>")."""
     mask = np.asarray(mask, dtype=bool)
     width, height = dimensions
     sx, sy = width / mask.shape[1], height / mask.shape[0]
@@ -178,15 +184,21 @@ def tissue_feature_collection(
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": coords},
-                "properties": {"objectType": "annotation", "name": f"tissue {i}", "classification": TISSUE_CLASS},
+                "properties": {"objectType": "annotation", "name": f"{name} {i}", "classification": classification},
             }
         )
     return {"type": "FeatureCollection", "features": features}
 
 
-def tissue_geojson(mask: np.ndarray, dimensions: tuple[int, int], path: str | Path) -> Path:
+def tissue_geojson(
+    mask: np.ndarray,
+    dimensions: tuple[int, int],
+    path: str | Path,
+    classification: dict = TISSUE_CLASS,
+    name: str = "tissue",
+) -> Path:
     """Write :func:`tissue_feature_collection` to ``path`` atomically and return the path."""
-    fc = tissue_feature_collection(mask, dimensions)
+    fc = tissue_feature_collection(mask, dimensions, classification, name)
     atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
     return Path(path)
 

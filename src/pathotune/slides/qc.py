@@ -1,10 +1,12 @@
-"""A quality-control picture per slide: the thumbnail with the tissue outline and the kept tiles drawn on it.
+"""A quality-control picture per slide: the thumbnail with the tissue outline, the artifact flags and the kept
+tiles drawn on it.
 
 One glance shows whether the mask missed faint tissue, kept pen marks or glass, or the grid sits at the wrong
 scale, which is cheaper than finding out after feature extraction. :func:`tile_slides` (``pathotune slides
 tile``) does that for a whole cohort and writes beside each picture the slide's tile list, its tiles as TRIDENT's
 ``<slide_id>_patches.h5`` (``slides extract --coords`` takes the folder) and its tissue as QuPath GeoJSON (fix it
-by hand in QuPath and feed it back with ``--tissue-geojson``, which takes the folder too).
+by hand in QuPath and feed it back with ``--tissue-geojson``, which takes the folder too); pen, blur and fold
+flags (:mod:`.artifacts`) go beside it as masks and GeoJSON.
 
 The output folder is a record (:mod:`pathotune.records`) of one tiling request: a rerun with the same settings
 does only the slides not done yet (a slide is done once its ``_patches.h5``, written last, is there), and a
@@ -26,6 +28,7 @@ from scipy import ndimage
 from ..errors import note_interrupt
 from ..records import incremental
 from ..report.io import atomic_path
+from .artifacts import ArtifactConfig, paint_artifacts, tissue_shares, write_artifacts
 from .cohort import Cohort
 from .coords import PATCHES_SUFFIX, write_patch_coords
 from .geojson import tissue_geojson
@@ -59,7 +62,7 @@ def qc_thumbnail(reader: SlideReader, plan: TilePlan, path: str | Path, max_size
     width, height = reader.dimensions
     sx, sy = width / tw, height / th
 
-    pixels = np.array(thumb)
+    pixels = paint_artifacts(np.array(thumb), plan.artifacts)
     pixels[_outline(plan.mask, (tw, th))] = MASK_COLOUR
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
@@ -82,7 +85,6 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 SUMMARY = "tiles_summary.csv"
-SUMMARY_FIELDS = ("slide_id", "tiles", "candidates", "level", "read_size", "slide_mpp", "tile_size_level0")
 
 
 def _read_summary(path: Path) -> dict[str, dict[str, Any]]:
@@ -95,15 +97,26 @@ def _read_summary(path: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _tile_one(slide: SlideInput, out: Path, tiling: TilingConfig, thumb_size: int, tissue: TissueConfig | None) -> dict:
-    """One slide's QC picture, tile list, tissue GeoJSON and, last, its ``_patches.h5``."""
+def _tile_one(
+    slide: SlideInput,
+    out: Path,
+    tiling: TilingConfig,
+    thumb_size: int,
+    tissue: TissueConfig | None,
+    artifacts: ArtifactConfig | None,
+) -> dict:
+    """One slide's QC picture, tile list, tissue and artifact GeoJSON and, last, its ``_patches.h5``."""
     sid = slide.slide_id
     with open_slide(slide.path, mpp=slide.mpp) as reader:
-        plan, own = plan_on(reader, slide, tiling, tissue)
+        plan, own = plan_on(reader, slide, tiling, tissue, artifacts)
         qc_thumbnail(reader, plan, out / f"{sid}_qc.png", max_size=thumb_size)
-    tiles = [[int(x), int(y), f"{t:.4f}"] for (x, y), t in zip(plan.coords.tolist(), plan.tissue, strict=True)]
-    _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue"], tiles)
+    kinds = list(plan.artifact_fractions)
+    columns = [plan.tissue, *plan.artifact_fractions.values()]
+    tiles = [[x, y, *(f"{v:.4f}" for v in vs)] for (x, y), *vs in zip(plan.coords.tolist(), *columns, strict=True)]
+    _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue", *kinds], tiles)
     tissue_geojson(plan.mask, plan.dimensions, out / f"{sid}_tissue.geojson")
+    write_artifacts(plan.artifacts, plan.dimensions, out, sid)
+    shares = {k: f"{v:.4f}" for k, v in tissue_shares(plan.artifacts, plan.mask).items()}
     write_patch_coords(out / f"{sid}{PATCHES_SUFFIX}", plan, own.overlap)
     return {
         "slide_id": sid,
@@ -113,6 +126,8 @@ def _tile_one(slide: SlideInput, out: Path, tiling: TilingConfig, thumb_size: in
         "read_size": plan.read_size,
         "slide_mpp": plan.slide_mpp,
         "tile_size_level0": plan.tile_size_level0,
+        **shares,
+        **({"dropped": plan.n_dropped} if artifacts is not None and artifacts.drop else {}),
         "slide_path": str(slide.path),
     }
 
@@ -124,6 +139,7 @@ def tile_slides(
     mpp: float | None = None,
     thumb_size: int = 1024,
     tissue: TissueConfig | None = None,
+    artifacts: ArtifactConfig | None = None,
     skip_errors: bool = False,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
@@ -133,15 +149,18 @@ def tile_slides(
     Writes per slide ``<id>_qc.png`` (:func:`qc_thumbnail`, longer side ``thumb_size``), ``<id>_tiles.csv``
     (level-0 x, y and tissue fraction of each kept tile), ``<id>_tissue.geojson`` (the tissue mask as QuPath
     annotations, level-0 pixels) and ``<id>_patches.h5`` (TRIDENT's layout), then ``tiles_summary.csv`` with one
-    row per slide done. Returns one row per slide of ``slides``: its summary with ``status`` ``tiled``, ``done``
-    (by an earlier run) or ``failed`` (with ``reason``; also in ``errors.csv``). Without ``skip_errors`` the first
-    failure ends the call with its error.
+    row per slide done. With ``artifacts``, each flag it computes also goes out as ``<id>_<kind>.png`` and
+    ``<id>_<kind>.geojson``, as a column of the tile list (the fraction of each tile flagged) and of the summary
+    (the fraction of the tissue flagged, and the tiles its ``drop`` kinds removed). Returns one row per slide of
+    ``slides``: its summary with ``status`` ``tiled``, ``done`` (by an earlier run) or ``failed`` (with
+    ``reason``; also in ``errors.csv``). Without ``skip_errors`` the first failure ends the call with its error.
     """
     out = Path(out)
     inputs = as_inputs(slides, mpp) if isinstance(slides, list) else slide_inputs(slides, mpp)
     request = {
         "tiling": asdict(tiling),
         "tissue": asdict(tissue or TissueConfig()),
+        "artifacts": None if artifacts is None else asdict(artifacts),
         "thumb_size": int(thumb_size),
         "coords": sorted({str(s.coords.parent) for s in inputs if s.coords is not None}),
         "tissue_geojson": sorted({str(s.tissue_geojson.parent) for s in inputs if s.tissue_geojson is not None}),
@@ -162,7 +181,10 @@ def tile_slides(
                     rows.append({**summary[sid], "status": "done"})
                     continue
                 row = cohort.run(
-                    sid, slide.path, "tile", lambda s=slide: _tile_one(s, workdir, tiling, thumb_size, tissue)
+                    sid,
+                    slide.path,
+                    "tile",
+                    lambda s=slide: _tile_one(s, workdir, tiling, thumb_size, tissue, artifacts),
                 )
                 if row is None:
                     failure = cohort.failures[sid]
@@ -176,7 +198,8 @@ def tile_slides(
                 rows.append({**row, "status": "tiled"})
         finally:
             if summary:
-                fields = list(SUMMARY_FIELDS) + ["slide_path"]
+                fields = list(dict.fromkeys(k for r in summary.values() for k in r if k != "slide_path"))
+                fields.append("slide_path")
                 _write_csv(workdir / SUMMARY, fields, [[r.get(k) for k in fields] for _, r in sorted(summary.items())])
             if skip_errors:
                 cohort.write()
