@@ -20,6 +20,7 @@ from vendor_slides import (
     DICOM_TRANSFER_SYNTAXES,
     dicom_level_files,
     write_dicom_wsi,
+    write_mrxs,
     write_ndpi,
     write_ome_tiff,
     write_scn,
@@ -31,7 +32,7 @@ from pathotune.features.h5 import read_slide_features
 from pathotune.slides import TilingConfig, find_slides, open_slide, plan_tiles, read_tile, require_mpp, sample_slide
 from pathotune.slides.dataset import SlideTileDataset
 from pathotune.slides.discover import listed_slides, slide_id
-from pathotune.slides.mpp import UnusableMpp, ome_mpp
+from pathotune.slides.metadata import UnusableMpp, ome_mpp, ome_objective
 
 REGION = (700, 1500, 512, 384)  # dense dermis of the CMU slide, level-0 x, y, width, height
 
@@ -116,6 +117,16 @@ def test_ome_single_level_through_openslide(tmp_path, he) -> None:
         assert r.mpp == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tiffslide"])
+def test_ome_objective_from_the_instrument(tmp_path, he, backend: str) -> None:
+    path = tmp_path / "scanner.ome.tif"
+    levels = write_ome_tiff(path, he, 0.25, objective=40.0)
+    with open_slide(path, backend=backend) as r:
+        assert (r.objective_power, r.mpp) == (40.0, pytest.approx(0.25))
+        assert r.level_count == (1 if backend == "openslide" else 3)  # OpenSlide ignores SubIFDs
+        check_reads(r, levels[: r.level_count])
+
+
 def test_ome_anisotropic_pixels_average(tmp_path, he) -> None:
     path = tmp_path / "aniso.ome.tif"
     write_ome_tiff(path, he, 0.24, "\u00b5m", size_y=0.26, levels=2)
@@ -153,6 +164,14 @@ def test_ome_xml_picks_the_image_of_the_slide_size() -> None:
     xml = f'<?xml version="1.0"?><OME xmlns="{ns}">{label}{main}</OME>'
     assert ome_mpp(xml, (512, 384)) == pytest.approx(0.5)
     assert ome_mpp(xml, None) == pytest.approx(20.0)  # no size to match: the first image
+    objectives = (
+        '<Instrument><Objective ID="O:1" NominalMagnification="10"/>'
+        '<Objective ID="O:2" NominalMagnification="40"/></Instrument>'
+    )
+    linked = main.replace("<Pixels", '<ObjectiveSettings ID="O:2"/><Pixels')
+    assert ome_objective(f'<OME xmlns="{ns}">{objectives}{label}{linked}</OME>', (512, 384)) == 40.0
+    assert ome_objective(f'<OME xmlns="{ns}">{objectives}{label}{main}</OME>', (512, 384)) is None  # which one?
+    assert ome_objective(xml, (512, 384)) is None
     assert ome_mpp(f'<OME xmlns="{ns}"><Image><Pixels SizeX="4" SizeY="4"/></Image></OME>') is None
     assert ome_mpp('<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01"/>') is None
     with pytest.raises(UnusableMpp, match="does not parse"):
@@ -233,7 +252,7 @@ def test_dicom_tiles_and_loader_reopen(tmp_path, he) -> None:
         ds.close()
 
 
-# -- Hamamatsu NDPI and Leica SCN through OpenSlide -------------------------------------------------------------
+# -- Hamamatsu NDPI, Leica SCN and MIRAX through OpenSlide ------------------------------------------------------
 def test_ndpi(tmp_path, he) -> None:
     path = tmp_path / "cmu.ndpi"
     levels = write_ndpi(path, he, mpp=0.25, objective=20.0)
@@ -270,11 +289,29 @@ def test_scn(tmp_path, he) -> None:
     check_close(r, tmp_path)
 
 
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_mrxs(tmp_path, he, image_format: str) -> None:
+    path = tmp_path / "cmu.mrxs"
+    levels = write_mrxs(path, he, mpp=0.25, objective=20, image_format=image_format)
+    with open_slide(path) as r:
+        assert (r.backend, r.vendor) == ("openslide", "mirax")
+        assert r.dimensions == (512, 384)
+        assert r.level_dimensions == ((512, 384), (256, 192), (128, 96))
+        assert r.level_downsamples == (1.0, 2.0, 4.0)
+        assert r.mpp == pytest.approx(0.25)
+        assert r.objective_power == 20.0
+        check_reads(r, levels, exact=image_format == "PNG")
+        thumb = arr(r.thumbnail(128))
+        assert np.abs(thumb.astype(int) - levels[2].astype(int)).max() <= (0 if image_format == "PNG" else 1)
+    check_close(r, tmp_path)
+
+
 # -- discovery -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory) -> Path:
-    """A cohort folder: the vendored SVS, an OME-TIFF, an NDPI, an SCN, a DICOM series with .dcm names and,
-    deeper down, one whose files have no extension (as PACS exports write them)."""
+    """A cohort folder: the vendored SVS, an OME-TIFF, an NDPI, an SCN, a MIRAX slide (with its data folder), a
+    DICOM series with .dcm names and, deeper down, one whose files have no extension (as PACS exports write
+    them)."""
     root = tmp_path_factory.mktemp("cohort")
     he = cmu_crop(*REGION)
     shutil.copy(sample_slide(), root / "cmu_svs.svs")
@@ -282,6 +319,7 @@ def mixed(tmp_path_factory) -> Path:
     write_ome_tiff(root / "ome" / "cmu_ome.ome.tif", he, 250, "nm")
     write_ndpi(root / "cmu_ndpi.ndpi", he, mpp=0.25)
     write_scn(root / "cmu_scn.scn", he, mpp=0.5)
+    write_mrxs(root / "cmu_mrxs.mrxs", he, mpp=0.25)
     write_dicom_wsi(root / "case_dcm", he, mpp=0.25)
     plain = root / "pacs" / "case_plain"
     write_dicom_wsi(plain, he, mpp=0.25, levels=2)
@@ -293,6 +331,7 @@ def mixed(tmp_path_factory) -> Path:
 def test_folder_discovery_finds_dicom_series_as_one_slide(mixed) -> None:
     found = find_slides(mixed)
     assert [p.relative_to(mixed).as_posix() for p in found] == [  # os.walk's order: a folder's files, then below
+        "cmu_mrxs.mrxs",
         "cmu_ndpi.ndpi",
         "cmu_scn.scn",
         "cmu_svs.svs",
@@ -300,7 +339,8 @@ def test_folder_discovery_finds_dicom_series_as_one_slide(mixed) -> None:
         "ome/cmu_ome.ome.tif",
         "pacs/case_plain",
     ]
-    assert [slide_id(p) for p in found] == ["cmu_ndpi", "cmu_scn", "cmu_svs", "case_dcm", "cmu_ome.ome", "case_plain"]
+    ids = ["cmu_mrxs", "cmu_ndpi", "cmu_scn", "cmu_svs", "case_dcm", "cmu_ome.ome", "case_plain"]
+    assert [slide_id(p) for p in found] == ids
     assert find_slides(mixed / "pacs" / "case_plain") == [mixed / "pacs" / "case_plain"]  # the series itself
     with open_slide(mixed / "pacs" / "case_plain") as r:
         assert (r.backend, r.level_count, r.mpp) == ("dicom", 2, pytest.approx(0.25))
@@ -338,8 +378,8 @@ def test_cli_tile_and_extract_over_every_format(mixed, tmp_path, monkeypatch, ca
     assert code == 0, err
     with open(out / "tiles_summary.csv", newline="") as f:
         rows = {r["slide_id"]: r for r in csv.DictReader(f)}
-    want_mpp = {"case_dcm": 0.25, "cmu_ndpi": 0.25, "cmu_scn": 0.5, "cmu_svs": 0.499, "cmu_ome.ome": 0.25}
-    want_mpp["case_plain"] = 0.25
+    want_mpp = {"case_dcm": 0.25, "case_plain": 0.25, "cmu_mrxs": 0.25, "cmu_ndpi": 0.25, "cmu_ome.ome": 0.25}
+    want_mpp.update(cmu_scn=0.5, cmu_svs=0.499)
     assert set(rows) == set(want_mpp)
     for sid, mpp in want_mpp.items():
         assert float(rows[sid]["slide_mpp"]) == pytest.approx(mpp), sid
@@ -359,7 +399,7 @@ def test_cli_tile_and_extract_over_every_format(mixed, tmp_path, monkeypatch, ca
         "--target-mpp", "2.0", "--num-workers", "0", "--quiet",
     )  # fmt: skip
     assert code == 0, err
-    for sid in ("case_dcm", "case_plain", "cmu_ome.ome"):
+    for sid in want_mpp:
         f = read_slide_features(feats / f"{sid}.h5")
         assert f.features.shape[0] == len(f.coords) > 0 and np.isfinite(f.features).all()
     assert {p: p.read_bytes() for p in mixed.rglob("*") if p.is_file()} == before  # slides are only read

@@ -4,13 +4,18 @@ Each writer produces what a scanner or converter writes, as far as the readers l
 tifffile's OME writer (OME-XML with PhysicalSizeX/Y and units, a SubIFD pyramid), a DICOM WSI series through
 wsidicom's own writer (one instance per level, pixel spacing, objective lens power), a Hamamatsu NDPI (JPEG
 strips with restart markers and Hamamatsu's private tags) and a Leica SCN (BigTIFF, the SCN XML in the
-ImageDescription) through tifffile. Each returns the pixels its levels hold, so tests compare reads with them.
+ImageDescription) through tifffile, and a 3DHISTECH MIRAX (.mrxs beside a folder of Slidedat.ini, Index.dat
+and a data file of camera images). Each returns the pixels its levels hold, so tests compare reads with them.
+The layouts follow the formats' descriptions and OpenSlide's readers of them.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import re
+import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +57,15 @@ def write_ome_tiff(
     size_y: float | str | None = None,
     levels: int = 3,
     tile: int = 64,
+    objective: float | None = None,
 ) -> list[np.ndarray]:
     """An OME-TIFF as Bio-Formats and QuPath write it: level 0 with the OME-XML, reductions as its SubIFDs.
 
     ``size_x``/``size_y`` (``size_y`` defaults to ``size_x``) and ``unit`` go into PhysicalSizeX/Y and their
     unit attributes exactly as given (a string is written verbatim; None leaves the attribute out), so
-    malformed metadata can be written too. ``levels=1`` writes a plain single-level OME-TIFF.
+    malformed metadata can be written too. ``levels=1`` writes a plain single-level OME-TIFF. ``objective``
+    adds an Instrument with that Objective (NominalMagnification) and links the image to it, as Bio-Formats
+    does for scanner files.
     """
     arrays = pyramid_levels(rgb, levels)
     metadata: dict = {"axes": "YXS"}
@@ -72,6 +80,13 @@ def write_ome_tiff(
         tw.write(arrays[0], subifds=levels - 1, metadata=metadata, **common)
         for arr in arrays[1:]:
             tw.write(arr, subfiletype=1, **common)
+    if objective is not None:
+        xml = tifffile.tiffcomment(path)
+        instrument = f'<Instrument ID="Instrument:0"><Objective ID="Objective:0:0" NominalMagnification="{objective}"/>'
+        xml = re.sub(r"(<OME\b[^>]*>)", rf"\1{instrument}</Instrument>", xml, count=1)
+        links = '<InstrumentRef ID="Instrument:0"/><ObjectiveSettings ID="Objective:0:0"/>'
+        xml = re.sub(r"(<Image\b[^>]*>)", rf"\1{links}", xml, count=1)
+        tifffile.tiffcomment(path, xml.encode("utf-8"))
     return arrays
 
 
@@ -292,3 +307,109 @@ def write_scn(
                 metadata=None,
             )
     return arrays
+
+
+# -- 3DHISTECH MIRAX -----------------------------------------------------------------------------------------------
+
+
+def _i32(value: int) -> bytes:
+    return struct.pack("<i", value)
+
+
+def write_mrxs(
+    path: str | Path,
+    rgb: np.ndarray,
+    mpp: float,
+    levels: int = 3,
+    objective: int = 20,
+    image: int = 128,
+    image_format: str = "PNG",
+) -> list[np.ndarray]:
+    """A MIRAX slide: ``path`` (``.mrxs``) and beside it a folder of that name holding ``Slidedat.ini`` (the
+    slide's layout, MICROMETER_PER_PIXEL_X/Y and OBJECTIVE_MAGNIFICATION), ``Index.dat`` (per zoom level, a data
+    page listing each camera image's index, offset, length and data file) and ``Data0000.dat`` (the images).
+
+    Level 0 is a grid of ``image`` x ``image`` camera images without overlap (so no position map is needed);
+    each zoom level concatenates 2x2 images of the one below (IMAGE_CONCAT_FACTOR=1), padded with the fill
+    colour (white) past the slide's edge. ``image_format`` is PNG (lossless) or JPEG. Returns each level as
+    its images decode."""
+    path = Path(path)
+    arrays = pyramid_levels(rgb, levels)
+    height, width = arrays[0].shape[:2]
+    if width % image or height % image:
+        raise ValueError(f"a {width}x{height} slide is no whole number of {image} px camera images")
+    across, down = width // image, height // image
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True)
+    slide_uuid = str(uuid.UUID(int=0xC0FFEE))
+    data, pages, decoded = bytearray(), [], []
+    for k, arr in enumerate(arrays):
+        concat = 2**k
+        level = np.full((arr.shape[0] + image, arr.shape[1] + image, 3), 255, dtype=np.uint8)
+        entries = []
+        for y in range(0, down, concat):
+            for x in range(0, across, concat):
+                cam = np.full((image, image, 3), 255, dtype=np.uint8)
+                ly, lx = (y // concat) * image, (x // concat) * image
+                block = arr[ly : ly + image, lx : lx + image]
+                cam[: block.shape[0], : block.shape[1]] = block
+                buf = io.BytesIO()
+                Image.fromarray(cam).save(buf, image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+                with Image.open(io.BytesIO(buf.getvalue())) as img:
+                    level[ly : ly + image, lx : lx + image] = np.asarray(img.convert("RGB"))
+                entries.append((y * across + x, len(data), len(buf.getvalue()), 0))
+                data += buf.getvalue()
+        pages.append(entries)
+        decoded.append(level[: arr.shape[0], : arr.shape[1]].copy())
+    (folder / "Data0000.dat").write_bytes(bytes(data))
+
+    # Index.dat: version and slide id, then a pointer to the zoom levels' record pointers and one to the
+    # (empty) non-hierarchical table; each record is 0, a pointer to its data page, and the page holds its
+    # entry count, the next page (0: none) and (image index, offset, length, data file) per image.
+    index = bytearray(b"01.02" + slide_uuid.encode())
+    root = len(index)
+    index += bytes(8)
+    table = len(index)
+    index += bytes(4 * len(pages))
+    index[root : root + 4] = _i32(table)
+    index[root + 4 : root + 8] = _i32(len(index))
+    index += _i32(0)
+    for k, entries in enumerate(pages):
+        index[table + 4 * k : table + 4 * k + 4] = _i32(len(index))
+        index += _i32(0) + _i32(len(index) + 8)
+        index += _i32(len(entries)) + _i32(0) + b"".join(_i32(v) for e in entries for v in e)
+    (folder / "Index.dat").write_bytes(bytes(index))
+
+    ini = [
+        "[GENERAL]",
+        f"SLIDE_ID={slide_uuid}",
+        f"IMAGENUMBER_X={across}",
+        f"IMAGENUMBER_Y={down}",
+        f"OBJECTIVE_MAGNIFICATION={objective}",
+        "[HIERARCHICAL]",
+        "HIER_COUNT=1",
+        "HIER_0_NAME=Slide zoom level",
+        f"HIER_0_COUNT={levels}",
+        *(f"HIER_0_VAL_{k}=ZoomLevel_{k}\nHIER_0_VAL_{k}_SECTION=LAYER_0_LEVEL_{k}_SECTION" for k in range(levels)),
+        "NONHIER_COUNT=0",
+        "INDEXFILE=Index.dat",
+        "[DATAFILE]",
+        "FILE_COUNT=1",
+        "FILE_0=Data0000.dat",
+    ]
+    for k in range(levels):
+        ini += [
+            f"[LAYER_0_LEVEL_{k}_SECTION]",
+            "OVERLAP_X=0",
+            "OVERLAP_Y=0",
+            f"MICROMETER_PER_PIXEL_X={mpp * 2**k}",
+            f"MICROMETER_PER_PIXEL_Y={mpp * 2**k}",
+            f"IMAGE_FORMAT={image_format}",
+            "IMAGE_FILL_COLOR_BGR=16777215",
+            f"DIGITIZER_WIDTH={image}",
+            f"DIGITIZER_HEIGHT={image}",
+            f"IMAGE_CONCAT_FACTOR={0 if k == 0 else 1}",
+        ]
+    (folder / "Slidedat.ini").write_text("\r\n".join(ini) + "\r\n")
+    path.write_bytes(b"")  # the .mrxs itself carries nothing; OpenSlide reads the folder beside it
+    return decoded

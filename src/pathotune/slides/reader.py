@@ -6,8 +6,8 @@ pixels of the requested level. Every read comes back as 8-bit RGB; transparent p
 area, or an alpha channel) are composited on white, the colour of empty glass.
 
 About 550 lines on purpose: the interface, its four backends and the order ``open_slide`` tries them in are
-read together (each backend is short; the fallback rules only make sense beside all of them). Where the
-microns per pixel come from is ``slides.mpp``.
+read together (each backend is short; the fallback rules only make sense beside all of them). Where mpp and
+objective power come from is ``slides.metadata``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import openslide
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError, one_line
-from .mpp import UnusableMpp, mpp_from_properties, positive_float
+from .metadata import UnusableMpp, mpp_from_properties, objective_from_properties, positive_float
 
 __all__ = [
     "BACKENDS",
@@ -85,12 +85,14 @@ class SlideReader(ABC):
         self._objective_power: float | None = None
         self._closed = False
 
-    def _set_mpp_from(self, props: Mapping[str, Any], prefix: str) -> None:
-        """The native mpp from a TIFF-like backend's properties (``slides.mpp``), or the reason it is unusable."""
+    def _set_scale_from(self, props: Mapping[str, Any], prefix: str) -> None:
+        """mpp (or the reason it is unusable) and objective power from a TIFF-like backend's properties, read by
+        ``slides.metadata``."""
         try:
             self._native_mpp = mpp_from_properties(props, prefix, self.dimensions)
         except UnusableMpp as e:
             self._native_mpp, self._mpp_problem = None, str(e)
+        self._objective_power = objective_from_properties(props, prefix, self.dimensions)
 
     # -- geometry and metadata -------------------------------------------------------------------------------
     @property
@@ -246,8 +248,7 @@ class OpenSlideReader(SlideReader):
         self.vendor = str(props.get("openslide.vendor", ""))
         self._level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        self._set_mpp_from(props, "openslide")
-        self._objective_power = positive_float(props.get("openslide.objective-power"))
+        self._set_scale_from(props, "openslide")
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         return self._slide.read_region(location, level, size)
@@ -276,8 +277,7 @@ class TiffSlideReader(SlideReader):
         except BaseException:
             self._slide.close()
             raise
-        self._set_mpp_from(props, "tiffslide")
-        self._objective_power = positive_float(props.get("tiffslide.objective-power"))
+        self._set_scale_from(props, "tiffslide")
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         return self._slide.read_region(location, level, size, padding=False)
