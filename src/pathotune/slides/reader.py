@@ -336,7 +336,8 @@ class DicomReader(SlideReader):
             raise
 
     def _wsi_instances(self, folder: Path) -> list[Path]:
-        """The folder's whole-slide image instances, all of one series; any other DICOM file is left out."""
+        """The folder's whole-slide image instances, all of one series; any other DICOM file is left out. Their
+        headers also give the objective (ObjectiveLensPower of the optical path)."""
         import pydicom
 
         files = dicom_files(folder)
@@ -346,17 +347,23 @@ class DicomReader(SlideReader):
                 "DICOM WSI series"
             )
         found, volume_series = [], set()
+        tags = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "OpticalPathSequence"]
         for f in files:
             try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID", "SeriesInstanceUID"])
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
             except self._read_errors as e:
                 raise self._corrupt(f, one_line(e, 200)) from None
             sop_class = ds.get("SOPClassUID")
             if sop_class is None:
                 raise self._corrupt(f, "it has no SOP Class UID")
-            if sop_class == _WSI_SOP_CLASS:
-                found.append(f)
+            if sop_class != _WSI_SOP_CLASS:
+                continue
+            found.append(f)
+            image_type = list(ds.get("ImageType") or [])
+            if len(image_type) > 2 and image_type[2] == "VOLUME":  # labels and overviews may be series of their own
                 volume_series.add(str(ds.get("SeriesInstanceUID", "")))
+                powers = (positive_float(p.get("ObjectiveLensPower")) for p in ds.get("OpticalPathSequence", []))
+                self._objective_power = self._objective_power or next((p for p in powers if p is not None), None)
         if not found:
             raise DataError(
                 f"slide {folder} holds no DICOM whole-slide image instances (VL Whole Slide Microscopy Image) "
@@ -400,9 +407,6 @@ class DicomReader(SlideReader):
             self._native_mpp = sum(found) / len(found) if found else None
             if not found:
                 self._mpp_problem = f"its DICOM pixel spacing is {spacing.width} x {spacing.height} um"
-        dataset = self._levels[0].default_instance.dataset.as_dataset()
-        powers = [positive_float(p.get("ObjectiveLensPower")) for p in dataset.get("OpticalPathSequence", [])]
-        self._objective_power = next((p for p in powers if p is not None), None)
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         ds = self._level_downsamples[level]
