@@ -33,6 +33,7 @@ from pathotune.slides import TilingConfig, find_slides, open_slide, plan_tiles, 
 from pathotune.slides.dataset import SlideTileDataset
 from pathotune.slides.discover import listed_slides, slide_id
 from pathotune.slides.metadata import UnusableMpp, ome_mpp, ome_objective
+from pathotune.slides.reader import is_dicom_file
 
 REGION = (700, 1500, 512, 384)  # dense dermis of the CMU slide, level-0 x, y, width, height
 
@@ -344,6 +345,18 @@ def test_folder_discovery_finds_dicom_series_as_one_slide(mixed) -> None:
     assert find_slides(mixed / "pacs" / "case_plain") == [mixed / "pacs" / "case_plain"]  # the series itself
     with open_slide(mixed / "pacs" / "case_plain") as r:
         assert (r.backend, r.level_count, r.mpp) == ("dicom", 2, pytest.approx(0.25))
+
+
+def test_what_a_dicom_file_is(tmp_path, mixed) -> None:
+    marked = b"\0" * 128 + b"DICM" + b"\0" * 16
+    for name, dicom in [("IM0001", True), ("1.2.840.113619.2.5", True), ("x.dcm", True), ("x.tif", False)]:
+        (tmp_path / name).write_bytes(marked)
+        assert is_dicom_file(tmp_path / name) is dicom, name  # a slide extension is its own format
+    (tmp_path / "notes.txt").write_bytes(b"\0" * 200)
+    assert not is_dicom_file(tmp_path / "notes.txt")
+    plain = mixed / "pacs" / "case_plain"
+    with open_slide(plain / "IM0000") as r:  # an instance without extension opens its series
+        assert (r.backend, r.path, r.level_count) == ("dicom", plain, 2)
 
 
 def test_slide_list_names_dicom_folders_or_files(mixed, tmp_path) -> None:

@@ -13,28 +13,13 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .reader import is_dicom_file
+from .reader import SLIDE_EXTENSIONS, is_dicom_file
 
 __all__ = ["SLIDE_EXTENSIONS", "find_slides", "listed_slides", "slide_id", "unique_ids"]
 
 PATH_COLUMNS = ("slide_path", "path", "wsi")  # "wsi": TRIDENT's slide list
 MPP_COLUMN = "mpp"
 
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".svslide",
-    ".bif",
-    ".vms",
-    ".vmu",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
 # Hamamatsu VMS/VMU slides keep their image data in sibling JPEGs, which are not slides of their own.
 _VMS_COMPANIONS = (".jpg", ".jpeg")
 
@@ -61,14 +46,14 @@ def _slides_in_folder(folder: Path) -> list[Path]:
                 if not (has_vms and ext in _VMS_COMPANIONS):
                     slides.append(Path(dirpath) / name)
             elif not dicom:
-                dicom = is_dicom_file(Path(dirpath) / name)
+                dicom = is_dicom_file(Path(dirpath) / name)  # DICOM files are sniffed only once per folder
         found.extend([Path(dirpath), *slides] if dicom else slides)
     return found
 
 
 def _dicom_series(path: Path) -> Path:
     """A DICOM instance stands for its series, the folder it lies in."""
-    return path.parent if path.is_file() and path.suffix.lower() != ".csv" and is_dicom_file(path) else path
+    return path.parent if path.is_file() and is_dicom_file(path) else path
 
 
 def _mpp_cell(path: Path, line: int, value: str) -> float | None:

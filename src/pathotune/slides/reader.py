@@ -30,6 +30,7 @@ from .metadata import UnusableMpp, mpp_from_properties, objective_from_propertie
 __all__ = [
     "BACKENDS",
     "LEVEL_TOLERANCE",
+    "SLIDE_EXTENSIONS",
     "DicomReader",
     "ImageReader",
     "OpenSlideReader",
@@ -42,6 +43,22 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "openslide", "tiffslide", "dicom", "image")
+# Files of these extensions are slides of their own; any other file may be a DICOM instance (see is_dicom_file).
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".svslide",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 # Scanners store downsamples such as 4.000345; a level this close to the wanted downsample still counts as
 # "not coarser than wanted", so rounding noise never pushes tiling one level finer (4x more pixels to read).
 LEVEL_TOLERANCE = 0.01
@@ -330,7 +347,7 @@ class DicomReader(SlideReader):
                 "re-copy or re-export the slide"
             ) from None
         try:
-            self._open_levels(instances, wsi_errors.WsiDicomNoResolutionError)
+            self._open_levels(instances)
         except BaseException:
             self._wsi.close()
             raise
@@ -352,10 +369,10 @@ class DicomReader(SlideReader):
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
             except self._read_errors as e:
-                raise self._corrupt(f, one_line(e, 200)) from None
+                raise self._corrupt(f.name, one_line(e, 200)) from None
             sop_class = ds.get("SOPClassUID")
             if sop_class is None:
-                raise self._corrupt(f, "it has no SOP Class UID")
+                raise self._corrupt(f.name, "it has no SOP Class UID")
             if sop_class != _WSI_SOP_CLASS:
                 continue
             found.append(f)
@@ -376,17 +393,20 @@ class DicomReader(SlideReader):
             )
         return found
 
-    def _corrupt(self, file: Path | Any, detail: str) -> DataError:
+    def _corrupt(self, name: str, detail: str) -> DataError:
         return DataError(
-            f"cannot open slide {self.path}: DICOM file {Path(str(file)).name} is truncated or corrupt ({detail}); "
+            f"cannot open slide {self.path}: DICOM file {name} is truncated or corrupt ({detail}); "
             "re-copy or re-export the slide"
         )
 
-    def _open_levels(self, instances: list[Path], no_resolution: type[Exception]) -> None:
+    def _open_levels(self, instances: list[Path]) -> None:
+        """Level geometry and mpp, once every instance is known to be read and each level's last tile decodes."""
+        from wsidicom.errors import WsiDicomNoResolutionError
+
         read = {Path(str(f)).resolve() for f in self._wsi.files or []}
         for f in instances:
             if f.resolve() not in read:
-                raise self._corrupt(f, "wsidicom cannot read it as a whole-slide image instance")
+                raise self._corrupt(f.name, "wsidicom cannot read it as a whole-slide image instance")
         self._levels = sorted(self._wsi.levels.levels, key=lambda lvl: lvl.level)
         self._level_dimensions = tuple((lvl.size.width, lvl.size.height) for lvl in self._levels)
         self._level_downsamples = tuple(float(2**lvl.level) for lvl in self._levels)
@@ -396,17 +416,17 @@ class DicomReader(SlideReader):
             try:
                 self._wsi.read_tile(lvl.level, (tiles_x - 1, tiles_y - 1))
             except self._read_errors as e:
-                last_file = lvl.default_instance.image_data.files[-1]
+                last_file = lvl.default_instance.image_data.files[-1].name
                 raise self._corrupt(last_file, f"its last tile of level {lvl.level}: {one_line(e, 200)}") from None
         try:
             spacing = self._wsi.mpp
-        except no_resolution:
+        except WsiDicomNoResolutionError:
             self._mpp_problem = "its DICOM instances carry no pixel spacing"
         else:
             found = [v for v in (positive_float(spacing.width), positive_float(spacing.height)) if v is not None]
             self._native_mpp = sum(found) / len(found) if found else None
             if not found:
-                self._mpp_problem = f"its DICOM pixel spacing is {spacing.width} x {spacing.height} um"
+                self._mpp_problem = f"its DICOM pixel spacing is {spacing.width} x {spacing.height} \u00b5m"
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         ds = self._level_downsamples[level]
@@ -504,10 +524,14 @@ def _looks_like_tiff(path: Path) -> bool:
 
 
 def is_dicom_file(path: str | Path) -> bool:
-    """A DICOM file: named ``*.dcm``, or (DICOM files often have no extension) "DICM" after the preamble."""
+    """A DICOM file: named ``*.dcm``, or (DICOM files often have no extension, or a UID for a name) any file but
+    a slide extension's with "DICM" after the 128-byte preamble. The one rule for discovery and opening alike."""
     path = Path(path)
-    if path.suffix.lower() == _DICOM_SUFFIX:
+    suffix = path.suffix.lower()
+    if suffix == _DICOM_SUFFIX:
         return True
+    if suffix in SLIDE_EXTENSIONS:
+        return False
     try:
         with open(path, "rb") as f:
             f.seek(_DICM_OFFSET)
@@ -521,16 +545,12 @@ def dicom_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".") and p.is_file() and is_dicom_file(p))
 
 
-def _is_dicom_slide(path: Path) -> bool:
-    return path.is_dir() or path.suffix.lower() == _DICOM_SUFFIX
-
-
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> SlideReader:
     """Open a slide; ``auto`` tries OpenSlide, then tiffslide, then Pillow, taking the first that opens it.
 
-    A folder, or a ``.dcm`` file, is a DICOM WSI series and goes to wsidicom. A generic TIFF that OpenSlide sees
-    as one level but tiffslide as a pyramid (SubIFDs: OME-TIFF, bfconvert, QuPath) goes to tiffslide, so coarse
-    tiles come from the pyramid.
+    A folder, or a DICOM file (:func:`is_dicom_file`), is a DICOM WSI series and goes to wsidicom. A generic
+    TIFF that OpenSlide sees as one level but tiffslide as a pyramid (SubIFDs: OME-TIFF, bfconvert, QuPath) goes
+    to tiffslide, so coarse tiles come from the pyramid.
 
     ``mpp`` (microns per level-0 pixel) overrides whatever the file says, for slides whose metadata is missing
     or wrong.
@@ -553,7 +573,7 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
     except OSError as e:
         raise DataError(f"cannot read slide {path}: {e.strerror or one_line(e, 200)}; check its permissions") from None
     mpp = None if mpp is None else float(mpp)
-    if backend == "dicom" or (backend == "auto" and _is_dicom_slide(path)):
+    if backend == "dicom" or (backend == "auto" and (path.is_dir() or is_dicom_file(path))):
         return DicomReader(path, mpp)
     if path.is_dir():
         raise DataError(
