@@ -381,7 +381,7 @@ def test_dot_folder_has_the_folder_name(tmp_path, he, monkeypatch) -> None:
 
 
 # -- the command line over the mixed folder --------------------------------------------------------------------
-def test_cli_tile_and_extract_over_every_format(mixed, tmp_path, monkeypatch, capsys) -> None:
+def test_cli_tile_extract_heatmap_over_every_format(mixed, tmp_path, monkeypatch, capsys) -> None:
     before = {p: p.read_bytes() for p in mixed.rglob("*") if p.is_file()}
     out = tmp_path / "tiles"
     code, _, err = run_main(
@@ -415,4 +415,13 @@ def test_cli_tile_and_extract_over_every_format(mixed, tmp_path, monkeypatch, ca
     for sid in want_mpp:
         f = read_slide_features(feats / f"{sid}.h5")
         assert f.features.shape[0] == len(f.coords) > 0 and np.isfinite(f.features).all()
+    heat = tmp_path / "heat"
+    code, _, err = run_main(
+        monkeypatch, capsys, "slides", "heatmap", "--bundle", bundle, "--features", feats, "--slides", mixed,
+        "--out", heat, "--max-size", "128",
+    )  # fmt: skip
+    assert code == 0, err
+    for sid in want_mpp:  # each slide found again by its id, its thumbnail painted
+        with Image.open(heat / f"{sid}_class_0.png") as img:
+            assert img.mode == "RGB" and max(img.size) >= 128
     assert {p: p.read_bytes() for p in mixed.rglob("*") if p.is_file()} == before  # slides are only read
