@@ -15,10 +15,12 @@ import pytest
 import torch
 from helpers import TINY2, TINY_NAME, run_main
 from PIL import Image
+from pydicom.uid import MediaStorageDirectoryStorage
 from slide_fixtures import cmu_crop, pyramid_levels
 from vendor_slides import (
     DICOM_TRANSFER_SYNTAXES,
     dicom_level_files,
+    write_dicom_file,
     write_dicom_wsi,
     write_mrxs,
     write_ndpi,
@@ -235,6 +237,20 @@ def test_dicom_file_stands_for_its_series(tmp_path, he) -> None:
         assert r.level_count == 2
     with pytest.raises(DataError, match="is a folder, which only the dicom backend reads"):
         open_slide(folder, backend="openslide")
+
+
+def test_dicom_series_beside_other_dicom_files(tmp_path, he) -> None:
+    """A photo (Secondary Capture) and an export's DICOMDIR in the series folder are left out; a folder holding
+    only a DICOMDIR is no slide."""
+    folder = tmp_path / "export" / "series"
+    levels = write_dicom_wsi(folder, he, mpp=0.25, levels=2)
+    write_dicom_file(folder / "photo.dcm")
+    write_dicom_file(folder / "DICOMDIR", MediaStorageDirectoryStorage)
+    write_dicom_file(tmp_path / "export" / "DICOMDIR", MediaStorageDirectoryStorage)
+    assert find_slides(tmp_path / "export") == [folder]
+    with open_slide(folder) as r:
+        assert (r.level_count, r.mpp) == (2, pytest.approx(0.25))
+        check_reads(r, levels)
 
 
 def test_dicom_tiles_and_loader_reopen(tmp_path, he) -> None:

@@ -21,8 +21,15 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
-from pydicom import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MediaStorageDirectoryStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from slide_fixtures import pyramid_levels
 from wsidicom import ImageData, WsiDicom
 from wsidicom.codec import Encoder
@@ -183,6 +190,23 @@ def write_dicom_wsi(
     with WsiDicom(_LevelsSource(base, tiles)) as wsi:
         wsi.save(folder, workers=1)
     return arrays
+
+
+def write_dicom_file(path: str | Path, sop_class: UID = SecondaryCaptureImageStorage) -> Path:
+    """A small DICOM file of another kind than a whole-slide image: by default a Secondary Capture (a photo),
+    with ``MediaStorageDirectoryStorage`` a DICOMDIR-like index (its class only in the File Meta)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if sop_class != MediaStorageDirectoryStorage:
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "OT", 8, 8, 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PhotometricInterpretation, ds.PixelData = "MONOCHROME2", bytes(64)
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
 
 
 def dicom_level_files(folder: str | Path) -> list[Path]:

@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 from fault_kit import Base
 from helpers import cli_cmd, cli_env, one_line_error, run_main
-from pydicom import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from slide_fixtures import cmu_crop, truncate, write_pyramid_tiff
-from vendor_slides import dicom_level_files, write_dicom_wsi, write_ome_tiff
+from vendor_slides import dicom_level_files, write_dicom_file, write_dicom_wsi, write_ome_tiff
 
 HE = (700, 1500, 256, 192)
 
@@ -84,16 +82,7 @@ def secondary_capture(root: Path) -> tuple[Path, list[str]]:
     """A folder of one DICOM file that is no whole-slide image (a Secondary Capture, as a photo export)."""
     folder = slides_folder(root) / "photo"
     folder.mkdir()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "OT", 8, 8, 1
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PhotometricInterpretation, ds.PixelData = "MONOCHROME2", bytes(64)
-    ds.save_as(folder / "photo.dcm", enforce_file_format=True)
+    write_dicom_file(folder / "photo.dcm")
     return folder, ["holds no DICOM whole-slide image instances", "among its 1 DICOM files"]
 
 

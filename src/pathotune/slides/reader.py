@@ -66,7 +66,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _THUMB_BLOCK = 512  # thumbnail pixels per block, so a thumbnail never needs a whole level in memory
 # A DICOM file (Part 10) has a 128-byte preamble, then "DICM"; a folder of them is one DICOM WSI series.
 _DICM_OFFSET, _DICM_MAGIC = 128, b"DICM"
-_DICOM_SUFFIX = ".dcm"
+_DICOM_SUFFIX, _DICOMDIR = ".dcm", "DICOMDIR"
 _WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 
 
@@ -370,7 +370,8 @@ class DicomReader(SlideReader):
                 ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
             except self._read_errors as e:
                 raise self._corrupt(f.name, one_line(e, 200)) from None
-            sop_class = ds.get("SOPClassUID")
+            meta = getattr(ds, "file_meta", None)  # the File Meta's class, for files whose dataset lacks one
+            sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
             if sop_class is None:
                 raise self._corrupt(f.name, "it has no SOP Class UID")
             if sop_class != _WSI_SOP_CLASS:
@@ -524,10 +525,13 @@ def _looks_like_tiff(path: Path) -> bool:
 
 
 def is_dicom_file(path: str | Path) -> bool:
-    """A DICOM file: named ``*.dcm``, or (DICOM files often have no extension, or a UID for a name) any file but
-    a slide extension's with "DICM" after the 128-byte preamble. The one rule for discovery and opening alike."""
+    """A DICOM instance file: named ``*.dcm``, or (DICOM files often have no extension, or a UID for a name) any
+    file but a slide extension's with "DICM" after the 128-byte preamble; a ``DICOMDIR`` (an export's index) is
+    none. The one rule for discovery and opening alike."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.name.upper() == _DICOMDIR:
+        return False
     if suffix == _DICOM_SUFFIX:
         return True
     if suffix in SLIDE_EXTENSIONS:
