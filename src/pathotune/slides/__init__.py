@@ -13,6 +13,7 @@ from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .qc import qc_thumbnail, tile_slides
 from .reader import (
     BACKENDS,
+    DicomReader,
     ImageReader,
     OpenSlideReader,
     SlideReader,
@@ -33,6 +34,7 @@ def sample_slide() -> Path:
 __all__ = [
     "BACKENDS",
     "SLIDE_EXTENSIONS",
+    "DicomReader",
     "ImageReader",
     "OpenSlideReader",
     "SlideReader",
