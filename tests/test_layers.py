@@ -31,6 +31,8 @@ LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 LAZY = {
     ("slides/reader.py", "tifffile"),  # the fallback slide backend, only for files OpenSlide cannot read
     ("slides/reader.py", "tiffslide"),
+    ("slides/reader.py", "wsidicom"),  # ~0.8 s to import (with pydicom); only DICOM WSI folders need it
+    ("slides/reader.py", "pydicom"),
     ("engine/runtime.py", "lightning_fabric"),  # ~1 s to import; the feature readers never need it
     ("engine/runtime.py", "pytorch_lightning"),  # optional dependency: MLflow logger (--logger mlflow)
     ("engine/runtime.py", "wandb"),  # optional dependency: W&B's Fabric logger (--logger wandb)

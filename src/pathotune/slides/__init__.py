@@ -15,6 +15,7 @@ from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .qc import qc_thumbnail, tile_slides
 from .reader import (
     BACKENDS,
+    DicomReader,
     ImageReader,
     OpenSlideReader,
     SlideReader,
@@ -37,6 +38,7 @@ __all__ = [
     "BACKENDS",
     "SLIDE_EXTENSIONS",
     "ArtifactConfig",
+    "DicomReader",
     "ImageReader",
     "OpenSlideReader",
     "SlideReader",
