@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
     ("hub",),
     ("report", "backbones", "prompts", "task"),
-    ("text", "switches", "features", "records"),
+    ("text", "switches", "features", "records", "cohort"),
     ("methods",),
     ("model",),
     ("bundle", "data"),

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .features import read_feature_attrs, require_coords, slide_feature_files, tile_side
-from .mil import predict_slides
+from .mil.models import FoldEnsemble
 from .slides.geojson import tiles_geojson
-from .slides.heatmap import bundle_heatmaps, check_heatmap_options, paint_slide, safe_name, slide_map
+from .slides.heatmap import bundle_heatmaps, check_heatmap_options, heatmap_cohort, paint_slide, safe_name, slide_map
 
 __all__ = ["bundle_heatmaps", "mil_heatmaps"]
 
@@ -25,23 +25,28 @@ def mil_heatmaps(
     slides: str | Path | None = None,
     max_size: int = 1024,
     alpha: float = 0.5,
+    skip_errors: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Per slide, a MIL run's tile scores (attention, averaged over fold models): PNG and GeoJSON.
 
     Writes ``<slide_id>_heatmap.png`` (scores min-max scaled per slide; one PNG per class when the
-    aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, pred, probs,
-    n_tiles, heatmaps, geojson. TRIDENT and CLAM ``.h5`` features work as PathoTune's; ``.pt`` files, which hold
-    no coordinates, are refused before any model runs.
+    aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, status, pred,
+    probs, n_tiles, heatmaps, geojson; the folder follows :func:`pathotune.slides.heatmap.heatmap_cohort`. TRIDENT
+    and CLAM ``.h5`` features work as PathoTune's; ``.pt`` files, which hold no coordinates, are refused before
+    any model runs.
     """
     check_heatmap_options(max_size, alpha)
-    files = slide_feature_files(features)
-    require_coords(list(files.values()))
+    files = list(slide_feature_files(features).values())
+    require_coords(files)
     slide_paths = slide_map(slides)
-    out = Path(out)
-    done = []
-    for pred in predict_slides(model_dir, features):
+    ensemble = FoldEnsemble(model_dir)
+
+    def paint(f: Path, out: Path) -> dict:
+        ensemble.check([f])
+        pred = ensemble.predict(f)
         sid, coords = pred["slide_id"], pred["coords"]
-        attrs = read_feature_attrs(files[sid])
+        attrs = read_feature_attrs(f)
         scores = np.asarray(pred["tile_scores"], dtype=np.float64).reshape(len(coords), -1)
         names = ["attention"] if scores.shape[1] == 1 else [f"score_{c}" for c in pred["classes"]]
         suffix = (lambda n: "") if len(names) == 1 else (lambda n: f"_{safe_name(n)}")
@@ -49,14 +54,14 @@ def mil_heatmaps(
         pngs = paint_slide(sid, attrs, coords, layers, slide_paths, max_size, alpha, cmap="inferno")
         side = tile_side(attrs)
         geo = tiles_geojson(coords, side, {n: scores[:, j] for j, n in enumerate(names)}, out / f"{sid}.geojson")
-        done.append(
-            {
-                "slide_id": sid,
-                "pred": pred["pred"],
-                "probs": pred["probs"],
-                "n_tiles": len(coords),
-                "heatmaps": pngs,
-                "geojson": geo,
-            }
-        )
-    return done
+        return {
+            "slide_id": sid,
+            "pred": pred["pred"],
+            "probs": pred["probs"],
+            "n_tiles": len(coords),
+            "heatmaps": pngs,
+            "geojson": geo,
+        }
+
+    request = {"model": str(Path(model_dir).resolve()), "max_size": max_size, "alpha": alpha}
+    return heatmap_cohort(out, request, files, paint, skip_errors, overwrite)

@@ -42,7 +42,9 @@ __all__ = [
     "STAGING",
     "Kind",
     "check_out_usable",
+    "claim_file",
     "incremental",
+    "mark_file",
     "held_signals",
     "kind_of",
     "owned_entries",
@@ -475,3 +477,48 @@ def _request_diff(marker: Mapping[str, Any] | None, request: Mapping[str, Any] |
     new = json.loads(json.dumps(dict(request or {}), default=str))
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3]) + ("; ..." if len(keys) > 3 else "")
+
+
+# -- one file as a record (a predictions CSV) -------------------------------------------------------------------
+def sidecar(path: str | os.PathLike[str]) -> Path:
+    """The hidden marker beside an output file: what made it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.pathotune-record.json"
+
+
+def claim_file(path: str | os.PathLike[str], kind: str, request: Mapping[str, Any], overwrite: bool) -> bool:
+    """Whether ``path`` holds this request's earlier output, to be continued (True), or may be written afresh
+    (False: absent, or ``overwrite``). A file another request made, or that no record describes, is refused."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise OutputError(f"--out {path} is a folder, not a file; pass a file path such as {path / 'out.csv'}")
+    if not path.exists() or overwrite:
+        return False
+    marker = read_marker_file(sidecar(path))
+    if marker is not None and marker.get("kind") == kind and _same_request(marker, request):
+        return True
+    why = f" made by another request ({_request_diff(marker, request)})" if marker else ""
+    raise ConfigError(
+        f"{path} already exists{why}; it is kept as a record: pass another --out, or --overwrite to replace it"
+    )
+
+
+def read_marker_file(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def mark_file(path: str | os.PathLike[str], kind: str, request: Mapping[str, Any]) -> None:
+    """Record what made the output file ``path`` (its hidden sidecar marker)."""
+    body = {
+        "format": FORMAT,
+        "version": 1,
+        "kind": kind,
+        "pathotune_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "request": dict(request),
+    }
+    atomic_write_json(sidecar(path), body)

@@ -60,6 +60,8 @@ def fmt(v) -> str:
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, float) for x in v):
         return f"[{v[0]:.3f}, {v[1]:.3f}]"
     if isinstance(v, dict) and "mean" in v:
+        if v["mean"] is None:
+            return "undefined"
         return f"{v['mean']:.4f} ± {v['std']:.4f}"
     return str(v)
 
@@ -112,7 +114,7 @@ def cohort_exit(rows: list[dict], out: Any, errors_name: str = "errors.csv") -> 
     failed = [r for r in rows if r.get("status") == "failed"]
     if not failed:
         return None
-    from ..slides.cohort import PARTIAL_EXIT
+    from ..cohort import PARTIAL_EXIT
 
     first = failed[0]
     print(

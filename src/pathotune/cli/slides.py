@@ -415,34 +415,50 @@ def train(
     labels: Annotated[str, typer.Option(help="CSV with slide_id and label (optional split or fold column).")],
     aggregator: Annotated[str, typer.Option(help="MIL aggregator (abmil, ...).")] = "abmil",
     folds: Annotated[int, typer.Option(help="Cross-validation folds when the CSV has no split/fold column.")] = 5,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per fold (default 20).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-4).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the folds, the validation parts and the models.")] = 0,
+    cache_mb: Annotated[
+        float | None, typer.Option(help="Bag features kept in memory across epochs and folds (MiB; 0: reread).")
+    ] = None,
+    logger: Annotated[
+        list[str] | None,
+        typer.Option(help="Experiment logger: csv (default), tensorboard, mlflow, wandb, none; repeat or a,b."),
+    ] = None,
     out: Annotated[str, typer.Option(help="Run folder.")] = "runs/mil",
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Slide-level MIL on extracted features; prints each fold and the mean ± std over folds."""
     from ..mil import load_mil_config, train_mil
 
-    cfg = load_mil_config(
-        None,
-        features=features,
-        labels=labels,
-        aggregator=aggregator,
-        folds=folds,
-        epochs=epochs,
-        lr=lr,
-        seed=seed,
-        out=out,
-    )
-    m = train_mil(cfg, progress=not quiet)
-    keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc") if k in m]
-    rows = [
-        {"fold": r.get("fold"), "n_test": r.get("n_test"), **{k: r.get(k) for k in keys}} for r in m.get("per_fold", [])
-    ]
-    rows.append({"fold": "mean ± std", "n_test": None, **{k: m.get(k) for k in keys}})
-    print_table(rows, title=f"MIL {aggregator}: {m.get('n_slides', '?')} slides, classes {m.get('classes')}")
-    console.print(f"run written to {out} (metrics.json, report.md, fold models)")
+    with human_output(json_out):
+        cfg = load_mil_config(
+            None,
+            features=features,
+            labels=labels,
+            aggregator=aggregator,
+            folds=folds,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            cache_mb=cache_mb,
+            logger=logger,
+            out=out,
+            overwrite=overwrite,
+        )
+        m = train_mil(cfg, progress=not quiet)
+        keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc") if k in m]
+        per_fold = m.get("per_fold", [])
+        rows = [{"fold": r.get("fold"), "n_test": r.get("n_test"), **{k: r.get(k) for k in keys}} for r in per_fold]
+        rows.append({"fold": "mean ± std", "n_test": None, **{k: m.get(k) for k in keys}})
+        print_table(rows, title=f"MIL {aggregator}: {m.get('n_slides', '?')} slides, classes {m.get('classes')}")
+        for key, reasons in (m.get("undefined") or {}).items():
+            console.print(f"{key} undefined in {len(reasons)} fold(s): {'; '.join(reasons)}")
+        console.print(f"run written to {out} (metrics.json, report.md, fold models)")
+    if json_out:
+        print_json(m)
 
 
 @app.command()
@@ -450,13 +466,22 @@ def predict(
     model: Annotated[str, typer.Option("--model", help="Run folder from `slides train` (or one fold).")],
     features: Annotated[str, typer.Option(help="Folder of <slide_id>.h5 (ours, TRIDENT's, CLAM's) or .pt, or a file.")],
     out: Annotated[Path, typer.Option(help="CSV of slide-level predictions.")] = Path("slide_predictions.csv"),
-) -> None:
-    """Slide-level class probabilities (averaged over fold models) as CSV."""
-    from ..mil import predict_slides, write_slide_predictions
+    skip_errors: SkipErrorsOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> int | None:
+    """Slide-level class probabilities (averaged over fold models) as CSV; a rerun predicts only the slides the
+    CSV lacks."""
+    from ..mil import predict_cohort
 
-    preds = predict_slides(model, features)
-    write_slide_predictions(preds, out)
-    console.print(f"{len(preds)} slide predictions written to {out}")
+    with human_output(json_out):
+        rows = predict_cohort(model, features, out, skip_errors=skip_errors, overwrite=overwrite)
+        done = sum(r["status"] != "failed" for r in rows)
+        console.print(f"{done} slide predictions in {out}")
+        code = cohort_exit(rows, out.parent, f"{out.stem}_errors.csv")
+    if json_out:
+        print_json({"out": str(out), "slides": rows})
+    return code
 
 
 @app.command()
@@ -474,32 +499,49 @@ def heatmap(
     ] = None,
     max_size: Annotated[int, typer.Option(help="Longer side of the heatmap thumbnail.")] = 1024,
     alpha: Annotated[float, typer.Option(help="Opacity of the colours over the slide.")] = 0.5,
-) -> None:
-    """Per slide: heatmap PNG(s) over the thumbnail and <id>.geojson of tile scores (QuPath: import objects)."""
+    skip_errors: SkipErrorsOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> int | None:
+    """Per slide: heatmap PNG(s) over the thumbnail and <id>.geojson of tile scores (QuPath: import objects); a
+    rerun paints only the slides not painted yet."""
     from ..heatmaps import bundle_heatmaps, mil_heatmaps
 
     if (model is None) == (bundle is None):
         raise ConfigError("pass exactly one of --model (a MIL run) or --bundle (a patch bundle)")
-    if model is not None:
-        done = mil_heatmaps(model, features, out, slides=slides, max_size=max_size, alpha=alpha)
-        rows = [
-            {
-                "slide_id": d["slide_id"],
-                "pred": d["pred"],
-                "tiles": d["n_tiles"],
-                "heatmaps": ", ".join(p.name for p in d["heatmaps"]),
-            }
-            for d in done
-        ]
-    else:
-        done = bundle_heatmaps(bundle, features, out, slides=slides, weights=weights, max_size=max_size, alpha=alpha)
-        rows = [
-            {
-                "slide_id": d["slide_id"],
-                "tiles": d["n_tiles"],
-                **{f"% {c}": f"{100 * v:.1f}" for c, v in d["class_share"].items()},
-            }
-            for d in done
-        ]
-    print_table(rows, title=f"heatmaps ({'MIL attention' if model else 'tile class probabilities'})")
-    console.print(f"heatmaps and GeoJSON written to {out}")
+    options = {"slides": slides, "max_size": max_size, "alpha": alpha, "skip_errors": skip_errors}
+    options["overwrite"] = overwrite
+    with human_output(json_out):
+        if model is not None:
+            done = mil_heatmaps(model, features, out, **options)
+            rows = [
+                {
+                    "slide_id": d["slide_id"],
+                    "status": d["status"],
+                    "pred": d.get("pred"),
+                    "tiles": d.get("n_tiles"),
+                    "heatmaps": ", ".join(Path(p).name for p in d.get("heatmaps", [])),
+                    "reason": d.get("reason"),
+                }
+                for d in done
+            ]
+        else:
+            done = bundle_heatmaps(bundle, features, out, weights=weights, **options)
+            rows = [
+                {
+                    "slide_id": d["slide_id"],
+                    "status": d["status"],
+                    "tiles": d.get("n_tiles"),
+                    **{f"% {c}": f"{100 * v:.1f}" for c, v in d.get("class_share", {}).items()},
+                    "reason": d.get("reason"),
+                }
+                for d in done
+            ]
+        shown = [k for k in rows[0] if k != "reason"] if rows else []
+        what = "MIL attention" if model else "tile class probabilities"
+        print_table([{k: r.get(k) for k in shown} for r in rows], title=f"heatmaps ({what})")
+        console.print(f"heatmaps and GeoJSON written to {out}")
+        code = cohort_exit(rows, out)
+    if json_out:
+        print_json({"out": str(out), "slides": rows})
+    return code

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cohort import ERRORS, Cohort, read_errors
 from ..engine.runtime import Runtime, infer_batches, make_fabric
 from ..errors import ConfigError, DataError, note_interrupt
 from ..features import (
@@ -44,7 +45,6 @@ from ..features.partial import PartialFeatures, plan_digest
 from ..records import incremental
 from ..report import progress_bar
 from .artifacts import ArtifactConfig, drop_settings
-from .cohort import ERRORS, Cohort, read_errors
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .extract_log import LOG_NAME, ExtractLog, SlideResult

@@ -11,8 +11,9 @@ attention maps are :func:`pathotune.heatmaps.mil_heatmaps` (slides never import 
 
 from __future__ import annotations
 
+import csv
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,19 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 from ..bundle import load_bundle, read_manifest, resolve_bundle
-from ..errors import ConfigError, DataError
-from ..features import SlideFeatures, list_feature_files, read_slide_features, require_coords, tile_side
+from ..cohort import Cohort
+from ..errors import ConfigError, DataError, note_interrupt
+from ..features import (
+    SlideFeatures,
+    check_unique_slides,
+    list_feature_files,
+    read_slide_features,
+    require_coords,
+    tile_side,
+)
 from ..model import PathoTuneModel
-from ..report.io import atomic_path
+from ..records import incremental
+from ..report.io import atomic_path, atomic_write_text, csv_text
 from .discover import find_slides, slide_id
 from .geojson import tiles_geojson
 from .reader import SlideReader, open_slide
@@ -34,6 +44,7 @@ __all__ = [
     "COLORBAR_WIDTH",
     "bundle_heatmaps",
     "check_heatmap_options",
+    "heatmap_cohort",
     "open_source_slide",
     "paint_scores",
     "paint_slide",
@@ -246,6 +257,76 @@ def _check_bundle_features(sf: SlideFeatures, model: PathoTuneModel, manifest: d
     )
 
 
+def heatmap_cohort(
+    out: str | Path,
+    request: Mapping[str, Any],
+    files: Sequence[Path],
+    paint: Callable[[Path, Path], dict],
+    skip_errors: bool = False,
+    overwrite: bool = False,
+) -> list[dict]:
+    """Paint every feature file into ``out`` with ``paint(file, folder) -> row``, one slide at a time.
+
+    ``out`` is a record of heat maps made by ``request`` (:func:`pathotune.records.incremental`): a rerun with
+    the same request paints only the slides it lacks (those listed in ``heatmaps.csv``, written after each slide,
+    are done), another request is refused unless ``overwrite``. A slide that fails is listed in ``errors.csv``
+    with ``skip_errors`` (:mod:`.cohort`), else it ends the call. Returns one row per file with its ``status``
+    (``painted``, ``done`` or ``failed``).
+    """
+    out = Path(out)
+    check_unique_slides(files)
+    rows: list[dict] = []
+    with incremental(out, "heatmaps", overwrite, request) as workdir:
+        note_interrupt(
+            f"nothing was replaced: {out} still holds the previous heat maps, unchanged"
+            if workdir != out
+            else f"slides painted in {out} are kept; rerun the same command to paint the rest"
+        )
+        ledger = _read_ledger(workdir / LEDGER)
+        cohort = Cohort(workdir, skip_errors)
+        try:
+            for f in files:
+                sid = f.stem
+                if sid in ledger and all((workdir / n).is_file() for n in ledger[sid]["outputs"].split(";") if n):
+                    rows.append({**ledger[sid], "status": "done"})
+                    continue
+                row = cohort.run(sid, f, "heatmap", lambda f=f: paint(f, workdir))
+                if row is None:
+                    rows.append(
+                        {"slide_id": sid, "features": str(f), "status": "failed", "reason": cohort.failures[sid].reason}
+                    )
+                    if cohort.stop:
+                        break
+                    continue
+                outputs = [Path(p).name for p in [*row.get("heatmaps", []), row.get("geojson")] if p]
+                ledger[sid] = {
+                    "slide_id": sid,
+                    "features": str(f),
+                    "n_tiles": row["n_tiles"],
+                    "outputs": ";".join(outputs),
+                }
+                atomic_write_text(workdir / LEDGER, csv_text([ledger[k] for k in sorted(ledger)]))
+                rows.append({**row, "status": "painted"})
+        finally:
+            if skip_errors:
+                cohort.write()
+        cohort.raise_first()
+    return rows
+
+
+LEDGER = "heatmaps.csv"
+
+
+def _read_ledger(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {r["slide_id"]: dict(r) for r in csv.DictReader(f) if r.get("slide_id")}
+    except (OSError, csv.Error, UnicodeDecodeError, KeyError):
+        return {}
+
+
 def bundle_heatmaps(
     bundle: str | Path,
     features: str | Path,
@@ -254,13 +335,16 @@ def bundle_heatmaps(
     weights: str | None = None,
     max_size: int = 1024,
     alpha: float = 0.5,
+    skip_errors: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Per slide, a patch bundle's class probabilities for every tile: one PNG per class and a GeoJSON.
 
     The features must come from ``slides extract --bundle`` with this bundle, so only its head runs here.
     Writes ``<slide_id>_<class>.png`` (probabilities on a fixed 0..1 scale, comparable across slides and
     classes) and ``<slide_id>.geojson`` (``prob_<class>`` measurements, the top class as classification).
-    Returns per slide: slide_id, n_tiles, heatmaps, geojson, class_share (fraction of tiles per top class).
+    Returns per slide: slide_id, status, n_tiles, heatmaps, geojson, class_share (fraction of tiles per top class);
+    the folder follows :func:`heatmap_cohort`.
     """
     check_heatmap_options(max_size, alpha)
     files = list_feature_files(features)
@@ -270,9 +354,8 @@ def bundle_heatmaps(
     manifest = read_manifest(path)
     net = load_bundle(path, weights=weights)
     classes = net.class_names
-    out = Path(out)
-    done = []
-    for f in files:
+
+    def paint(f: Path, out: Path) -> dict:
         sf = read_slide_features(f)
         _check_bundle_features(sf, net, manifest, path)
         with torch.inference_mode():
@@ -291,7 +374,11 @@ def bundle_heatmaps(
             class_names=classes,
         )
         share = {c: (sum(t == c for t in top) / len(top)) if top else 0.0 for c in classes}
-        done.append(
-            {"slide_id": sid, "n_tiles": len(sf.coords), "heatmaps": pngs, "geojson": geo, "class_share": share}
-        )
-    return done
+        return {"slide_id": sid, "n_tiles": len(sf.coords), "heatmaps": pngs, "geojson": geo, "class_share": share}
+
+    request = {
+        "bundle": manifest.get("manifest_sha256") or manifest.get("sha256"),
+        "max_size": max_size,
+        "alpha": alpha,
+    }
+    return heatmap_cohort(out, request, files, paint, skip_errors, overwrite)

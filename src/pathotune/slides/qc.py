@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ..cohort import Cohort
 from ..errors import note_interrupt
 from ..records import incremental
 from ..report.io import atomic_path
 from .artifacts import ArtifactConfig, paint_artifacts, tissue_shares, write_artifacts
-from .cohort import Cohort
 from .coords import PATCHES_SUFFIX, write_patch_coords
 from .geojson import tissue_geojson
 from .inputs import SlideInput, as_inputs, slide_inputs

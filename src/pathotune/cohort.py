@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import DataError, PathoTuneError, one_line
-from ..report.io import atomic_write_text, csv_text
+from .errors import DataError, PathoTuneError, one_line
+from .report.io import atomic_write_text, csv_text
 
 __all__ = ["ERRORS", "PARTIAL_EXIT", "Cohort", "SlideFailure", "read_errors"]
 
@@ -63,15 +63,18 @@ def read_errors(path: Path) -> dict[str, SlideFailure]:
     return out
 
 
-def _errors_path(out: Path, rank: int, world_size: int) -> Path:
-    return out / (ERRORS if world_size == 1 else f"errors.rank{rank}.csv")
+def _errors_path(out: Path, rank: int, world_size: int, name: str = ERRORS) -> Path:
+    return out / (name if world_size == 1 else f"{Path(name).stem}.rank{rank}.csv")
 
 
 class Cohort:
     """The per-slide step of one command over many slides, writing its failures to ``out/errors.csv``."""
 
-    def __init__(self, out: str | Path, skip_errors: bool, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, out: str | Path, skip_errors: bool, rank: int = 0, world_size: int = 1, errors_name: str = ERRORS
+    ) -> None:
         self.out = Path(out)
+        self.errors_name = errors_name
         self.skip_errors = skip_errors
         self.rank, self.world_size = rank, world_size
         self.failures: dict[str, SlideFailure] = {}
@@ -114,10 +117,10 @@ class Cohort:
 
     def write(self) -> None:
         """Rewrite this rank's errors file: earlier failures of slides not retried, plus this run's."""
-        path = _errors_path(self.out, self.rank, self.world_size)
+        path = _errors_path(self.out, self.rank, self.world_size, self.errors_name)
         merged = {
             sid: f
-            for sid, f in read_errors(self.out / ERRORS).items()
+            for sid, f in read_errors(self.out / self.errors_name).items()
             if sid not in self.succeeded and sid not in self.failures
         }
         if self.world_size > 1:
@@ -151,5 +154,5 @@ class Cohort:
         first = next(iter(sorted(self.failures.values(), key=lambda f: f.slide_id)))
         return (
             f"{len(self.failures)} of {total} slide(s) failed (first: {first.slide_id}: {first.reason}); all are "
-            f"listed in {self.out / ERRORS}; fix them and rerun the same command to retry only those"
+            f"listed in {self.out / self.errors_name}; fix them and rerun the same command to retry only those"
         )
