@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, DataError, one_line
+from ..files import file_problem
 from ..report.io import atomic_path
 from ..version import __version__
 from .foreign import PATHOTUNE, PT, PT_SUFFIX, foreign_attrs, layout_of, read_pt_features, trident_coords_attrs
@@ -142,7 +143,11 @@ def _folder_files(root: Path) -> list[Path]:
     coordinates) or ``pt_files/`` inside it; sorted, hidden files (a writer's temporary ones) left out."""
     for folder in (root, root / "h5_files", root / "pt_files"):
         for suffix in (SUFFIX, PT_SUFFIX):
-            files = sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith(".") and p.is_file())
+            files = sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith(".") and not p.is_dir())
+            for p in files:  # a FIFO would block its reader; a broken link is a file that vanished
+                problem = file_problem(p)
+                if problem is not None:
+                    raise DataError(f"slide feature file {p} is {problem}; replace it with the .h5 file or remove it")
             if files:
                 return files
     return []

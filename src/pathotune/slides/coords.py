@@ -114,7 +114,8 @@ def _number(path: Path, attrs: Mapping[str, Any], key: str) -> float | None:
     except (TypeError, ValueError):
         number = math.nan
     if not (math.isfinite(number) and number >= 0):
-        raise DataError(f"coords file {path}: attribute {key}={attrs[key]!r} is not a number >= 0; re-create it")
+        shown = np.asarray(attrs[key]).tolist()
+        raise DataError(f"coords file {path}: attribute {key}={shown!r} is not a number >= 0; re-create it")
     return number
 
 
@@ -138,6 +139,10 @@ def read_patch_coords(path: str | Path, reader: SlideReader) -> PatchCoords:
     if not np.isfinite(raw).all():
         raise DataError(f"coords file {path}: 'coords' holds NaN or infinite values; re-create it")
     coords = np.round(raw).astype(np.int64)
+    unique, first = np.unique(coords, axis=0, return_index=True) if len(coords) else (coords, np.zeros(0, int))
+    if len(unique) != len(coords):  # a tile listed twice would weigh twice in a bag: kept once, and said so
+        print(f"note: coords file {path} lists {len(coords) - len(unique)} tile(s) more than once; each is kept once")
+        coords = coords[np.sort(first)]
 
     width, height = reader.dimensions
     size = _number(path, attrs, "patch_size")

@@ -83,13 +83,20 @@ def _slides_in_csv(path: Path) -> list[tuple[Path, float | None]]:
         raise DataError(f"slide list {path} needs a 'slide_path' (or 'path', 'wsi') column; it has {sorted(columns)}")
     mpp_key = columns.get(MPP_COLUMN)
     out = []
+    lines: dict[Path, int] = {}
     for i, row in enumerate(rows, start=2):
         value = (row.get(key) or "").strip()
         if not value:
             raise DataError(f"slide list {path} line {i} has an empty '{key}'")
         p = Path(value).expanduser()
         mpp = _mpp_cell(path, i, row.get(mpp_key) or "") if mpp_key else None
-        out.append((_dicom_series(p if p.is_absolute() else path.parent / p), mpp))
+        slide = _dicom_series(p if p.is_absolute() else path.parent / p)
+        if slide in lines:  # which row would count? Its mpp or its place may differ: the list must say once
+            raise DataError(
+                f"slide list {path} names slide {slide} on lines {lines[slide]} and {i}; keep one row per slide"
+            )
+        lines[slide] = i
+        out.append((slide, mpp))
     return out
 
 
@@ -112,7 +119,7 @@ def listed_slides(source: str | Path) -> list[tuple[Path, float | None]]:
         found = [(_dicom_series(source), None)]
     else:
         raise DataError(f"slides {source} not found; pass a folder of slides, a slide, or a CSV with slide_path")
-    mpps = dict(reversed(found))  # a slide listed twice keeps its first row's mpp
+    mpps = dict(found)
     return [(p, mpps[p]) for p in unique_ids([p for p, _ in found])]
 
 

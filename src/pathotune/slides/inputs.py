@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..files import file_problem
 from .coords import match_coords
 from .discover import listed_slides, slide_id, unique_ids
 
@@ -55,6 +56,9 @@ def match_geojson(slides: Sequence[Path], source: str | Path) -> dict[Path, Path
     ``<slide_id>.geojson`` (or ``.json``, as QuPath and TRIDENT export) in the folder ``source``, or ``source``
     itself when it is a file and there is one slide; a slide without one is an error."""
     source = Path(source)
+    problem = None if source.is_dir() else file_problem(source)
+    if problem not in (None, "missing"):
+        raise DataError(f"tissue GeoJSON {source} is {problem}; pass the exported .geojson file or its folder")
     if source.is_file():
         if len(slides) != 1:
             raise ConfigError(
@@ -66,7 +70,11 @@ def match_geojson(slides: Sequence[Path], source: str | Path) -> dict[Path, Path
     out = {}
     for s in slides:
         sid = slide_id(s)
-        found = [source / f"{sid}{suffix}" for suffix in GEOJSON_SUFFIXES if (source / f"{sid}{suffix}").is_file()]
+        candidates = [source / f"{sid}{suffix}" for suffix in GEOJSON_SUFFIXES]
+        found = [p for p in candidates if p.exists() or p.is_symlink()]
+        problem = file_problem(found[0]) if found else None
+        if problem is not None:  # a FIFO would block the reader; a broken link is an export that vanished
+            raise DataError(f"tissue GeoJSON {found[0]} is {problem}; export the slide's tissue there as a file")
         if not found:
             raise DataError(
                 f"slide '{sid}' has no tissue GeoJSON in {source} (looked for {sid}_tissue.geojson, {sid}.geojson "

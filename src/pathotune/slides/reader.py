@@ -25,6 +25,7 @@ import openslide
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError, one_line
+from ..files import file_problem
 from .metadata import UnusableMpp, mpp_from_properties, objective_from_properties, positive_float
 
 __all__ = [
@@ -534,7 +535,7 @@ def is_dicom_file(path: str | Path) -> bool:
         return False
     if suffix == _DICOM_SUFFIX:
         return True
-    if suffix in SLIDE_EXTENSIONS:
+    if suffix in SLIDE_EXTENSIONS or file_problem(path) is not None:  # never open a FIFO or device to sniff it
         return False
     try:
         with open(path, "rb") as f:
@@ -564,10 +565,11 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
         raise ConfigError(f"unknown slide backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if mpp is not None and positive_float(mpp) is None:
         raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
-    if not path.exists():
+    problem = None if path.is_dir() else file_problem(path)
+    if problem == "missing":
         raise DataError(f"slide {path} not found; check the path")
-    if not (path.is_file() or path.is_dir()):
-        raise DataError(f"slide {path} is not a file; pass the slide file itself (e.g. the .svs or .mrxs)")
+    if problem is not None:  # a FIFO would block the reader forever; a broken link is a slide that vanished
+        raise DataError(f"slide {path} is {problem}; pass the slide file itself (e.g. the .svs or .mrxs)")
     try:
         if path.is_dir():
             next(path.iterdir(), None)
