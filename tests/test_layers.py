@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pathotune"
 
 # Each unit (a subpackage or a top-level module) imports only units of a lower layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "version"),
+    ("errors", "version", "files"),
     ("hub",),
     ("report", "backbones", "prompts", "task"),
     ("text", "switches", "features", "records", "cohort"),
