@@ -378,9 +378,13 @@ def test_what_a_dicom_file_is(tmp_path, mixed) -> None:
 def test_slide_list_names_dicom_folders_or_files(mixed, tmp_path) -> None:
     one = dicom_level_files(mixed / "case_dcm")[1]
     listing = tmp_path / "slides.csv"
-    listing.write_text(f"slide_path,mpp\n{mixed / 'case_dcm'},\n{one},0.3\n{mixed / 'pacs' / 'case_plain'},0.26\n")
-    assert listed_slides(listing) == [(mixed / "case_dcm", None), (mixed / "pacs" / "case_plain", 0.26)]
+    listing.write_text(f"slide_path,mpp\n{one},0.3\n{mixed / 'pacs' / 'case_plain'},0.26\n")
+    assert listed_slides(listing) == [(mixed / "case_dcm", 0.3), (mixed / "pacs" / "case_plain", 0.26)]
     assert listed_slides(one) == [(mixed / "case_dcm", None)]
+    # the folder and one of its files name the same slide: which row's mpp would count? The list must say once
+    listing.write_text(f"slide_path,mpp\n{mixed / 'case_dcm'},\n{one},0.3\n")
+    with pytest.raises(DataError, match="names slide .*case_dcm on lines 2 and 3; keep one row per slide"):
+        listed_slides(listing)
 
 
 def test_dicom_folder_ids_must_be_unique(tmp_path, he) -> None:

@@ -431,6 +431,7 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Slide-level MIL on extracted features; prints each fold and the mean ± std over folds."""
+    from ..engine.metrics import METRIC_NAMES
     from ..mil import load_mil_config, train_mil
 
     with human_output(json_out):
@@ -449,7 +450,7 @@ def train(
             overwrite=overwrite,
         )
         m = train_mil(cfg, progress=not quiet)
-        keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc") if k in m]
+        keys = [k for k in METRIC_NAMES if k in m and k != "weighted_f1"]
         per_fold = m.get("per_fold", [])
         rows = [{"fold": r.get("fold"), "n_test": r.get("n_test"), **{k: r.get(k) for k in keys}} for r in per_fold]
         rows.append({"fold": "mean ± std", "n_test": None, **{k: m.get(k) for k in keys}})

@@ -25,7 +25,9 @@ under PathoTune's names, and ``.pt`` files (CLAM's ``pt_files``) come back witho
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -94,7 +96,7 @@ ATTRIBUTES: dict[str, str] = {
     "norm_std": "per-channel std the tiles were normalised with",
     "normalization": "how a tile became model input, in words",
     "precision": "the Fabric precision the model ran at",
-    "tissue_config": "repr of the TissueConfig",
+    "tissue_config": "where the tiles and tissue came from, as JSON (Otsu settings or tissue GeoJSON, coords file)",
     "pathotune_version": "the version that wrote the file",
 }
 
@@ -448,6 +450,65 @@ def extractor_mismatch(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None
         if not _same(a.get(key), b.get(key)):
             return key
     return None
+
+
+def tiles_source_text(source: Mapping[str, Any]) -> str:
+    """A slide's tile source (the Otsu settings or its tissue GeoJSON, the coords file another tool gave, the
+    artifact-drop settings) as the ``tissue_config`` attribute holds it: canonical JSON."""
+    return json.dumps(dict(source), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def read_tiles_source(text: str) -> dict[str, Any]:
+    """The tile source a file records (:func:`tiles_source_text`); files written before it was JSON hold a Python
+    literal, read with ``ast.literal_eval`` (literals only, no code), and files older still a TissueConfig repr,
+    which means the Otsu mask on our grid ({})."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = {}
+    return value if isinstance(value, dict) else {}
+
+
+def tiles_source_mismatch(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """Why a finished file's tiles are not the ones ``wanted`` (other tissue GeoJSON, coords file or dropped
+    artifact tiles: what the request keys cannot tell apart), in words; None when they are the same."""
+
+    def parts(source: Mapping[str, Any]) -> tuple:
+        return source.get("tissue_geojson"), source.get("coords"), source.get("drop_artifacts")
+
+    def name(source: tuple) -> str:
+        geojson, coords, dropped = source
+        mask = f"tissue GeoJSON {geojson}" if geojson else "the Otsu mask"
+        flags = f", without the tiles flagged {','.join(dropped.get('drop', ()))}" if dropped else ""
+        return f"{mask} and {f'coords {coords}' if coords else 'our grid'}{flags}"
+
+    old, new = parts(recorded), parts(wanted)
+    if old != new:
+        return f"tiles from {name(old)}, not {name(new)}"
+    otsu = [k for k in sorted(set(recorded) | set(wanted)) if k not in ("tissue_geojson", "coords", "drop_artifacts")]
+    if "method" in recorded and "method" in wanted:  # both Otsu masks: their settings must agree too
+        changed = [f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in otsu if recorded.get(k) != wanted.get(k)]
+        if changed:
+            return f"tiles from the Otsu mask with other settings ({'; '.join(changed[:3])})"
+    return None
+
+
+def bundle_mismatch(
+    attrs: Mapping[str, Any], bundle_fingerprint: str, probe_of: tuple[str, int] | None = None
+) -> str | None:
+    """Why features with ``attrs`` cannot feed the head of a bundle (its manifest ``sha256``), or None: a head only
+    means something on its own model's features. ``probe_of``: (backbone fingerprint, input size) when the bundle
+    is a linear probe, whose own features are its plain backbone's."""
+    if attrs.get("bundle_fingerprint") == bundle_fingerprint:
+        return None
+    if probe_of is not None and not attrs.get("bundle_fingerprint"):
+        fingerprint, image_size = probe_of
+        if attrs.get("backbone_fingerprint") == fingerprint and _int_or(attrs.get("image_size")) == image_size:
+            return None
+    return "they were not extracted with it"
 
 
 def check_feature_compatibility(

@@ -23,7 +23,7 @@ from ..engine.runtime import Runtime
 from ..errors import DataError, WeightsError, note_interrupt, one_line
 from ..features import check_feature_compatibility, check_unique_slides, list_feature_files
 from ..records import claim_file, mark_file
-from ..report.io import atomic_path, atomic_write_json
+from ..report.io import atomic_path, atomic_write_csv, atomic_write_json
 from .aggregators import MILAggregator, create_aggregator
 from .bags import read_slide_features
 
@@ -37,7 +37,6 @@ __all__ = [
     "predict_cohort",
     "predict_slides",
     "save_mil_model",
-    "write_csv",
     "write_slide_predictions",
 ]
 
@@ -45,15 +44,6 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 FORMAT = "pathotune-mil"
 FORMAT_VERSION = 1
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], lineterminator: str = "\n") -> Path:
-    """A CSV written all-or-nothing."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator=lineterminator)
-        w.writerow(header)
-        w.writerows(rows)
-    return Path(path)
 
 
 def save_mil_model(fold_dir: Path, model: MILAggregator, meta: dict[str, Any]) -> None:
@@ -204,7 +194,7 @@ def predict_cohort(
     cohort.raise_first()
     if preds:
         header = ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in ensemble.classes]]
-        write_csv(out, header, preds, "\r\n")
+        atomic_write_csv(out, preds, header)
         mark_file(out, "predictions", {"model": request["model"]})
     return rows
 
@@ -228,4 +218,4 @@ def write_slide_predictions(predictions: list[dict[str, Any]], out: str | os.Pat
         raise DataError("no slide predictions to write")
     classes = list(predictions[0]["classes"])
     rows = [_prediction_row(p) for p in predictions]
-    return write_csv(Path(out), ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in classes]], rows, "\r\n")
+    return atomic_write_csv(Path(out), rows, ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in classes]])

@@ -26,12 +26,12 @@ from ..engine.metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classi
 from ..engine.runtime import Runtime, infer, make_fabric, make_loggers
 from ..errors import note_interrupt
 from ..records import staged
-from ..report import atomic_write_json, atomic_write_text, plot_confusion_matrix, plot_training_curves
+from ..report import atomic_write_csv, atomic_write_json, atomic_write_text, plot_confusion_matrix, plot_training_curves
 from .aggregators import MILAggregator, create_aggregator
 from .bags import BagSubset, FeatureBagDataset
 from .config import MILConfig
 from .labels import FoldPlan, SlideLabels, plan_folds, read_slide_labels
-from .models import FORMAT, FORMAT_VERSION, save_mil_model, write_csv
+from .models import FORMAT, FORMAT_VERSION, save_mil_model
 from .report import mil_report
 
 __all__ = ["train_mil"]
@@ -172,7 +172,7 @@ def _train_folds(
         per_fold.append(row)
         save_mil_model(fold_dir, model, _fold_meta(cfg, kwargs, in_dim, table, bags, plan, row))
         log_columns = list(state.history[0]) if state.history else []
-        write_csv(fold_dir / "log.csv", log_columns, [[h.get(c) for c in log_columns] for h in state.history])
+        atomic_write_csv(fold_dir / "log.csv", [[h.get(c) for c in log_columns] for h in state.history], log_columns)
         curve_metric = None if cfg.monitor == "loss" else f"val_{cfg.monitor}"
         plot_training_curves(state.history, fold_dir / "training_curves.png", metric=curve_metric)
 
@@ -196,7 +196,7 @@ def _train_folds(
     }
     header = ["slide_id", "label", "fold", *[f"prob_{c}" for c in classes]]
     oof_rows = [[table.slide_ids[i], classes[y[i]], oof_fold[int(i)], *[f"{p:.6f}" for p in oof[i]]] for i in scored]
-    write_csv(out / "oof_predictions.csv", header, oof_rows)
+    atomic_write_csv(out / "oof_predictions.csv", oof_rows, header)
     plot_confusion_matrix(
         pooled["confusion_matrix"], classes, out / "confusion_matrix.png", title="Pooled out-of-fold predictions"
     )

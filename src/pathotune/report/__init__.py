@@ -5,7 +5,16 @@ The figures (matplotlib) load on first use, so the atomic writers can be importe
 
 from importlib import import_module
 
-from .io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, to_jsonable
+from .io import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+    to_jsonable,
+)
 from .markdown import (
     format_cell,
     format_params,
@@ -21,6 +30,7 @@ _RUN_REPORT = ("write_run_report",)
 
 __all__ = [
     "atomic_dir",
+    "atomic_write_csv",
     "csv_text",
     "atomic_path",
     "atomic_write_bytes",

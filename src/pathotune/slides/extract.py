@@ -18,7 +18,6 @@ before the first slide is extracted.
 
 from __future__ import annotations
 
-import ast
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from ..cohort import ERRORS, Cohort, read_errors
-from ..engine.runtime import Runtime, infer_batches, make_fabric
+from ..engine.runtime import Runtime, infer_batches
 from ..errors import ConfigError, DataError, note_interrupt
 from ..features import (
     REQUEST_KEYS,
@@ -41,10 +40,11 @@ from ..features import (
     remove_partial_files,
     write_feature_file,
 )
+from ..features.h5 import read_tiles_source, tiles_source_mismatch
 from ..features.partial import PartialFeatures, plan_digest
 from ..records import incremental
 from ..report import progress_bar
-from .artifacts import ArtifactConfig, drop_settings
+from .artifacts import ArtifactConfig
 from .dataset import SlideTileDataset, TileTransform, default_num_workers, tile_loader
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .extract_log import LOG_NAME, ExtractLog, SlideResult
@@ -74,13 +74,11 @@ __all__ = [
     "DEFAULT_CHUNK_TILES",
     "find_slides",
     "load_extractor",
-    "make_extract_fabric",
     "read_slide_features",
     "request_attrs",
     "slide_id",
 ]
 
-make_extract_fabric = make_fabric  # the engine's one Fabric factory, under the name extraction had in 0.1.0
 # Tiles kept per chunk of a slide that is being extracted (rounded down to whole batches): what a kill -9 can
 # cost at most, against one small file per chunk. 1024 tiles are about a minute on two CPU cores at 224 px.
 DEFAULT_CHUNK_TILES = 1024
@@ -236,41 +234,16 @@ def _check(slide: SlideInput, tiling: TilingConfig) -> TilingConfig:
     return own
 
 
-def _recorded_sources(tissue_config: str) -> tuple[str | None, str | None, dict | None]:
-    """The (tissue GeoJSON, coords file, artifact drop settings) a feature file's ``tissue_config`` names; Otsu
-    files name neither source (files written before these sources existed hold a TissueConfig repr, which is
-    Otsu on our grid), and files that dropped no flagged tiles name no artifact settings."""
-    try:
-        recorded = ast.literal_eval(tissue_config)
-    except (ValueError, SyntaxError):
-        return None, None, None
-    if not isinstance(recorded, dict):
-        return None, None, None
-    return recorded.get("tissue_geojson"), recorded.get("coords"), recorded.get("drop_artifacts")
-
-
-def _source_name(source: tuple[str | None, str | None, dict | None]) -> str:
-    geojson, coords, dropped = source
-    mask = f"tissue GeoJSON {geojson}" if geojson else "the Otsu mask"
-    flags = f", without the tiles flagged {','.join(dropped.get('drop', ()))}" if dropped else ""
-    return f"{mask} and {f'coords {coords}' if coords else 'our grid'}{flags}"
-
-
-def _check_tile_source(path: Path, slide: SlideInput, artifacts: ArtifactConfig | None = None) -> None:
+def _check_tile_source(
+    path: Path, slide: SlideInput, tissue: TissueConfig | None = None, artifacts: ArtifactConfig | None = None
+) -> None:
     """A finished file counts for this run only if its tiles came from the same tissue GeoJSON and coords file
-    and lost the same artifact-flagged tiles: the request keys cannot tell a GeoJSON mask from Otsu's, two
-    coords files of the same tile size, or a plan with and without flagged tiles apart."""
-    old = _recorded_sources(str(read_feature_attrs(path).get("tissue_config", "")))
-    new = (
-        None if slide.tissue_geojson is None else str(Path(slide.tissue_geojson).resolve()),
-        None if slide.coords is None else str(Path(slide.coords).resolve()),
-        drop_settings(artifacts),
-    )
-    if old != new:
-        raise ConfigError(
-            f"{path} holds features of tiles from {_source_name(old)}, not {_source_name(new)}; "
-            "pass another --out or --overwrite"
-        )
+    and lost the same artifact-flagged tiles (:func:`pathotune.features.h5.tiles_source_mismatch`)."""
+    recorded = read_tiles_source(str(read_feature_attrs(path).get("tissue_config", "")))
+    wanted = read_tiles_source(tiles_source(slide, tissue, artifacts))
+    why = tiles_source_mismatch(recorded, wanted)
+    if why is not None:
+        raise ConfigError(f"{path} holds features of {why}; pass another --out or --overwrite")
 
 
 def _finished(
@@ -281,6 +254,7 @@ def _finished(
     rt: Runtime,
     cohort: Cohort,
     artifacts: ArtifactConfig | None = None,
+    tissue: TissueConfig | None = None,
 ) -> dict[Path, int]:
     """Tile counts of the slides whose file is this request's finished result; every other slide is opened
     (its mpp, coords and tissue GeoJSON checked) now, so a missing one stops the run at once rather than hours
@@ -297,7 +271,7 @@ def _finished(
             if final.exists():
                 n = finished_tiles(final, request_attrs(ex, own or tiling))
                 if n is not None:
-                    _check_tile_source(final, slide, artifacts)
+                    _check_tile_source(final, slide, tissue, artifacts)
                     done[slide.path] = n
                     return
                 if rt.rank == 0:
@@ -410,7 +384,7 @@ def _extract_cohort(
 ) -> list[SlideResult]:
     """Every usable slide of this rank's share into ``out_dir``; the finished and extracted ones' results."""
     skip_errors = cohort.skip_errors
-    done = _finished(every, out_dir, ex, tiling, rt, cohort, artifacts)
+    done = _finished(every, out_dir, ex, tiling, rt, cohort, artifacts, tissue)
     if cohort.stop:  # every rank saw the same slide fail: stop before any extraction
         cohort.raise_first()
     usable = [s for s in every if s.slide_id not in cohort.failures]

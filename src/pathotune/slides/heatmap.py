@@ -27,6 +27,7 @@ from ..cohort import Cohort
 from ..errors import ConfigError, DataError, note_interrupt
 from ..features import (
     SlideFeatures,
+    bundle_mismatch,
     check_unique_slides,
     list_feature_files,
     read_slide_features,
@@ -240,21 +241,14 @@ def paint_slide(
 
 
 def _check_bundle_features(sf: SlideFeatures, model: PathoTuneModel, manifest: dict, bundle: Path) -> None:
-    """A head only means something on its own model's features (a linear probe's: its plain backbone's)."""
-    attrs = sf.attrs
-    if attrs.get("bundle_fingerprint") == manifest.get("sha256"):
-        return
+    """The features must be the bundle's own (:func:`pathotune.features.h5.bundle_mismatch`)."""
     probe = model.switches.train == "head" and not model.groups
-    same_backbone = (
-        attrs.get("backbone_fingerprint") == model.provenance.fingerprint
-        and int(attrs.get("image_size", -1)) == model.backbone.img_size
-    )
-    if not attrs.get("bundle_fingerprint") and probe and same_backbone:
-        return
-    raise DataError(
-        f"features {sf.path} were not extracted with bundle {bundle}; run `pathotune slides extract --bundle "
-        f"{bundle}` so its head sees the prompted model's features"
-    )
+    probe_of = (model.provenance.fingerprint, model.backbone.img_size) if probe else None
+    if bundle_mismatch(sf.attrs, manifest.get("sha256", ""), probe_of) is not None:
+        raise DataError(
+            f"features {sf.path} were not extracted with bundle {bundle}; run `pathotune slides extract --bundle "
+            f"{bundle}` so its head sees the prompted model's features"
+        )
 
 
 def heatmap_cohort(

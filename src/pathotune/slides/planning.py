@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..features.h5 import tiles_source_text
 from .artifacts import ArtifactConfig, drop_settings
 from .coords import PatchCoords, read_patch_coords
 from .geojson import geojson_tissue_mask, mask_shape
@@ -71,7 +72,7 @@ def tiles_source(slide: SlideInput, tissue: TissueConfig | None, artifacts: Arti
         source["coords"] = str(Path(slide.coords).resolve())
     if drop_settings(artifacts) is not None:
         source["drop_artifacts"] = drop_settings(artifacts)
-    return repr(source)
+    return tiles_source_text(source)
 
 
 def plan_on(

@@ -16,7 +16,6 @@ bad slide is skipped and listed in ``errors.csv`` with ``skip_errors`` (:mod:`.c
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from scipy import ndimage
 from ..cohort import Cohort
 from ..errors import note_interrupt
 from ..records import incremental
-from ..report.io import atomic_path
+from ..report.io import atomic_path, atomic_write_csv
 from .artifacts import ArtifactConfig, paint_artifacts, tissue_shares, write_artifacts
 from .coords import PATCHES_SUFFIX, write_patch_coords
 from .geojson import tissue_geojson
@@ -77,13 +76,6 @@ def qc_thumbnail(reader: SlideReader, plan: TilePlan, path: str | Path, max_size
     return path
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
 SUMMARY = "tiles_summary.csv"
 
 
@@ -113,7 +105,7 @@ def _tile_one(
     kinds = list(plan.artifact_fractions)
     columns = [plan.tissue, *plan.artifact_fractions.values()]
     tiles = [[x, y, *(f"{v:.4f}" for v in vs)] for (x, y), *vs in zip(plan.coords.tolist(), *columns, strict=True)]
-    _write_csv(out / f"{sid}_tiles.csv", ["x", "y", "tissue", *kinds], tiles)
+    atomic_write_csv(out / f"{sid}_tiles.csv", tiles, ["x", "y", "tissue", *kinds])
     tissue_geojson(plan.mask, plan.dimensions, out / f"{sid}_tissue.geojson")
     write_artifacts(plan.artifacts, plan.dimensions, out, sid)
     shares = {k: f"{v:.4f}" for k, v in tissue_shares(plan.artifacts, plan.mask).items()}
@@ -200,7 +192,7 @@ def tile_slides(
             if summary:
                 fields = list(dict.fromkeys(k for r in summary.values() for k in r if k != "slide_path"))
                 fields.append("slide_path")
-                _write_csv(workdir / SUMMARY, fields, [[r.get(k) for k in fields] for _, r in sorted(summary.items())])
+                atomic_write_csv(workdir / SUMMARY, [summary[k] for k in sorted(summary)], fields)
             if skip_errors:
                 cohort.write()
         cohort.raise_first()

@@ -24,6 +24,7 @@ from typing import Any
 import openslide
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..data import to_rgb  # the one conversion: alpha on white, 16-bit grey rescaled, not clipped
 from ..errors import ConfigError, DataError, one_line
 from ..files import file_problem
 from .metadata import UnusableMpp, mpp_from_properties, objective_from_properties, positive_float
@@ -69,17 +70,6 @@ _THUMB_BLOCK = 512  # thumbnail pixels per block, so a thumbnail never needs a w
 _DICM_OFFSET, _DICM_MAGIC = 128, b"DICM"
 _DICOM_SUFFIX, _DICOMDIR = ".dcm", "DICOMDIR"
 _WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; alpha (RGBA, LA, palette transparency) is composited on white, not dropped to black."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 class SlideReader(ABC):
