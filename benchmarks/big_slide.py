@@ -7,9 +7,9 @@ the same blocks, so every level shows the same slide. Tiles are 256 px JPEG (qua
 
     python benchmarks/big_slide.py --out runs/big/big.tif --tiles 50000
 
-``--tiles`` is the number of 224 px tiles at 0.5 mpp the slide must hold; the grid is made square and large enough
-(50,000 tissue tiles: 25 x 25 blocks, 51,200 px a side, 2.6 gigapixels, about 1 GiB). The file is written under a temporary
-name and renamed, and an existing file of the same size is kept (``--force`` rewrites it).
+``--tiles`` is the number of 224 px tiles at 0.5 mpp the slide must hold; the grid is made square and large
+enough (50,000 tissue tiles: 25 x 25 blocks, 51,200 px a side, 2.6 gigapixels, 1.2 GiB). The file is written
+under a temporary name and renamed; an existing file is kept (``--force`` rewrites it).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def main() -> None:
     write_big_slide(args.out, args.tiles, args.levels)
     with tifffile.TiffFile(args.out) as tf:
         shape = tf.pages[0].shape
-    print(f"{args.out}: {shape[1]}x{shape[0]} px, {args.out.stat().st_size / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s")
+    size = args.out.stat().st_size / 2**30
+    print(f"{args.out}: {shape[1]}x{shape[0]} px, {size:.2f} GiB, {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ measurement is about the pipeline around the model, which is the same for any ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -49,10 +50,8 @@ def command(args: argparse.Namespace, out: Path) -> list[str]:
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
