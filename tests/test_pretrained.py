@@ -133,12 +133,16 @@ class FakeApi:
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         FakeApi.calls.append(("create_repo", repo_id, private, exist_ok, repo_type, self.token))
 
-    def upload_folder(self, repo_id, folder_path, commit_message, repo_type=None):
+    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
+        FakeApi.calls.append(("create_branch", repo_id, branch, exist_ok, repo_type))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, repo_type=None, revision=None, create_pr=None):
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
-        FakeApi.calls.append(("upload_folder", repo_id, commit_message, files))
+        FakeApi.calls.append(("upload_folder", repo_id, commit_message, files, revision, create_pr))
 
         class Info:
             commit_url = f"https://huggingface.co/{repo_id}/commit/{'0' * 40}"
+            pr_url = f"https://huggingface.co/{repo_id}/discussions/1" if create_pr else None
 
         return Info()
 
@@ -214,3 +218,26 @@ def test_cli_push_and_info_on_a_hub_bundle(model, tmp_path, fake_api, hub_cache,
     code, _, err = run_main(monkeypatch, capsys, "push", out, "--repo", "me/pen-qc")
     assert code == 2
     assert "HF_HUB_OFFLINE is set; unset it and retry" in one_line_error(err)
+
+
+def test_push_to_a_branch_or_as_a_pull_request(model, fake_api):
+    model.push_to_hub("me/pen-qc", revision="v2")
+    assert fake_api.calls[1] == ("create_branch", "me/pen-qc", "v2", True, "model")
+    assert fake_api.calls[2][4:] == ("v2", False)
+    url = model.push_to_hub("me/pen-qc", create_pr=True)
+    assert url == "https://huggingface.co/me/pen-qc/discussions/1" and fake_api.calls[-1][4:] == (None, True)
+
+
+def test_a_push_without_network_says_network_unreachable(model, fake_api, monkeypatch):
+    import httpx
+
+    def no_route(self, *args, **kwargs):
+        try:
+            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+        except httpx.ConnectError as e:
+            raise RuntimeError("Hub request failed") from e
+
+    monkeypatch.setattr(FakeApi, "create_repo", no_route)
+    with pytest.raises(BundleError, match="network unreachable .*check the connection") as exc:
+        model.push_to_hub("me/pen-qc")
+    assert "log in" not in str(exc.value)

@@ -331,11 +331,22 @@ class PathoTuneModel(nn.Module):
         commit_message: str = "Upload pathotune bundle",
         metrics: dict | None = None,
         command: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
     ) -> str:
         """``save_pretrained`` into a temporary folder and upload it to ``repo_id`` (created if needed) as one
-        commit, with the user's token; returns the commit URL."""
+        commit, with the user's token (on branch ``revision``, or as a pull request with ``create_pr``); returns
+        the commit or pull request URL."""
         return _bundle_io("push")(
-            self, repo_id, private=private, token=token, commit_message=commit_message, metrics=metrics, command=command
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            metrics=metrics,
+            command=command,
+            revision=revision,
+            create_pr=create_pr,
         )
 
 
