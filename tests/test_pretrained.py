@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, TINY_NAME, one_line_error, run_main
+from helpers import TINY, TINY2, TINY_NAME, one_line_error, run_main
 from safetensors.torch import load_file, save_file
 from test_hub import cache_repo, hub_cache  # noqa: F401  (hub_cache is a fixture)
 
@@ -241,3 +241,19 @@ def test_a_push_without_network_says_network_unreachable(model, fake_api, monkey
     with pytest.raises(BundleError, match="network unreachable .*check the connection") as exc:
         model.push_to_hub("me/pen-qc")
     assert "log in" not in str(exc.value)
+
+
+def test_save_pretrained_works_whatever_was_imported_first(tmp_path):
+    """A script that imports only pathotune.model can still save and load the bundle format."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathotune.model import create_model, PathoTuneModel\n"
+        f"m = create_model('vit_small_patch16_224', 'vpt-deep', 3, img_size=32, backbone_kwargs={TINY2!r})\n"
+        f"m.save_pretrained({str(tmp_path / 'b')!r})\n"
+        f"print(type(PathoTuneModel.from_pretrained({str(tmp_path / 'b')!r})).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("PathoTuneModel")

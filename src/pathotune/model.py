@@ -10,6 +10,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Protocol
 
@@ -37,8 +38,11 @@ BUNDLE_IO: dict[str, Callable] = {}
 
 
 def _bundle_io(name: str) -> Callable:
-    if name not in BUNDLE_IO:  # only when pathotune.model was loaded without the package (never by `import`)
-        raise RuntimeError("pathotune.bundle is not imported; `import pathotune` before saving or loading models")
+    """The bundle format's ``save``/``load``/``push``: ``pathotune.bundle`` sits above this module (it builds models
+    through ``create_model``) and registers them in :data:`BUNDLE_IO` when it is imported, which happens here on
+    first use, whatever the caller imported before."""
+    if name not in BUNDLE_IO:
+        import_module("pathotune.bundle")
     return BUNDLE_IO[name]
 
 
