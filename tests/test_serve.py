@@ -49,7 +49,13 @@ def site(tmp_path_factory) -> dict:
     images = root / "images"
     images.mkdir()
     for i, (mode, fmt, ext) in enumerate(
-        [("RGB", "PNG", "png"), ("RGBA", "PNG", "png"), ("L", "PNG", "png"), ("RGB", "JPEG", "jpg"), ("RGB", "TIFF", "tif")]
+        [
+            ("RGB", "PNG", "png"),
+            ("RGBA", "PNG", "png"),
+            ("L", "PNG", "png"),
+            ("RGB", "JPEG", "jpg"),
+            ("RGB", "TIFF", "tif"),
+        ]
     ):
         (images / f"img{i}.{ext}").write_bytes(png_bytes(30 + 9 * i, i, mode, fmt))
     return {"root": root, "folder": folder, "spare": spare, "hub": hub, "images": sorted(images.iterdir())}
@@ -113,7 +119,9 @@ def test_answers_equal_pathotune_predict_and_one_batch_serves_several_tasks(serv
             assert max(abs(a - b) for a, b in zip(p["probs"].values(), expected, strict=True)) <= 1e-5
             batches.setdefault(p["batch"]["id"], set()).add(task)
             assert p["batch"]["tasks"] >= len(batches[p["batch"]["id"]])
-        assert r.headers["X-Pathotune-Batches"] == ",".join(str(b) for b in sorted({p["batch"]["id"] for p in body["predictions"]}))
+        assert r.headers["X-Pathotune-Batches"] == ",".join(
+            str(b) for b in sorted({p["batch"]["id"] for p in body["predictions"]})
+        )
     assert max(len(t) for t in batches.values()) >= 2, batches  # one forward served several tasks
     assert server.metric("pathotune_batch_tasks_count") > before
     shared = server.metric("pathotune_batch_tasks_count") - server.metric('pathotune_batch_tasks_bucket{le="1.0"}')
@@ -123,7 +131,9 @@ def test_answers_equal_pathotune_predict_and_one_batch_serves_several_tasks(serv
 def test_json_base64_and_a_raw_body_give_the_same_answers(server, site, offline):
     files = site["images"]
     with server.client() as c:
-        r = c.post("/v1/tasks/gamma/predict", json={"images": [base64.b64encode(f.read_bytes()).decode() for f in files]})
+        r = c.post(
+            "/v1/tasks/gamma/predict", json={"images": [base64.b64encode(f.read_bytes()).decode() for f in files]}
+        )
         assert r.status_code == 200, r.text
         for f, p in zip(files, r.json()["predictions"], strict=True):
             assert max(abs(a - b) for a, b in zip(p["probs"].values(), offline["gamma"][f.name], strict=True)) <= 1e-5

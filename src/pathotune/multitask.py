@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,10 +25,8 @@ def backbone_recipe(manifest: dict) -> tuple:
     prov = manifest["provenance"]
     pool = manifest["switches"].get("pool", "default")
     if pool == "default":
-        try:
+        with contextlib.suppress(ConfigError):  # a backbone this version does not know: compare the setting as written
             pool = get_backbone_spec(prov["backbone"]).pool
-        except ConfigError:  # a backbone this version does not know: compare the setting as written
-            pass
     weights = prov["fingerprint"] if prov["weights"] is not None else f"random init {prov.get('backbone_kwargs') or {}}"
     return prov["backbone"], weights, prov["img_size"], pool
 
@@ -61,8 +60,8 @@ class MultiTaskModel(nn.Module):
                 raise BundleError(
                     f"tasks must share backbone weights, image size and pooling: '{m.provenance.backbone}' "
                     f"({m.provenance.fingerprint[:12]}, {m.backbone.img_size} px, {m.backbone.pool_mode}) vs "
-                    f"'{first.provenance.backbone}' ({first.provenance.fingerprint[:12]}, {first.backbone.img_size} px, "
-                    f"{first.backbone.pool_mode})"
+                    f"'{first.provenance.backbone}' ({first.provenance.fingerprint[:12]}, "
+                    f"{first.backbone.img_size} px, {first.backbone.pool_mode})"
                 )
             if m.switches.train in ("all", "lora"):
                 raise BundleError(f"method '{m.method}' changes the backbone; it cannot share one with other tasks")

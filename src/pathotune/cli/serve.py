@@ -50,7 +50,12 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
     """Serve bundles over HTTP, batching requests of different tasks into one forward on one shared backbone."""
-    from ..serve import ServeConfig, run_server
+    from ..errors import ConfigError
+
+    try:
+        from ..serve import ServeConfig, run_server
+    except ModuleNotFoundError as e:  # the optional [serve] extra
+        raise ConfigError(f"pathotune serve needs {e.name}: pip install 'pathotune[serve]'") from e
 
     config = ServeConfig(
         bundles=tuple(bundles),

@@ -153,7 +153,9 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
         given = b"" if credentials is None else credentials.credentials.encode()
         if not secrets.compare_digest(given, config.token.encode()):
             raise RequestError(
-                401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
+                401,
+                "missing or wrong bearer token; send 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
             )
 
     guarded = [Depends(authorised)]
@@ -296,9 +298,9 @@ async def read_uploads(request: Request, config: ServeConfig) -> list[Upload]:
         try:
             body = json.loads(await request.body())
         except ValueError:
-            raise RequestError(400, "the body is not valid JSON; send {\"images\": [\"<base64>\", ...]}") from None
+            raise RequestError(400, 'the body is not valid JSON; send {"images": ["<base64>", ...]}') from None
         if not isinstance(body, dict) or not isinstance(body.get("images"), list):
-            raise RequestError(422, "the JSON body needs a list under 'images': {\"images\": [\"<base64>\", ...]}")
+            raise RequestError(422, 'the JSON body needs a list under \'images\': {"images": ["<base64>", ...]}')
         images = body["images"]
         _count(len(images), config.max_images)
         uploads = [from_base64(text, i) for i, text in enumerate(images)]
@@ -338,4 +340,3 @@ async def _multipart(request: Request, max_images: int) -> list[Upload]:
         ]
     finally:
         await form.close()
-

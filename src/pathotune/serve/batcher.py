@@ -10,6 +10,7 @@ Each image has its own future; a request whose futures were cancelled (it timed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
@@ -173,8 +174,6 @@ class Batcher:
         await self.idle.wait()
         if self.collector is not None:
             self.collector.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.collector
-            except asyncio.CancelledError:
-                pass
         self.executor.shutdown(wait=True)

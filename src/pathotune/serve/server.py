@@ -49,12 +49,16 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {describe_os_error(e)}; pick another --port or --host") from e
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {describe_os_error(e)}; pick another --port or --host"
+        ) from e
     sock.set_inheritable(True)
     return sock
 
 
-def run_server(config: ServeConfig, threads: int | None = None, access_log: bool = True, log_level: str = "info") -> None:
+def run_server(
+    config: ServeConfig, threads: int | None = None, access_log: bool = True, log_level: str = "info"
+) -> None:
     """Serve until SIGTERM or Ctrl-C."""
     if threads is not None:
         torch.set_num_threads(threads)

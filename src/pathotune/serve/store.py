@@ -161,7 +161,9 @@ class BundleStore:
 
     def _add_fixed(self, name: str, path: Path, src: str) -> None:
         if name in self.fixed:
-            raise ConfigError(f"--bundles {src} is a second task named '{name}'; serve it from a folder of another name")
+            raise ConfigError(
+                f"--bundles {src} is a second task named '{name}'; serve it from a folder of another name"
+            )
         self.fixed[name] = path
 
     def _find(self, name: str) -> Path | None:
