@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+SERVE_EXTRA = ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client")
+
 
 def serve(
     bundles: Annotated[
@@ -55,6 +57,8 @@ def serve(
     try:
         from ..serve import ServeConfig, run_server
     except ModuleNotFoundError as e:  # the optional [serve] extra
+        if (e.name or "").split(".")[0] not in SERVE_EXTRA:
+            raise
         raise ConfigError(f"pathotune serve needs {e.name}: pip install 'pathotune[serve]'") from e
 
     config = ServeConfig(
