@@ -47,7 +47,7 @@ def serve(
         float, typer.Option(help="LRU bound on the loaded task models' own tensors (MiB; not the backbone).")
     ] = 512.0,
     decode_threads: Annotated[int, typer.Option(help="Threads decoding uploads.")] = 2,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads of the forward (default: torch's).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
@@ -78,5 +78,6 @@ def serve(
         request_timeout_s=request_timeout,
         cache_bytes=int(cache_mb * 2**20),
         decode_threads=decode_threads,
+        threads=threads,
     )
-    run_server(config, threads=threads, access_log=access_log, log_level=log_level)
+    run_server(config, access_log=access_log, log_level=log_level)

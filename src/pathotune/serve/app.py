@@ -131,7 +131,8 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(config.max_batch, config.max_wait_ms / 1000, config.max_queue, store.device, metrics)
+        wait_s = config.max_wait_ms / 1000
+        batcher = Batcher(config.max_batch, wait_s, config.max_queue, store.device, metrics, config.threads)
         batcher.start()
         app.state.batcher = batcher
         yield

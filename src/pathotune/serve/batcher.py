@@ -54,7 +54,13 @@ class Batcher:
     """The queue, the collector task and the one inference thread."""
 
     def __init__(
-        self, max_batch: int, max_wait_s: float, max_queue: int, device: torch.device, metrics: ServeMetrics
+        self,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        device: torch.device,
+        metrics: ServeMetrics,
+        threads: int | None = None,
     ) -> None:
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.device = device
@@ -65,7 +71,9 @@ class Batcher:
         self.draining = False
         self.seconds_per_image = 0.0  # moving average, for Retry-After
         self.ids = itertools.count(1)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathotune-infer")
+        # torch's thread count is per thread (OpenMP), so it is set in the inference thread itself
+        setup = (torch.set_num_threads, (threads,)) if threads is not None else (None, ())
+        self.executor = ThreadPoolExecutor(1, "pathotune-infer", initializer=setup[0], initargs=setup[1])
         self.collector: asyncio.Task | None = None
         self.idle = asyncio.Event()
         self.idle.set()

@@ -32,6 +32,7 @@ class ServeConfig:
     request_timeout_s: float = 30.0
     cache_bytes: int = 512 * 2**20  # the task models' own tensors (never the shared backbone)
     decode_threads: int = 2
+    threads: int | None = None  # torch threads of the inference thread (default: torch's)
 
     def __post_init__(self) -> None:
         if not self.bundles:
@@ -45,6 +46,7 @@ class ServeConfig:
             "--request-timeout": self.request_timeout_s,
             "--cache-mb": self.cache_bytes,
             "--decode-threads": self.decode_threads,
+            "--threads": 1 if self.threads is None else self.threads,
         }
         for flag, value in positive.items():
             if value <= 0:

@@ -9,7 +9,6 @@ import socket
 import sys
 import warnings
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image
@@ -56,12 +55,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(
-    config: ServeConfig, threads: int | None = None, access_log: bool = True, log_level: str = "info"
-) -> None:
+def run_server(config: ServeConfig, access_log: bool = True, log_level: str = "info") -> None:
     """Serve until SIGTERM or Ctrl-C."""
-    if threads is not None:
-        torch.set_num_threads(threads)
     # Pillow's own bomb check at our limit (refusal above twice it); our header check refuses anything above it.
     Image.MAX_IMAGE_PIXELS = config.max_pixels
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
