@@ -181,7 +181,8 @@ def run_load(args: argparse.Namespace) -> dict:
     batch = x[torch.arange(args.max_batch) % len(bodies)]
     mixed_ids = torch.arange(args.max_batch) % args.tasks
     single_ids = torch.zeros(args.max_batch, dtype=torch.long)
-    with ThreadPoolExecutor(1) as thread:  # one worker thread, as the server runs its forward
+    setup = (torch.set_num_threads, (args.threads,)) if args.threads else (None, ())
+    with ThreadPoolExecutor(1, initializer=setup[0], initargs=setup[1]) as thread:  # as the server runs its forward
         runs = [
             thread.submit(timed, lambda ids=ids: multi(batch, ids), args.repeats, args.max_batch)
             for ids in (mixed_ids, single_ids)
@@ -191,7 +192,9 @@ def run_load(args: argparse.Namespace) -> dict:
     concurrency = 2 * args.max_batch
     flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "100000"]
     flags += ["--request-timeout", "600", "--no-access-log", "--log-level", "warning"]
+    flags += ["--threads", str(args.threads)] if args.threads else []
     result: dict = {"image_size": args.image_size, "tasks": args.tasks, "max_batch": args.max_batch}
+    result["threads"] = args.threads or torch.get_num_threads()
     with server(folder, work / "server.log", *flags) as (url, _):
         asyncio.run(closed_loop(url, bodies, 2 * concurrency, args.tasks, concurrency, Tally(expected)))  # warm-up
         mixed = asyncio.run(closed_loop(url, bodies, args.saturation, args.tasks, concurrency, tally))
@@ -217,7 +220,8 @@ def run_load(args: argparse.Namespace) -> dict:
     )
     print(
         f"dinov2_vits14 at {args.image_size} px, {args.tasks} tasks, max batch {args.max_batch}, "
-        f"max wait {args.max_wait_ms} ms, {concurrency} requests in flight, one tile per request"
+        f"max wait {args.max_wait_ms} ms, {concurrency} requests in flight, one tile per request, "
+        f"{result['threads']} torch threads"
     )
     print(f"offline mixed batch     {offline_mixed:8.2f} img/s   single-task batch {offline_single:8.2f} img/s")
     print(
@@ -307,6 +311,7 @@ def main() -> None:
     load.add_argument("--saturation", type=int, default=1500, help="requests per saturation phase (2 phases)")
     load.add_argument("--load", type=int, default=1000, help="requests per open-loop phase (2 phases)")
     load.add_argument("--repeats", type=int, default=5, help="timed repeats of the offline batch")
+    load.add_argument("--threads", type=int, help="torch threads of the forward, offline and served (default: torch's)")
     many = sub.add_parser("bundles", help="memory with many registered bundles")
     many.add_argument("--bundles", type=int, default=1000)
     many.add_argument("--cache-mb", type=float, default=64.0)

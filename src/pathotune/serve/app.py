@@ -257,7 +257,7 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
                 for u in uploads
             )
         )
-        loaded = await anyio.to_thread.run_sync(store.model, known)
+        loaded = store.cached(known) or await anyio.to_thread.run_sync(store.model, known)
         predictions: list[Prediction] = await asyncio.gather(*batcher.submit(xs, loaded))
         classes = loaded.model.class_names
         rows = [

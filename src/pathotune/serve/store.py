@@ -258,6 +258,11 @@ class BundleStore:
 
     # -- the cache of loaded models -------------------------------------------------------------------------------
 
+    def cached(self, task: Task) -> Loaded | None:
+        """The task's model if it is in the cache (never blocks on a load: the event loop may call it)."""
+        with self.lock:
+            return self._hit(task)
+
     def model(self, task: Task) -> Loaded:
         """The task's model, from the cache or loaded now (blocking: call it from a worker thread)."""
         with self.lock:
