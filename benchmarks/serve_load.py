@@ -179,15 +179,8 @@ def run_load(args: argparse.Namespace) -> dict:
             for i, lg in enumerate(logits):
                 expected[(i, t)] = lg.float().softmax(-1).tolist()
     batch = x[torch.arange(args.max_batch) % len(bodies)]
-    mixed_ids = torch.arange(args.max_batch) % args.tasks
-    single_ids = torch.zeros(args.max_batch, dtype=torch.long)
-    setup = (torch.set_num_threads, (args.threads,)) if args.threads else (None, ())
-    with ThreadPoolExecutor(1, initializer=setup[0], initargs=setup[1]) as thread:  # as the server runs its forward
-        runs = [
-            thread.submit(timed, lambda ids=ids: multi(batch, ids), args.repeats, args.max_batch)
-            for ids in (mixed_ids, single_ids)
-        ]
-        offline_mixed, offline_single = (statistics.median(r.result()) for r in runs)
+    single = torch.zeros(args.max_batch, dtype=torch.long)
+    phases = {"mixed": (torch.arange(args.max_batch) % args.tasks, args.tasks), "single": (single, 1)}
     tally = Tally(expected)
     concurrency = 2 * args.max_batch
     flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "100000"]
@@ -195,21 +188,33 @@ def run_load(args: argparse.Namespace) -> dict:
     flags += ["--threads", str(args.threads)] if args.threads else []
     result: dict = {"image_size": args.image_size, "tasks": args.tasks, "max_batch": args.max_batch}
     result["threads"] = args.threads or torch.get_num_threads()
-    with server(folder, work / "server.log", *flags) as (url, _):
+    offline: dict[str, list[float]] = {k: [] for k in phases}
+    served: dict[str, list[float]] = {k: [] for k in phases}
+    setup = (torch.set_num_threads, (args.threads,)) if args.threads else (None, ())
+    # The offline batch runs in one worker thread, as the server runs its forward, and alternates with the served
+    # phases round by round, so that a change in the machine's other load falls on both sides of each ratio.
+    with (
+        ThreadPoolExecutor(1, initializer=setup[0], initargs=setup[1]) as thread,
+        server(folder, work / "server.log", *flags) as (url, _),
+    ):
         asyncio.run(closed_loop(url, bodies, 2 * concurrency, args.tasks, concurrency, Tally(expected)))  # warm-up
-        mixed = asyncio.run(closed_loop(url, bodies, args.saturation, args.tasks, concurrency, tally))
-        single = asyncio.run(closed_loop(url, bodies, args.saturation, 1, concurrency, tally))
+        for _ in range(args.rounds):
+            for kind, (ids, tasks) in phases.items():
+                rates = thread.submit(timed, lambda ids=ids: multi(batch, ids), args.repeats, args.max_batch).result()
+                offline[kind].append(statistics.median(rates))
+                n = args.saturation // args.rounds
+                served[kind].append(asyncio.run(closed_loop(url, bodies, n, tasks, concurrency, tally)))
+        mixed = statistics.median(served["mixed"])
         lat = {}
         for share in (0.5, 0.9):
             times = asyncio.run(open_loop(url, bodies, args.load, args.tasks, share * mixed, tally))
             lat[share] = (percentile(times, 50), percentile(times, 99))
+    ratios = {k: statistics.median(s / o for s, o in zip(served[k], offline[k], strict=True)) for k in phases}
     result.update(
-        offline_mixed=offline_mixed,
-        offline_single=offline_single,
-        served_mixed=mixed,
-        served_single=single,
-        ratio_mixed=mixed / offline_mixed,
-        ratio_single=single / offline_single,
+        offline={k: statistics.median(v) for k, v in offline.items()},
+        served={k: statistics.median(v) for k, v in served.items()},
+        rounds={"offline": offline, "served": served},
+        ratio=ratios,
         latency={
             f"{int(s * 100)}%": {"rate": s * mixed, "p50_ms": a * 1e3, "p99_ms": b * 1e3} for s, (a, b) in lat.items()
         },
@@ -221,14 +226,14 @@ def run_load(args: argparse.Namespace) -> dict:
     print(
         f"dinov2_vits14 at {args.image_size} px, {args.tasks} tasks, max batch {args.max_batch}, "
         f"max wait {args.max_wait_ms} ms, {concurrency} requests in flight, one tile per request, "
-        f"{result['threads']} torch threads"
+        f"{result['threads']} torch threads, {args.rounds} rounds of offline then served"
     )
-    print(f"offline mixed batch     {offline_mixed:8.2f} img/s   single-task batch {offline_single:8.2f} img/s")
-    print(
-        f"served, 8 tasks mixed   {mixed:8.2f} img/s   ratio to offline mixed {mixed / offline_mixed:.3f} "
-        "(goal >= 0.90)"
-    )
-    print(f"served, 1 task          {single:8.2f} img/s   ratio to offline single {single / offline_single:.3f}")
+    for kind in phases:
+        shown = ", ".join(f"{s:.1f}/{o:.1f}" for s, o in zip(served[kind], offline[kind], strict=True))
+        print(
+            f"{kind:6s}: served {result['served'][kind]:7.2f} img/s, offline batch {result['offline'][kind]:7.2f} "
+            f"img/s (medians); ratio {ratios[kind]:.3f} (median of rounds; served/offline: {shown})"
+        )
     for share, (p50, p99) in lat.items():
         print(f"open loop at {share:.0%} ({share * mixed:.2f} req/s): p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
     print(f"{tally.sent} requests: {tally.lost} lost, {tally.wrong} wrong (max |diff| {tally.worst:.2e}, limit 1e-5)")
@@ -309,6 +314,7 @@ def main() -> None:
     load.add_argument("--max-wait-ms", type=float, default=10.0)
     load.add_argument("--tiles", type=int, default=64)
     load.add_argument("--saturation", type=int, default=1500, help="requests per saturation phase (2 phases)")
+    load.add_argument("--rounds", type=int, default=5, help="alternations of offline and served measurement")
     load.add_argument("--load", type=int, default=1000, help="requests per open-loop phase (2 phases)")
     load.add_argument("--repeats", type=int, default=5, help="timed repeats of the offline batch")
     load.add_argument("--threads", type=int, help="torch threads of the forward, offline and served (default: torch's)")
