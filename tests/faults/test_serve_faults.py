@@ -26,6 +26,8 @@ from PIL import Image
 from serve_kit import IVP_EARLY, png_bytes, serving, tiny_bundle, tiny_weights
 from test_fault_corpus import sha_tree
 
+from pathotune.serve import BundleStore, RequestError, ServeMetrics
+
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_UPLOAD = int(0.05 * 2**20)  # --max-upload-mb 0.05
@@ -341,7 +343,14 @@ def free_port_in_use() -> socket.socket:
 
 @pytest.mark.parametrize(
     "case",
-    ["not_loopback_without_token", "port_in_use", "no_such_folder", "empty_folder", "queue_smaller_than_a_request"],
+    [
+        "not_loopback_without_token",
+        "port_in_use",
+        "no_such_folder",
+        "empty_folder",
+        "queue_smaller_than_a_request",
+        "unknown_reference",
+    ],
 )
 def test_bad_settings_end_on_one_line(case, site, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("PATHOTUNE_SERVE_TOKEN", raising=False)
@@ -365,6 +374,9 @@ def test_bad_settings_end_on_one_line(case, site, tmp_path, monkeypatch, capsys)
         (tmp_path / "empty").mkdir()
         args[2] = tmp_path / "empty"
         expect = f"error: no bundles found in {tmp_path / 'empty'}; put each bundle in a sub-folder (<folder>/<task>/)"
+    elif case == "unknown_reference":
+        args += ["--reference", "nope"]
+        expect = "error: --reference nope is not a task here; the tasks are alpha, other"
     else:
         args += ["--max-images", "10", "--max-queue", "5"]
         expect = (
@@ -380,3 +392,18 @@ def test_bad_settings_end_on_one_line(case, site, tmp_path, monkeypatch, capsys)
     assert code == 2
     assert one_line_error(err) == expect
     assert sha_tree(site.folder) == before
+
+
+def test_a_task_larger_than_the_whole_cache_is_refused(site):
+    store = BundleStore([str(site.folder)], cache_bytes=4096, metrics=ServeMetrics())
+    alpha = store.task("alpha")
+    with pytest.raises(RequestError) as e:
+        store.model(alpha)
+    assert e.value.status == 507
+    assert str(e.value).startswith("task 'alpha' needs ")
+    assert str(e.value).endswith(
+        "bytes, more than the whole bundle cache (4,096 bytes, --cache-mb); restart the server with a larger cache"
+    )
+    assert store.cached_bytes == 0 and not store.cache
+    with pytest.raises(RequestError, match=r"^task 'other' was trained on .* serve it from a server on its own"):
+        store.task("other")

@@ -203,13 +203,18 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
     async def prometheus() -> Response:
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/tasks", tags=["tasks"], summary="Every task: classes, backbone fingerprint, card metrics")
-    async def tasks(_: None = Depends(authorised)) -> dict:
+    @app.get(
+        "/v1/tasks",
+        tags=["tasks"],
+        summary="Every task: classes, backbone fingerprint, card metrics",
+        dependencies=guarded,
+    )
+    async def tasks() -> dict:
         found = await anyio.to_thread.run_sync(store.rescan)
         return {"backbone": store.describe_backbone(), "tasks": [t.describe() for t in found]}
 
-    @app.get("/v1/tasks/{task}", tags=["tasks"], summary="One task", responses=ERROR_RESPONSES)
-    async def one_task(task: str, _: None = Depends(authorised)) -> dict:
+    @app.get("/v1/tasks/{task}", tags=["tasks"], summary="One task", responses=ERROR_RESPONSES, dependencies=guarded)
+    async def one_task(task: str) -> dict:
         try:
             return store.task(task).describe()
         except RequestError as e:
@@ -271,7 +276,7 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
             for u, p in zip(uploads, predictions, strict=True)
         ]
         batches = sorted({p.batch for p in predictions})
-        body = {"task": known.name, "classes": classes, "bundle_sha256": known.describe()["bundle_sha256"]}
+        body = {"task": known.name, "classes": classes, "bundle_sha256": known.sha256}
         body["predictions"] = rows
         return JSONResponse(body, headers={"X-Pathotune-Batches": ",".join(map(str, batches))})
 

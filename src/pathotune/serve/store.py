@@ -44,6 +44,12 @@ class Task:
     manifest: dict | None
     problem: RequestError | None = None
 
+    @property
+    def sha256(self) -> str:
+        """What identifies this version of the bundle: its manifest's checksum (format 1: the tensors')."""
+        m = self.manifest or {}
+        return str(m.get("manifest_sha256") or m.get("sha256") or "")
+
     def describe(self) -> dict:
         """What ``GET /v1/tasks`` says of the task: classes, backbone and fingerprint, the card's metrics."""
         if self.manifest is None:
@@ -60,7 +66,7 @@ class Task:
             "fingerprint": prov["fingerprint"],
             "img_size": prov["img_size"],
             "metrics": extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {},
-            "bundle_sha256": m.get("manifest_sha256") or m["sha256"],
+            "bundle_sha256": self.sha256,
         }
         if self.problem is not None:
             out["problem"] = str(self.problem)
@@ -141,7 +147,9 @@ class BundleStore:
         self.shared = {t.data_ptr() for t in chain(self.backbone.parameters(), self.backbone.buffers())}
         self.tasks = {n: self._check(t) for n, t in self.tasks.items()}  # now against the served backbone
         metrics.cache_limit.set(cache_bytes)
-        self._insert(Loaded(self.tasks[name], model.to(self.device).eval(), self._own_bytes(model)))
+        first = Loaded(self.tasks[name], model.to(self.device).eval(), self._own_bytes(model))
+        if first.nbytes <= cache_bytes:
+            self._insert(first)
 
     # -- sources and registration ---------------------------------------------------------------------------------
 
