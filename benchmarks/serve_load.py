@@ -160,12 +160,19 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
 
 
-def run_load(args: argparse.Namespace) -> dict:
+def workspace(args: argparse.Namespace) -> tuple[Path, Path, bool]:
+    """The work folder, its bundle folder, and whether the bundles are still to be built (``--work`` reuses them)."""
     torch.manual_seed(0)
-    work = Path(args.work or tempfile.mkdtemp(prefix="serve-load-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"serve-{args.mode}-"))
     folder = work / "bundles"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
+    build = not folder.is_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return work, folder, build
+
+
+def run_load(args: argparse.Namespace) -> dict:
+    work, folder, build = workspace(args)
+    if build:
         make_bundles(folder, args.tasks, args.image_size, EARLY, perturb=0.05)
     paths = [folder / f"task{t}" for t in range(args.tasks)]
     multi = MultiTaskModel.from_bundles(paths)
@@ -250,11 +257,8 @@ def metric(url: str, name: str) -> float:
 
 
 def run_bundles(args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    work = Path(args.work or tempfile.mkdtemp(prefix="serve-bundles-"))
-    folder = work / "bundles"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
+    work, folder, build = workspace(args)
+    if build:
         first = make_bundles(folder, 1, args.image_size, EARLY, perturb=0.05)[0]
         shared = load_bundle(first).backbone  # one backbone for the builds: each bundle costs its own tensors only
         start = time.perf_counter()
