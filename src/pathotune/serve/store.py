@@ -228,24 +228,27 @@ class BundleStore:
             self._evict(name)
 
     def rescan(self) -> list[Task]:
-        """Read the folders again (new, changed and removed bundles); every task, sorted by name."""
+        """Read the folders again (new, changed and removed bundles); every task, sorted by name.
+
+        Files are read outside the lock, so that a long rescan never holds up a request on the event loop."""
+        found: dict[str, Path] = {}
+        for folder in reversed(self.folders):  # the first folder holding a name wins
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if valid_name(entry.name) and entry.is_dir():
+                    bundle = _bundle_in(Path(entry.path))
+                    if bundle is not None:
+                        found[entry.name] = bundle
+        found.update(self.fixed)
+        fresh = {name: self._register(name, path) for name, path in found.items()}
         with self.lock:
-            found: dict[str, Path] = {}
-            for folder in reversed(self.folders):  # the first folder holding a name wins
-                try:
-                    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-                except OSError:
-                    continue
-                for entry in entries:
-                    if valid_name(entry.name) and entry.is_dir():
-                        bundle = _bundle_in(Path(entry.path))
-                        if bundle is not None:
-                            found[entry.name] = bundle
-            found.update(self.fixed)
-            for name in set(self.tasks) - set(found):
+            for name in set(self.tasks) - set(fresh):
                 self._update(name, None)
-            for name, path in found.items():
-                self._update(name, self._register(name, path))
+            for name, task in fresh.items():
+                self._update(name, task)
             self.metrics.registered.set(len(self.tasks))
             return [self.tasks[n] for n in sorted(self.tasks)]
 
@@ -253,9 +256,9 @@ class BundleStore:
         """The servable task ``name`` as its bundle now is: 404 when there is none, its problem (409, 503) if any."""
         if not valid_name(name):
             raise RequestError(404, f"no task '{name}'; GET /v1/tasks lists the tasks")
+        path = self._find(name)
+        task = None if path is None else self._register(name, path)
         with self.lock:
-            path = self._find(name)
-            task = None if path is None else self._register(name, path)
             self._update(name, task)
             self.metrics.registered.set(len(self.tasks))
         if task is None:
