@@ -22,7 +22,6 @@ from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -37,7 +36,7 @@ from .config import ServeConfig
 from .errors import RequestError
 from .images import CONTENT_TYPES, Upload, from_base64, prepare
 from .metrics import ServeMetrics
-from .store import BundleStore
+from .store import BundleStore, Task
 
 log = logging.getLogger("pathotune.serve")
 
@@ -173,12 +172,6 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error serving %s", request.url.path)
@@ -251,7 +244,7 @@ def create_app(config: ServeConfig, store: BundleStore, metrics: ServeMetrics) -
             metrics.requests.labels(label, str(status)).inc()
             metrics.latency.observe(time.perf_counter() - start)
 
-    async def serve_predict(known, request: Request) -> JSONResponse:
+    async def serve_predict(known: Task, request: Request) -> JSONResponse:
         batcher = batcher_of(request)
         batcher.check_room(1)
         uploads = await read_uploads(request, config)
