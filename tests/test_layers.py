@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bundle", "data"),
     ("multitask",),
     ("engine",),
-    ("slides", "mil"),
+    ("slides", "mil", "serve"),
     ("heatmaps",),
     ("cli", "__init__", "__main__"),
 ]

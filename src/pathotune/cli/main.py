@@ -396,9 +396,10 @@ def bench(
 
 
 def _register_groups() -> None:
-    from . import demo, slides
+    from . import demo, serve, slides
 
     app.command(name="demo")(demo.demo)
+    app.command(name="serve")(serve.serve)
     app.add_typer(slides.app, name="slides")
 
 
