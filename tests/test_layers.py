@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods",),
     ("model",),
     ("bundle", "data"),
-    ("multitask",),
+    ("multitask", "inference"),
     ("engine",),
     ("slides", "mil", "serve"),
     ("heatmaps",),

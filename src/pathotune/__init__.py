@@ -13,6 +13,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from .backbones import list_backbones
     from .bundle import load_bundle, save_bundle
+    from .inference import Predictions, data_config, predict, transforms
     from .methods import list_methods
     from .model import PathoTuneModel, create_model
     from .switches import Switches
@@ -27,6 +28,10 @@ _LAZY = {
     "create_model": "model",
     "Switches": "switches",
     "Task": "task",
+    "Predictions": "inference",
+    "data_config": "inference",
+    "predict": "inference",
+    "transforms": "inference",
 }
 
 __all__ = [
@@ -35,15 +40,19 @@ __all__ = [
     "DataError",
     "PathoTuneError",
     "PathoTuneModel",
+    "Predictions",
     "Switches",
     "Task",
     "WeightsError",
     "__version__",
     "create_model",
+    "data_config",
     "list_backbones",
     "list_methods",
     "load_bundle",
+    "predict",
     "save_bundle",
+    "transforms",
 ]
 
 
