@@ -18,12 +18,13 @@ from helpers import run_main
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 from slide_fixtures import cmu_crop, write_pyramid_tiff
+from vendor_slides import write_dicom_wsi, write_ome_tiff
 from viewer_fixtures import HOT, SIDE, SIZE, SLIDE_ID, HotCase, build_hot_case, hot_features, is_hot, tile_coords
 
 from pathotune.heatmaps import mil_heatmaps
 from pathotune.slides import sample_slide
+from pathotune.slides.geojson import read_geojson_polygons
 from pathotune.slides.heatmap import bundle_heatmaps
-from pathotune.slides.polygons import mask_polygons
 from pathotune.viewer import PyramidPool, SlidePyramid, SlideSource, TileNotFound, build_catalog, export_viewer
 from pathotune.viewer.catalog import EMPTY_CELL, lattice_step, score_grid
 from pathotune.viewer.export import folder_bytes
@@ -66,21 +67,30 @@ def test_deep_zoom_over_the_reader_equals_openslides_own() -> None:
         ours.close()
 
 
-@pytest.mark.parametrize("layout", ["pages", "subifds", "png"])
+BACKEND_OF = {"pages": "openslide", "subifds": "tiffslide", "ome": "tiffslide", "dicom": "dicom", "png": "image"}
+
+
+@pytest.mark.parametrize("layout", list(BACKEND_OF))
 def test_deep_zoom_tiles_for_every_backend(tmp_path: Path, layout: str) -> None:
-    """One Deep Zoom path over OpenSlide, tiffslide and Pillow: full-size tiles are the slide's pixels, with the
-    1 px overlap; a Deep Zoom level on a pyramid level is that level's pixels, not a resampled finer one."""
+    """One Deep Zoom path over OpenSlide, tiffslide, wsidicom and Pillow: full-size tiles are the slide's pixels,
+    with the 1 px overlap; a Deep Zoom level on a pyramid level is that level's pixels, not a resampled finer one."""
     rgb = cmu_crop(400, 600, 700, 520)
     if layout == "png":
         path = tmp_path / "s.png"
         Image.fromarray(rgb).save(path)
         levels = [rgb]
+    elif layout == "dicom":
+        path = tmp_path / "s"
+        levels = write_dicom_wsi(path, rgb, mpp=0.5, levels=2, tile=64)
+    elif layout == "ome":
+        path = tmp_path / "s.ome.tif"
+        levels = write_ome_tiff(path, rgb, 0.5, levels=2, tile=64)
     else:
         path = tmp_path / "s.tif"
         levels = write_pyramid_tiff(path, rgb, mpp=0.5, levels=2, tile=64, subifds=layout == "subifds")
     pyr = SlidePyramid(SlideSource("s", path))
     try:
-        assert pyr.reader.backend == {"pages": "openslide", "subifds": "tiffslide", "png": "image"}[layout]
+        assert pyr.reader.backend == BACKEND_OF[layout]
         top = pyr.max_level
         assert pyr.level_dimensions[top] == (700, 520) and pyr.level_tiles[top] == (3, 3)
         tile = np.asarray(Image.open(io.BytesIO(pyr.tile(top, 1, 1, 95))))
@@ -188,16 +198,17 @@ def test_mil_overlay_is_what_slides_heatmap_paints(case: HotCase, tmp_path: Path
 def test_region_layers_read_what_slides_tile_writes(case: HotCase) -> None:
     layers = {r.name: r for r in region_layers(case.tiles, SLIDE_ID)}
     assert list(layers) == ["tissue", "pen", "blur"]  # no fold file: no fold layer
-    mask = np.zeros((64, 96), dtype=bool)
-    mask[8:56, 8:88] = True
-    mask[24:40, 40:56] = False
-    expect = mask_polygons(mask)
+    for name, layer in layers.items():
+        expect = read_geojson_polygons(case.tiles / f"{SLIDE_ID}_{name}.geojson", allow_empty=True)
+        assert len(layer.polygons) == len(expect)
+        for got, want in zip(layer.polygons, expect, strict=True):
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
     (tissue,) = layers["tissue"].polygons
     assert len(tissue) == 2  # the exterior and its hole
-    for got, ring in zip(tissue, expect[0], strict=True):
-        np.testing.assert_allclose(got, ring * 16)  # mask pixels are 16 level-0 px
     assert len(layers["pen"].polygons) == 1 and layers["blur"].polygons == []
-    assert layers["tissue"].colour == (0, 200, 0) and region_layers(None, SLIDE_ID) == []
+    assert layers["tissue"].colour == (0, 200, 0) and layers["pen"].colour == (255, 0, 255)
+    assert region_layers(None, SLIDE_ID) == []
 
 
 # -- the catalog and the export -------------------------------------------------------------------------------

@@ -94,6 +94,14 @@ def blocks(a: np.ndarray, k: int = 8) -> np.ndarray:
     return a[: a.shape[0] // k * k, : a.shape[1] // k * k].reshape(a.shape[0] // k, k, a.shape[1] // k, k, -1)
 
 
+def off_navigator(view: Page, shape: tuple[int, ...]) -> np.ndarray:
+    """True off the navigator's minimap (top right, over the slide, its outline drawn in red)."""
+    nav = view.page.evaluate("PathotuneViewer.state.viewer.navigator.element.getBoundingClientRect().toJSON()")
+    keep = np.ones(shape[:2], dtype=bool)
+    keep[: round(nav["bottom"]) + 2, max(0, round(nav["left"]) - 2) :] = False
+    return keep
+
+
 def check_slide_pixels(view: Page, case: HotCase) -> None:
     """With the overlays off, the screen shows the slide: its pixels match the slide's thumbnail."""
     view.page.uncheck("#show-heatmap")
@@ -102,12 +110,11 @@ def check_slide_pixels(view: Page, case: HotCase) -> None:
     view.ready()
     x0, y0, x1, y1 = slide_rect(view)
     assert x1 - x0 > 600 and y1 - y0 > 400, (x0, y0, x1, y1)  # the home view shows the whole slide, large
-    shot = view.screenshot()[y0:y1, x0:x1]
+    full = view.screenshot()
+    shot = full[y0:y1, x0:x1]
     with open_slide(case.slide) as reader:
         thumb = np.asarray(reader.thumbnail(SIZE[0]).resize((x1 - x0, y1 - y0), Image.Resampling.BOX), dtype=np.float64)
-    nav = view.page.evaluate("PathotuneViewer.state.viewer.navigator.element.getBoundingClientRect().toJSON()")
-    keep = np.ones(shot.shape[:2], dtype=bool)  # the navigator's minimap sits over the slide's top right corner
-    keep[: max(0, round(nav["bottom"]) - y0 + 2), max(0, round(nav["left"]) - x0 - 2) :] = False
+    keep = off_navigator(view, full.shape)[y0:y1, x0:x1]
     assert shot[keep].std() > 20  # real tissue on the screen, not a blank page
     # colours, block by block (8 px blocks: resampling may move fine detail by a pixel, not colours)
     mask = blocks(keep[..., None].astype(float)).min(axis=(1, 3))[..., 0] > 0
@@ -132,7 +139,7 @@ def check_hot_square(view: Page) -> None:
     hot = np.linalg.norm(shot - HOT_RGB, axis=2) < 25
     inside = np.zeros_like(hot)  # the slide's rectangle only: the legend's colour ramp holds the hot colour too
     inside[y0:y1, x0:x1] = True
-    hot &= inside
+    hot &= inside & off_navigator(view, hot.shape)
     ys, xs = np.nonzero(hot)
     assert len(xs) > 0.8 * (256 * scale) ** 2, f"only {len(xs)} hot pixels"
     found = ((xs.min() - x0) / scale, (ys.min() - y0) / scale, (xs.max() + 1 - x0) / scale, (ys.max() + 1 - y0) / scale)

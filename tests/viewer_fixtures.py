@@ -4,7 +4,7 @@ The slide is real H&E (a crop of the vendored CMU slide) as a 3-level pyramidal 
 tiled in 128 px tiles (12 x 8). A tiny linear bundle reads one feature: +4 in the 2 x 2 tiles of ``HOT``
 (level-0 x 768..1024, y 256..512), -4 elsewhere, so its class ``hot`` has probability 0.9997 there and 0.0003
 everywhere else. The scores reach the viewer through the real path: a feature file read by
-``bundle_tile_probs`` (``--features`` + ``--bundle``).
+``BundleHead`` (``--features`` + ``--bundle``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from fault_kit import Base, base_train_args, sha_tree, tmpfs
 from helpers import TINY2, cli_cmd, cli_env, one_line_error, run_main, write_image
 
 from pathotune.errors import PathoTuneError
+from pathotune.records import MARKER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +87,7 @@ def untouched_run(out_name: str = "run") -> Callable[[Ctx], None]:
 
     def check(ctx: Ctx) -> None:
         out = ctx.root / out_name
-        left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.startswith("."))
+        left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.startswith(".") and p.name != MARKER)
         assert not left, f"left behind: {left}"
 
     return check

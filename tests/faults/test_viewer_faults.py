@@ -93,7 +93,7 @@ CASES = [
         ("either --heatmap", "--features"),
     ),
     CliCase("short_token", lambda c: [*V, c.case.slide, "--token", "abc"], ("--token", "at least 16")),
-    CliCase("port_out_of_range", lambda c: [*V, c.case.slide, "--port", "70000"], ("--port", "0..65535")),
+    CliCase("port_out_of_range", lambda c: [*V, c.case.slide, "--port", "70000"], ("--port 70000", "outside 0..65535")),
     CliCase(
         "port_in_use",
         lambda c: [*V, c.case.slide, "--port", str(busy_port(c))],

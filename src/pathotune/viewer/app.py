@@ -16,7 +16,6 @@ tiles answer 404. On loopback no token is needed; with a token, every request mu
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 import secrets
 import socket
@@ -29,24 +28,16 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import ConfigError, DataError, one_line
+from ..listen import is_loopback
 from .catalog import Catalog
 from .deepzoom import PyramidPool, TileNotFound
 from .page import static_dir
 
-__all__ = ["TOKEN_COOKIE", "create_app", "is_loopback", "listen", "resolve_token", "serve"]
+__all__ = ["TOKEN_COOKIE", "create_app", "resolve_token", "serve"]
 
 TOKEN_COOKIE = "pathotune_viewer_token"
 _TILE_NAME = re.compile(r"(\d{1,9})_(\d{1,9})\.jpeg")
 _SCRIPT = "text/javascript; charset=utf-8"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_token(host: str, token: str | None) -> str | None:
@@ -130,19 +121,6 @@ def create_app(catalog: Catalog, pool: PyramidPool, token: str | None = None) ->
     return app
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: any free one); a one-line error when it cannot be had."""
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must lie in 0..65535, got {port}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host.strip("[]"), port), family=family, reuse_port=False)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {e.strerror or one_line(e)}; pass another --port or --host"
-        ) from None
-
-
 def serve(
     catalog: Catalog,
     sock: socket.socket,
@@ -151,7 +129,8 @@ def serve(
     cache_tiles: int = 1024,
     max_open: int = 8,
 ) -> None:
-    """Serve the viewer on an open socket until Ctrl-C (then return) or SIGTERM, each after a graceful shutdown."""
+    """Serve the viewer on a bound socket (:func:`pathotune.listen.bind`) until Ctrl-C (then return) or SIGTERM,
+    each after a graceful shutdown."""
     pool = PyramidPool(catalog.sources, quality=quality, cache_tiles=cache_tiles, max_open=max_open)
     app = create_app(catalog, pool, token)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

@@ -3,14 +3,14 @@
 Tile scores come from one of three sources, each keyed by slide id:
 
 - a feature folder and a patch bundle: the bundle's class probabilities per tile
-  (:func:`pathotune.slides.heatmap.bundle_tile_probs`, as ``slides heatmap --bundle``);
+  (:class:`pathotune.slides.heatmap.BundleHead`, as ``slides heatmap --bundle``);
 - a feature folder and a MIL run: its attention (or per-class tile scores) and the slide's prediction
   (:func:`pathotune.heatmaps.mil_tile_scores`, as ``slides heatmap --model``);
 - a finished ``slides heatmap`` folder: the tiles, scores and classes of its ``<slide_id>.geojson``, so a heat
   map can be reviewed without its model.
 
-Region masks come from a ``slides tile --out`` folder: ``<slide_id>_tissue.geojson`` and, where quality control
-wrote them, ``<slide_id>_pen.geojson``, ``_blur`` and ``_fold`` (QuPath annotations in level-0 pixels).
+Region masks come from a ``slides tile --out`` folder: ``<slide_id>_tissue.geojson`` and, where its artifact
+flags wrote them, ``<slide_id>_pen.geojson``, ``_blur`` and ``_fold`` (QuPath annotations in level-0 pixels).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..features import tile_side
+from ..features import list_feature_files, require_coords, tile_side
 from ..heatmaps import mil_tile_scores
+from ..slides.artifacts import ARTIFACT_CLASSES
 from ..slides.geojson import TISSUE_CLASS, read_geojson_polygons, read_tiles_geojson
-from ..slides.heatmap import bundle_tile_probs
+from ..slides.heatmap import BundleHead
 from ..slides.polygons import Polygon
 
 __all__ = [
@@ -40,12 +41,10 @@ __all__ = [
     "tile_overlays",
 ]
 
-# Region masks a `slides tile` folder may hold (file suffix -> outline colour, RGB).
-MASKS: dict[str, tuple[int, int, int]] = {
-    "tissue": tuple(TISSUE_CLASS["color"]),  # type: ignore[dict-item]
-    "pen": (40, 90, 255),
-    "blur": (255, 160, 0),
-    "fold": (220, 0, 220),
+# Region masks a `slides tile` folder may hold (file suffix -> outline colour, RGB: the QuPath class colours).
+MASKS: dict[str, tuple[int, ...]] = {
+    "tissue": tuple(TISSUE_CLASS["color"]),
+    **{kind: tuple(cls["color"]) for kind, cls in ARTIFACT_CLASSES.items()},
 }
 PROBABILITY_PREFIX = "prob_"
 # Colour maps per kind of score, as `slides heatmap` paints them.
@@ -117,7 +116,7 @@ class RegionLayer:
     """Polygons with holes (level-0 pixels) of one region kind: tissue, pen, blur or fold."""
 
     name: str
-    colour: tuple[int, int, int]
+    colour: tuple[int, ...]
     polygons: list[Polygon] = field(default_factory=list)
 
 
@@ -134,7 +133,12 @@ def check_overlay_options(
 
 
 def _from_bundle(bundle: str | Path, features: str | Path, weights: str | None) -> Iterable[TileOverlay]:
-    for sf, probs, classes in bundle_tile_probs(bundle, features, weights=weights):
+    files = list_feature_files(features)
+    require_coords(files)
+    head = BundleHead(bundle, weights=weights)
+    classes = head.classes
+    for f in files:
+        sf, probs = head.probs(f)
         layers = [ScoreLayer.of(f"{PROBABILITY_PREFIX}{c}", probs[:, j]) for j, c in enumerate(classes)]
         top = [classes[int(i)] for i in probs.argmax(1)] if len(probs) else []
         yield TileOverlay(
