@@ -23,7 +23,7 @@ from viewer_fixtures import HOT, SIDE, SIZE, SLIDE_ID, HotCase, build_hot_case, 
 
 from pathotune.heatmaps import mil_heatmaps
 from pathotune.slides import sample_slide
-from pathotune.slides.geojson import read_geojson_polygons
+from pathotune.slides.geojson import read_geojson_polygons, read_tiles_geojson, tiles_geojson
 from pathotune.slides.heatmap import bundle_heatmaps
 from pathotune.viewer import PyramidPool, SlidePyramid, SlideSource, TileNotFound, build_catalog, export_viewer
 from pathotune.viewer.catalog import EMPTY_CELL, lattice_step, score_grid
@@ -167,6 +167,18 @@ def test_bundle_overlay_is_what_slides_heatmap_paints(case: HotCase, tmp_path: P
         np.testing.assert_array_equal(o.coords, tile_coords())
     assert (geo_probs > 0.999)[is_hot(tile_coords())].all() and (geo_probs < 0.001)[~is_hot(tile_coords())].all()
     assert live.dimensions == SIZE and again.dimensions is None
+
+
+def test_tiles_geojson_reads_back_fractional_tiles(tmp_path: Path) -> None:
+    """Tiles of 256.513 px (32 px at 4 mpp on a 0.499 mpp slide, as the demo makes them): corners and sides are
+    written to 1/1000 px, so a tile's width and height differ in the last digit; they read back as written."""
+    coords = np.array([[0, 0], [257, 0], [513, 257], [0, 513]])
+    probs = np.array([0.1, 0.2, 0.3, 0.4])
+    path = tiles_geojson(coords, 256.513, {"prob_tissue": probs}, tmp_path / "s.geojson", classification=list("abab"))
+    tiles = read_tiles_geojson(path)
+    np.testing.assert_array_equal(tiles.coords, coords)
+    assert tiles.side == 256.513 and tiles.classification == list("abab")
+    np.testing.assert_array_equal(tiles.scores["prob_tissue"], probs)
 
 
 def test_mil_overlay_is_what_slides_heatmap_paints(case: HotCase, tmp_path: Path, monkeypatch, capsys) -> None:

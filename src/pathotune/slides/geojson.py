@@ -144,6 +144,9 @@ def tiles_geojson(
     return Path(path)
 
 
+_TILE_SLACK = 0.0025  # px: two roundings to 1/1000 px, and float error
+
+
 @dataclass(frozen=True)
 class TilesGeojson:
     """Tiles read back from :func:`tiles_geojson`'s file: level-0 top-left corners (N, 2), the tile side,
@@ -165,7 +168,7 @@ def read_tiles_geojson(path: str | Path) -> TilesGeojson:
         raise DataError(f"tiles GeoJSON {path} not found; check the path") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"cannot read tiles GeoJSON {path}: {one_line(e, 200)}; rerun `slides heatmap`") from None
-    corners, sides, rows, classes = [], set(), [], []
+    corners, sides, rows, classes = [], [], [], []
     for feature in _features(path, doc):
         props = feature.get("properties") if isinstance(feature, dict) else None
         polygons = _polygons(path, feature.get("geometry") if isinstance(feature, dict) else None)
@@ -177,26 +180,30 @@ def read_tiles_geojson(path: str | Path) -> TilesGeojson:
             (hi[0], hi[1]),
             (lo[0], hi[1]),
         }
-        if not square or hi[0] - lo[0] != hi[1] - lo[1] or hi[0] <= lo[0]:
+        # corners are written to 1/1000 px, so a side may differ from another (or its height) by that much
+        if not square or abs((hi[0] - lo[0]) - (hi[1] - lo[1])) > _TILE_SLACK or hi[0] <= lo[0]:
             raise DataError(
                 f"tiles GeoJSON {path}: feature {len(corners)} is not an axis-aligned square tile; pass the GeoJSON "
                 "`pathotune slides heatmap` wrote"
             )
         corners.append(lo)
-        sides.add(round(float(hi[0] - lo[0]), 3))
+        sides.append(float(hi[0] - lo[0]))
         props = props if isinstance(props, dict) else {}
         rows.append(props.get("measurements") if isinstance(props.get("measurements"), dict) else {})
         cls = props.get("classification")
         classes.append(str(cls["name"]) if isinstance(cls, dict) and cls.get("name") is not None else None)
-    if len(sides) > 1:
-        raise DataError(f"tiles GeoJSON {path} holds tiles of {len(sides)} sizes; pass one `slides heatmap` output")
+    if sides and max(sides) - min(sides) > _TILE_SLACK:
+        raise DataError(
+            f"tiles GeoJSON {path} holds tiles of sides {min(sides):g} to {max(sides):g} px; pass one `slides heatmap` "
+            "output"
+        )
     names = list(dict.fromkeys(k for r in rows for k in r))
     try:
         scores = {k: np.array([float(r.get(k, math.nan)) for r in rows], dtype=np.float64) for k in names}
     except (TypeError, ValueError):
         raise DataError(f"tiles GeoJSON {path}: a measurement is not a number; rerun `slides heatmap`") from None
     coords = np.asarray(corners, dtype=np.float64).reshape(-1, 2)
-    return TilesGeojson(coords, sides.pop() if sides else 0.0, scores, classes)
+    return TilesGeojson(coords, round(float(np.median(sides)), 3) if sides else 0.0, scores, classes)
 
 
 # -- tissue ---------------------------------------------------------------------------------------------------
