@@ -33,6 +33,40 @@ def timed(fn, repeats: int, n: int) -> list[float]:
     return rates
 
 
+EARLY = {"ivp_source": "early", "ivp_layer": 4, "ttp_layer": 4, "tvp_layer": 4}
+
+
+def make_bundles(
+    folder: Path, tasks: int, image_size: int, switches: dict, backbone=None, perturb: float = 0.0, start: int = 0
+) -> list[Path]:
+    """``tasks`` PathoTune bundles on the bundled DINOv2-S in ``folder/task<i>`` (2 to 5 classes each).
+
+    ``backbone`` shares one loaded backbone across the builds; ``perturb`` moves every trained tensor (gates
+    included) off its initialisation, so that prompts change the outputs and a task mix-up would show.
+    """
+    paths = []
+    for t in range(start, start + tasks):
+        classes = tuple(f"class{j}" for j in range(2 + t % 4))
+        model = create_model(
+            "dinov2_vits14",
+            "pathotune",
+            len(classes),
+            task=Task(name=f"task {t}", classes=classes),
+            weights="bundled",
+            img_size=image_size,
+            text_features=(torch.randn(384), torch.randn(8, 384)),
+            backbone_module=backbone,
+            **switches,
+        )
+        if perturb:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn_like(p) * perturb)
+        paths.append(save_bundle(model, folder / f"task{t}"))
+    return paths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image-size", type=int, default=224)
@@ -42,25 +76,9 @@ def main() -> None:
     ap.add_argument("--ivp-source", default="early", choices=["early", "backbone"])
     args = ap.parse_args()
     torch.manual_seed(0)
-    switches = (
-        {"ivp_source": "early", "ivp_layer": 4, "ttp_layer": 4, "tvp_layer": 4} if args.ivp_source == "early" else {}
-    )
+    switches = EARLY if args.ivp_source == "early" else {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for t in range(args.tasks):
-            classes = tuple(f"class{j}" for j in range(2 + t % 4))
-            model = create_model(
-                "dinov2_vits14",
-                "pathotune",
-                len(classes),
-                task=Task(name=f"task {t}", classes=classes),
-                weights="bundled",
-                img_size=args.image_size,
-                text_features=(torch.randn(384), torch.randn(8, 384)),
-                **switches,
-            )
-            paths.append(save_bundle(model, Path(tmp) / f"task{t}"))
-        multi = MultiTaskModel.from_bundles(paths)
+        multi = MultiTaskModel.from_bundles(make_bundles(Path(tmp), args.tasks, args.image_size, switches))
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     mixed_ids = torch.arange(args.batch_size) % args.tasks
     single_ids = torch.zeros(args.batch_size, dtype=torch.long)

@@ -153,3 +153,20 @@ def assert_rows_close(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str,
         for k in ra:
             both_nan = ra[k] != ra[k] and rb[k] != rb[k]
             assert both_nan or abs(ra[k] - rb[k]) <= tol, f"row {i} column {k}: {ra[k]} vs {rb[k]}"
+
+
+def toy_slide(path: Path, feats: np.ndarray, coords: np.ndarray | None = None, **attrs) -> Path:
+    """A small slide feature file in our layout (toy backbone), with ``attrs`` over the defaults."""
+    import h5py
+
+    n = feats.shape[0]
+    coords = np.stack([np.arange(n) * 224, np.zeros(n)], axis=1) if coords is None else coords
+    base = {"backbone": "toy", "bundle_fingerprint": "", "feature_dim": feats.shape[1], "mpp": 0.25}
+    base.update({"target_mpp": 0.5, "tile_size": 224, "slide_path": f"/slides/{path.stem}.svs", **attrs})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f["coords"] = np.asarray(coords, dtype=np.int64)
+        f["features"] = feats
+        for k, v in base.items():
+            f.attrs[k] = v
+    return path

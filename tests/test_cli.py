@@ -30,6 +30,7 @@ from helpers import (
 from pathotune.engine.config import TrainConfig
 from pathotune.engine.run import train_run
 from pathotune.methods import list_methods
+from pathotune.records import MARKER
 
 EVAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auroc")
 
@@ -297,4 +298,5 @@ def test_second_train_with_overwrite_replaces_the_run(data, tmp_path, monkeypatc
     assert all(k.startswith("model.head.") for k in ck["trainable"]), sorted(ck["trainable"])
     assert ck["config"]["method"] == "linear-adamw"
     assert (out / "notes.txt").read_text() == "mine"
-    assert not any(p.name.startswith(".") for p in out.rglob("*")), "temporary files left behind"
+    left = [p.name for p in out.rglob("*") if p.name.startswith(".") and p.name != MARKER]
+    assert not left, f"temporary files left behind: {left}"

@@ -29,6 +29,7 @@ from rich.console import Console
 
 from pathotune.backbones import list_backbones
 from pathotune.cli import common
+from pathotune.records import MARKER
 from pathotune.report import format_percent, progress_bar, trainable_percent
 from pathotune.report.progress import PlainLines
 from pathotune.version import __version__
@@ -298,7 +299,7 @@ def test_every_bad_file_is_named(five_bad, tmp_path, monkeypatch, capsys):
     assert [Path(r["path"]).name for r in listed] == [f"bad_{i}.png" for i in range(5)]
     assert {r["problem"] for r in listed} == {"unreadable"}
     assert not (out / "metrics.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != MARKER], "temporary files left behind"
 
     code, stdout, err = run_main(monkeypatch, capsys, *args, "--accelerator", "cpu", "--skip-bad", "--overwrite")
     assert code == 0, err

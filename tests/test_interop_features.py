@@ -279,7 +279,7 @@ def test_trident_folder_train_predict_heatmap(monkeypatch, capsys, cohort: Path,
     assert geojson_sides(heat / "t0.geojson") == {128.0}
     # TRIDENT files record no slide path: without --slides, one line that says to pass it
     code, _, err = run_main(
-        monkeypatch, capsys, "slides", "heatmap", "--model", run, "--features", feats, "--out", heat
+        monkeypatch, capsys, "slides", "heatmap", "--model", run, "--features", feats, "--out", tmp_path / "heat2"
     )
     assert code == 2 and "record no slide path" in one_line_error(err) and "pass --slides" in err
 

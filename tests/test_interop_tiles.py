@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import TINY2, TINY_NAME
 from helpers import run_main as cli
+from scipy import ndimage
 from slide_fixtures import tissue_and_glass, write_pyramid_tiff
 
 from pathotune import create_model, save_bundle
@@ -92,13 +93,45 @@ def test_mask_to_geojson_and_back_is_the_same_mask(tmp_path: Path) -> None:
     mask[28, 38] = mask[29, 39] = False  # a hole that meets the outside at one corner only
     mask[30, 39] = True  # touches the big piece only at a corner: a piece of its own
     mask[35:40, 50:60] = True  # on the mask's edge
-    fc = json.loads(json.dumps(tissue_feature_collection(mask, (600, 200)), allow_nan=False))
+    fc = json.loads(json.dumps(tissue_feature_collection(mask, (600, 200), tolerance=0), allow_nan=False))
     feats = check_qupath_polygons(fc)
     assert sorted(len(f["geometry"]["coordinates"]) for f in feats) == [1, 1, 1, 3]
     xs = [p[0] for f in feats for r in f["geometry"]["coordinates"] for p in r]
     assert min(xs) == 30 and max(xs) == 600  # level-0 pixels: 10 per mask column, the right edge included
     (tmp_path / "t.geojson").write_text(json.dumps(fc))
     np.testing.assert_array_equal(geojson_tissue_mask(tmp_path / "t.geojson", (600, 200), mask.shape), mask)
+
+
+def test_exported_outlines_are_simplified_within_one_pixel_of_the_mask(tmp_path: Path) -> None:
+    """The default export drops the staircase's vertices; read back, the mask moves only along its own edge."""
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[:120, :160]
+    mask = (xx - 70) ** 2 / 55**2 + (yy - 60) ** 2 / 40**2 <= 1  # a disc: every step of its edge is a vertex
+    mask &= (xx - 80) ** 2 + (yy - 60) ** 2 > 12**2  # with a round hole
+    exact = tissue_feature_collection(mask, (1600, 1200), tolerance=0)
+    simple = tissue_feature_collection(mask, (1600, 1200))
+    check_qupath_polygons(simple)
+    count = lambda fc: sum(len(r) for f in fc["features"] for r in f["geometry"]["coordinates"])  # noqa: E731
+    assert count(simple) < count(exact) / 3
+    (tmp_path / "s.geojson").write_text(json.dumps(simple))
+    back = geojson_tissue_mask(tmp_path / "s.geojson", (1600, 1200), mask.shape)
+    edge = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+    assert not ((back ^ mask) & ~edge).any()  # every changed pixel lies on the mask's edge
+    assert (back ^ mask).sum() < 0.2 * edge.sum()
+
+
+def test_invalid_tissue_polygons_are_refused_unless_repaired(tmp_path: Path) -> None:
+    """A hole outside its shell is not tissue, whatever an even-odd fill would make of it (shapely's validity)."""
+    shell = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    outside = [[150, 150], [180, 150], [180, 180], [150, 180], [150, 150]]
+    (tmp_path / "bad.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [shell, outside]}))
+    with pytest.raises(DataError, match=r"polygon 0 is not valid \(Hole lies outside shell.*--repair-geojson"):
+        geojson_tissue_mask(tmp_path / "bad.geojson", (200, 200), (20, 20))
+    repaired = geojson_tissue_mask(tmp_path / "bad.geojson", (200, 200), (20, 20), repair=True)
+    want = np.zeros((20, 20), dtype=bool)
+    want[:10, :10] = want[15:18, 15:18] = True  # make_valid reads a ring outside its shell as an area of its own
+    np.testing.assert_array_equal(repaired, want)
 
 
 def test_random_masks_round_trip_exactly() -> None:
@@ -161,6 +194,10 @@ def test_qupath_geojson_restricts_extract(monkeypatch, capsys, slides_dir: Path,
     (gj / "s1.geojson").write_text(json.dumps([feature]))
     out = tmp_path / "f"
     args = ["slides", "extract", "--slides", slides_dir, "--bundle", bundle, "--out", out, *COARSE]
+    code, _, err = cli(monkeypatch, capsys, *args, "--tissue-geojson", gj)  # the hole touches the shell's edge
+    error_line(code, err, "s1.geojson", "polygon 0 is not valid", "Self-intersection", "--repair-geojson")
+    assert not out.exists()
+    args += ["--repair-geojson"]
     code, _, err = cli(monkeypatch, capsys, *args, "--tissue-geojson", gj)
     assert code == 0, err
     want = {(0, 0), (256, 0), (384, 0), (0, 128), (128, 128), (256, 128), (384, 128), (640, 256)}
@@ -188,13 +225,16 @@ def test_tile_exports_tissue_that_reimports_as_the_mask(monkeypatch, capsys, sli
     check_qupath_polygons(fc)
     with open_slide(slides_dir / "s1.tif") as reader:
         otsu = plan_tiles(reader, TilingConfig(target_mpp=2.0, tile_size=32)).mask
-    np.testing.assert_array_equal(geojson_tissue_mask(tmp_path / "a" / "s1_tissue.geojson", (W, H), otsu.shape), otsu)
+    back = geojson_tissue_mask(tmp_path / "a" / "s1_tissue.geojson", (W, H), otsu.shape)
+    edge = ndimage.binary_dilation(otsu) & ~ndimage.binary_erosion(otsu)
+    assert not ((back ^ otsu) & ~edge).any()  # simplified within one pixel of the mask
     # fed back as the tissue mask, it gives the same tiles
     code, _, err = cli(
         monkeypatch, capsys, *args, "--out", tmp_path / "b", "--tissue-geojson", tmp_path / "a" / "s1_tissue.geojson"
     )
     assert code == 0, err
-    assert (tmp_path / "b" / "s1_tiles.csv").read_text() == (tmp_path / "a" / "s1_tiles.csv").read_text()
+    coords = lambda d: [r.split(",")[:2] for r in (tmp_path / d / "s1_tiles.csv").read_text().splitlines()]  # noqa: E731
+    assert coords("b") == coords("a")  # the same tiles (their tissue fractions move by at most a pixel's worth)
 
 
 # -- Otsu's settings on the command line ----------------------------------------------------------------------

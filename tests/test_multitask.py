@@ -7,8 +7,8 @@ import torch
 from helpers import TINY, TINY_NAME
 from safetensors.torch import save_file
 
-from pathotune import BundleError, Task, create_model, save_bundle
-from pathotune.multitask import MultiTaskModel
+from pathotune import BundleError, Task, create_model, load_bundle, save_bundle
+from pathotune.multitask import MultiTaskModel, forward_mixed
 
 NAME = TINY_NAME
 
@@ -67,10 +67,32 @@ def test_refuses_other_backbone_weights(tmp_path, text_features):
     w = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() + 1.0 for k, v in other.backbone.vit.state_dict().items()}, str(w))
     model_b = create_model(NAME, "vpt-deep", 2, weights=w, img_size=32, backbone_kwargs=TINY)
-    from pathotune import load_bundle
-
     with pytest.raises(BundleError, match="share backbone weights"):
         MultiTaskModel([load_bundle(a), model_b])
     full = create_model(NAME, "full", 2, img_size=32, backbone_kwargs=TINY)
     with pytest.raises(BundleError, match="changes the backbone"):
         MultiTaskModel([load_bundle(a), full])
+
+
+def test_forward_mixed_runs_any_subset_of_loaded_tasks(tmp_path, text_features):
+    ivp = {"ivp_source": "early", "ivp_layer": 1, "ttp_layer": 1, "tvp_layer": 1}
+    paths = make_bundles(tmp_path, text_features, [("pathotune", 3, ivp), ("vpt-deep", 2, {}), ("pathotune", 4, ivp)])
+    multi = MultiTaskModel.from_bundles(paths)
+    subset = [multi.tasks[2], multi.tasks[0]]  # a serving cache passes whichever tasks a batch holds
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        out = forward_mixed(subset, x, ids)
+        for i, t in enumerate(ids.tolist()):
+            torch.testing.assert_close(out[i], subset[t](x[i : i + 1])[0], atol=1e-5, rtol=0)
+    alone = load_bundle(paths[1])  # its own backbone instance
+    with pytest.raises(BundleError, match="one backbone instance"):
+        forward_mixed([multi.tasks[0], alone], x, ids)
+
+
+def test_refuses_bundles_that_pool_another_way(tmp_path, text_features):
+    a, b = make_bundles(tmp_path, text_features, [("vpt-deep", 2, {}), ("vpt-deep", 2, {"pool": "avg"})])
+    with pytest.raises(BundleError, match=r"default pooling\) and .*avg pooling\)"):
+        MultiTaskModel.from_bundles([a, b])
+    with pytest.raises(BundleError, match="share backbone weights, image size and pooling"):
+        MultiTaskModel([load_bundle(a), load_bundle(b)])

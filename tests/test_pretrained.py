@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, TINY_NAME, one_line_error, run_main
+from helpers import TINY, TINY2, TINY_NAME, one_line_error, run_main
 from safetensors.torch import load_file, save_file
 from test_hub import cache_repo, hub_cache  # noqa: F401  (hub_cache is a fixture)
 
@@ -133,12 +133,16 @@ class FakeApi:
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         FakeApi.calls.append(("create_repo", repo_id, private, exist_ok, repo_type, self.token))
 
-    def upload_folder(self, repo_id, folder_path, commit_message, repo_type=None):
+    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
+        FakeApi.calls.append(("create_branch", repo_id, branch, exist_ok, repo_type))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, repo_type=None, revision=None, create_pr=None):
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
-        FakeApi.calls.append(("upload_folder", repo_id, commit_message, files))
+        FakeApi.calls.append(("upload_folder", repo_id, commit_message, files, revision, create_pr))
 
         class Info:
             commit_url = f"https://huggingface.co/{repo_id}/commit/{'0' * 40}"
+            pr_url = f"https://huggingface.co/{repo_id}/discussions/1" if create_pr else None
 
         return Info()
 
@@ -214,3 +218,42 @@ def test_cli_push_and_info_on_a_hub_bundle(model, tmp_path, fake_api, hub_cache,
     code, _, err = run_main(monkeypatch, capsys, "push", out, "--repo", "me/pen-qc")
     assert code == 2
     assert "HF_HUB_OFFLINE is set; unset it and retry" in one_line_error(err)
+
+
+def test_push_to_a_branch_or_as_a_pull_request(model, fake_api):
+    model.push_to_hub("me/pen-qc", revision="v2")
+    assert fake_api.calls[1] == ("create_branch", "me/pen-qc", "v2", True, "model")
+    assert fake_api.calls[2][4:] == ("v2", False)
+    url = model.push_to_hub("me/pen-qc", create_pr=True)
+    assert url == "https://huggingface.co/me/pen-qc/discussions/1" and fake_api.calls[-1][4:] == (None, True)
+
+
+def test_a_push_without_network_says_network_unreachable(model, fake_api, monkeypatch):
+    import httpx
+
+    def no_route(self, *args, **kwargs):
+        try:
+            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+        except httpx.ConnectError as e:
+            raise RuntimeError("Hub request failed") from e
+
+    monkeypatch.setattr(FakeApi, "create_repo", no_route)
+    with pytest.raises(BundleError, match="network unreachable .*check the connection") as exc:
+        model.push_to_hub("me/pen-qc")
+    assert "log in" not in str(exc.value)
+
+
+def test_save_pretrained_works_whatever_was_imported_first(tmp_path):
+    """A script that imports only pathotune.model can still save and load the bundle format."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathotune.model import create_model, PathoTuneModel\n"
+        f"m = create_model('vit_small_patch16_224', 'vpt-deep', 3, img_size=32, backbone_kwargs={TINY2!r})\n"
+        f"m.save_pretrained({str(tmp_path / 'b')!r})\n"
+        f"print(type(PathoTuneModel.from_pretrained({str(tmp_path / 'b')!r})).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("PathoTuneModel")

@@ -313,8 +313,8 @@ def test_missing_mpp(tmp_path) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(DataError, match=r"slide .*nope\.svs not found"):
         open_slide(tmp_path / "nope.svs")
-    with pytest.raises(DataError, match="not a file"):
-        open_slide(tmp_path)
+    with pytest.raises(DataError, match="is a folder without DICOM files; pass a slide file"):
+        open_slide(tmp_path)  # a folder is a DICOM WSI series
 
 
 def test_corrupt_file(tmp_path) -> None:

@@ -199,8 +199,11 @@ def push_bundle(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload pathotune bundle",
+    revision: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """Upload a saved bundle (or a run folder's) to ``repo_id`` as one commit; returns the commit URL.
+    """Upload a saved bundle (or a run folder's) to ``repo_id`` as one commit (on branch ``revision``, or as a pull
+    request with ``create_pr``); returns the commit (or pull request) URL.
 
     The backbone is never loaded. From a run folder the run's ``config.yaml`` and ``metrics.json`` go along, the
     card shows the metrics with their confidence intervals and ``pathotune train --config config.yaml``.
@@ -219,7 +222,16 @@ def push_bundle(
         for f in (path / MANIFEST, path / TENSORS, *run_files):
             shutil.copyfile(f, stage / f.name)
         (stage / CARD).write_text(bundle_card(manifest, repo_id=repo_id, metrics=metrics, command=command))
-        return upload_folder(stage, repo_id, BundleError, private=private, token=token, commit_message=commit_message)
+        return upload_folder(
+            stage,
+            repo_id,
+            BundleError,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def _run_card_inputs(manifest: dict, run_files: list[Path]) -> tuple[dict | None, str | None]:
@@ -258,11 +270,22 @@ def push_to_hub(
     commit_message: str = "Upload pathotune bundle",
     metrics: dict | None = None,
     command: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """peft's ``push_to_hub``: ``save_pretrained`` into a temporary folder, then ``push_bundle``."""
+    """peft's ``push_to_hub``: ``save_pretrained`` into a temporary folder, then ``push_bundle`` (``revision``: a
+    branch to commit to; ``create_pr``: open a pull request instead of committing)."""
     with tempfile.TemporaryDirectory(prefix=".pathotune-save.") as tmp:
         saved = save_pretrained(model, Path(tmp) / "bundle", metrics=metrics, command=command)
-        return push_bundle(saved, repo_id, private=private, token=token, commit_message=commit_message)
+        return push_bundle(
+            saved,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class PathoTuneError(Exception):
@@ -30,6 +31,7 @@ class OutputError(PathoTuneError):
     """An output that cannot be written: a full disk, a read-only or unusable folder, a path under a file."""
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _ADVICE = {
     errno.ENOSPC: "free some space (or pass another --out) and rerun",
     errno.EDQUOT: "free some space within your quota (or pass another --out) and rerun",
@@ -45,10 +47,11 @@ _ADVICE = {
 def one_line(e: object, limit: int | None = None) -> str:
     """An exception (or any text) on one line, for messages that must stay one line.
 
-    Runs of whitespace, newlines included, become one space; an exception without a message gives its type
-    name; with ``limit``, longer text is cut to ``limit`` characters ending in "...".
+    Runs of whitespace, newlines included, become one space; object addresses (`` at 0x7f3a...``) are dropped so
+    the same failure reads the same in every run (error files are compared across runs); an exception without a
+    message gives its type name; with ``limit``, longer text is cut to ``limit`` characters ending in "...".
     """
-    text = " ".join(str(e).split())
+    text = _ADDRESS.sub("", " ".join(str(e).split()))  # "<_io.BytesIO object at 0x7f..>" differs run to run
     if not text and isinstance(e, BaseException):
         text = type(e).__name__
     if limit is not None and len(text) > limit:
@@ -75,3 +78,17 @@ def write_error(path: str | os.PathLike, e: BaseException) -> OutputError:
     return OutputError(
         f"could not write {path} ({reason}); it was left as it was and files written before it are intact; {advice}"
     )
+
+
+# What an interrupted command has kept and how to go on, for the one line Ctrl-C prints (the CLI reads it).
+_interrupt_note: list[str] = []
+
+
+def note_interrupt(text: str | None) -> None:
+    """Say what Ctrl-C would leave behind from here on (``None``: nothing worth saying); the last note wins."""
+    _interrupt_note[:] = [] if text is None else [one_line(text)]
+
+
+def interrupt_message() -> str:
+    """The line printed when a command is interrupted: what was kept and how to resume."""
+    return "interrupted" + (f": {_interrupt_note[0]}" if _interrupt_note else "; nothing was written")

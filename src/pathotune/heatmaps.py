@@ -11,11 +11,35 @@ from pathlib import Path
 import numpy as np
 
 from .features import read_feature_attrs, require_coords, slide_feature_files, tile_side
-from .mil import predict_slides
+from .mil.models import FoldEnsemble
 from .slides.geojson import tiles_geojson
-from .slides.heatmap import bundle_heatmaps, check_heatmap_options, paint_slide, safe_name, slide_map
+from .slides.heatmap import bundle_heatmaps, check_heatmap_options, heatmap_cohort, paint_slide, safe_name, slide_map
 
-__all__ = ["bundle_heatmaps", "mil_heatmaps"]
+__all__ = ["bundle_heatmaps", "mil_heatmaps", "mil_slide_scores", "mil_tile_scores"]
+
+
+def mil_slide_scores(ensemble: FoldEnsemble, path: Path) -> dict:
+    """One slide's MIL prediction and tile scores (attention, averaged over the fold models).
+
+    :meth:`FoldEnsemble.predict`'s result (slide_id, probs, pred, classes, coords...) plus ``attrs`` (the feature
+    file's attributes), ``scores`` (N, K) and ``names``: ``["attention"]``, or ``score_<class>`` when the
+    aggregator scores tiles per class. The file must come from the extractor the models were trained on.
+    """
+    ensemble.check([path])
+    pred = ensemble.predict(path)
+    scores = np.asarray(pred["tile_scores"], dtype=np.float64).reshape(len(pred["coords"]), -1)
+    names = ["attention"] if scores.shape[1] == 1 else [f"score_{c}" for c in pred["classes"]]
+    return {**pred, "attrs": read_feature_attrs(path), "scores": scores, "names": names}
+
+
+def mil_tile_scores(model_dir: str | Path, features: str | Path) -> list[dict]:
+    """:func:`mil_slide_scores` for every feature file in ``features``; ``.pt`` files, which hold no coordinates,
+    are refused before any model runs."""
+    files = list(slide_feature_files(features).values())
+    require_coords(files)
+    ensemble = FoldEnsemble(model_dir)
+    ensemble.check(files)
+    return [mil_slide_scores(ensemble, f) for f in files]
 
 
 def mil_heatmaps(
@@ -25,38 +49,39 @@ def mil_heatmaps(
     slides: str | Path | None = None,
     max_size: int = 1024,
     alpha: float = 0.5,
+    skip_errors: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Per slide, a MIL run's tile scores (attention, averaged over fold models): PNG and GeoJSON.
+    """Per slide, a MIL run's tile scores (:func:`mil_slide_scores`): PNG and GeoJSON.
 
     Writes ``<slide_id>_heatmap.png`` (scores min-max scaled per slide; one PNG per class when the
-    aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, pred, probs,
-    n_tiles, heatmaps, geojson. TRIDENT and CLAM ``.h5`` features work as PathoTune's; ``.pt`` files, which hold
-    no coordinates, are refused before any model runs.
+    aggregator scores tiles per class) and ``<slide_id>.geojson``. Returns per slide: slide_id, status, pred,
+    probs, n_tiles, heatmaps, geojson; the folder follows :func:`pathotune.slides.heatmap.heatmap_cohort`. TRIDENT
+    and CLAM ``.h5`` features work as PathoTune's; ``.pt`` files, which hold no coordinates, are refused before
+    any model runs.
     """
     check_heatmap_options(max_size, alpha)
-    files = slide_feature_files(features)
-    require_coords(list(files.values()))
+    files = list(slide_feature_files(features).values())
+    require_coords(files)
     slide_paths = slide_map(slides)
-    out = Path(out)
-    done = []
-    for pred in predict_slides(model_dir, features):
-        sid, coords = pred["slide_id"], pred["coords"]
-        attrs = read_feature_attrs(files[sid])
-        scores = np.asarray(pred["tile_scores"], dtype=np.float64).reshape(len(coords), -1)
-        names = ["attention"] if scores.shape[1] == 1 else [f"score_{c}" for c in pred["classes"]]
+    ensemble = FoldEnsemble(model_dir)
+
+    def paint(f: Path, out: Path) -> dict:
+        pred = mil_slide_scores(ensemble, f)
+        sid, coords, attrs, scores, names = (pred[k] for k in ("slide_id", "coords", "attrs", "scores", "names"))
         suffix = (lambda n: "") if len(names) == 1 else (lambda n: f"_{safe_name(n)}")
         layers = [(out / f"{sid}_heatmap{suffix(n)}.png", scores[:, j], n) for j, n in enumerate(names)]
         pngs = paint_slide(sid, attrs, coords, layers, slide_paths, max_size, alpha, cmap="inferno")
         side = tile_side(attrs)
         geo = tiles_geojson(coords, side, {n: scores[:, j] for j, n in enumerate(names)}, out / f"{sid}.geojson")
-        done.append(
-            {
-                "slide_id": sid,
-                "pred": pred["pred"],
-                "probs": pred["probs"],
-                "n_tiles": len(coords),
-                "heatmaps": pngs,
-                "geojson": geo,
-            }
-        )
-    return done
+        return {
+            "slide_id": sid,
+            "pred": pred["pred"],
+            "probs": pred["probs"],
+            "n_tiles": len(coords),
+            "heatmaps": pngs,
+            "geojson": geo,
+        }
+
+    request = {"model": str(Path(model_dir).resolve()), "max_size": max_size, "alpha": alpha}
+    return heatmap_cohort(out, request, files, paint, skip_errors, overwrite)

@@ -7,6 +7,7 @@ huggingface_hub does the rest as users expect it: the token (``HF_TOKEN`` or ``h
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 from collections.abc import Sequence
@@ -137,6 +138,25 @@ def download_folder(ref: HubRef, files: Sequence[str], what: str, instead: str, 
     return folder
 
 
+def _network_failure(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is the network failing: no route, no name resolution, a timeout. Then the
+    advice is the network, not the token (huggingface_hub wraps these in its own errors, chained)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = type(e).__name__
+        if isinstance(e, (ConnectionError, TimeoutError)) or name in _NETWORK_ERRORS:
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+# httpx's and requests' names for a failed connection or name lookup (huggingface_hub raises one of the two).
+_NETWORK_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "NameResolutionError", "Timeout"})
+
+
 def upload_folder(
     folder: Path,
     repo_id: str,
@@ -144,25 +164,41 @@ def upload_folder(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload pathotune bundle",
+    revision: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """Create the model repo if needed and upload ``folder`` as one commit; returns the commit's URL."""
+    """Create the model repo if needed and upload ``folder`` as one commit (to ``revision``, a branch, or as a
+    pull request with ``create_pr``); returns the commit's (or the pull request's) URL."""
     ref = parse_hub_ref(HUB_PREFIX + repo_id, error)
     if ref.filename or ref.revision:
-        raise error(f"push to a repo id (owner/repo), not '{repo_id}'")
+        raise error(f"push to a repo id (owner/repo), not '{repo_id}'; pass a branch as revision")
     if _offline():
         raise error(f"cannot push to Hugging Face repo {repo_id}: HF_HUB_OFFLINE is set; unset it and retry")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
         )
-    except Exception as e:  # no token, no rights, network: one line, cause chained
+    except Exception as e:  # no network, no token, no rights: one line each, cause chained
+        if _network_failure(e):
+            raise error(
+                f"cannot push to Hugging Face repo {repo_id}: network unreachable ({one_line(e, 160)}); check the "
+                "connection (or a proxy) and retry"
+            ) from e
         raise error(
             f"cannot push to Hugging Face repo {repo_id}: {one_line(e, 200)}; log in (`hf auth login` or HF_TOKEN) "
             "with write access and retry"
         ) from e
-    return str(getattr(info, "commit_url", None) or repo_url(repo_id))
+    pr = getattr(info, "pr_url", None)
+    return str(pr or getattr(info, "commit_url", None) or repo_url(repo_id))
 
 
 def _cell(value: object) -> str:

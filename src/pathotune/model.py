@@ -10,8 +10,9 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import timm
 import torch
@@ -37,8 +38,11 @@ BUNDLE_IO: dict[str, Callable] = {}
 
 
 def _bundle_io(name: str) -> Callable:
-    if name not in BUNDLE_IO:  # only when pathotune.model was loaded without the package (never by `import`)
-        raise RuntimeError("pathotune.bundle is not imported; `import pathotune` before saving or loading models")
+    """The bundle format's ``save``/``load``/``push``: ``pathotune.bundle`` sits above this module (it builds models
+    through ``create_model``) and registers them in :data:`BUNDLE_IO` when it is imported, which happens here on
+    first use, whatever the caller imported before."""
+    if name not in BUNDLE_IO:
+        import_module("pathotune.bundle")
     return BUNDLE_IO[name]
 
 
@@ -306,11 +310,38 @@ class PathoTuneModel(nn.Module):
         return self.head(self.head_drop(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"PathoTuneModel takes a normalised (B, 3, H, W) tensor, not a {type(x).__name__}; for images use "
+                "model.predict(images), or pathotune.transforms(model) to make the tensor"
+            )
         return self.forward_head(self.forward_features(x))
 
     @property
     def class_names(self) -> list[str]:
         return list(self.task.classes) if self.task.classes else [f"class_{i}" for i in range(self.num_classes)]
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's description of the input this model takes (``timm.data.resolve_data_config`` reads it): the
+        backbone's size and normalisation, bilinear resampling, the whole tile centred."""
+        size = int(self.backbone.img_size)
+        spec = self.backbone.spec
+        return {
+            "input_size": (3, size, size),
+            "interpolation": "bilinear",
+            "mean": tuple(float(v) for v in spec.mean),
+            "std": tuple(float(v) for v in spec.std),
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "num_classes": self.num_classes,
+            "architecture": spec.timm_name,
+        }
+
+    def predict(self, images: Any, batch_size: int = 32, device: str | torch.device | None = None) -> Any:
+        """Labels and class probabilities for PIL images, HxWx3 uint8 arrays, image paths or a folder
+        (:func:`pathotune.inference.predict`: the evaluation pipeline of ``pathotune predict``)."""
+        return import_module("pathotune.inference").predict(self, images, batch_size=batch_size, device=device)
 
     def save_pretrained(
         self, path: str | Path, metrics: dict | None = None, command: str | None = None, overwrite: bool = False
@@ -335,11 +366,22 @@ class PathoTuneModel(nn.Module):
         commit_message: str = "Upload pathotune bundle",
         metrics: dict | None = None,
         command: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
     ) -> str:
         """``save_pretrained`` into a temporary folder and upload it to ``repo_id`` (created if needed) as one
-        commit, with the user's token; returns the commit URL."""
+        commit, with the user's token (on branch ``revision``, or as a pull request with ``create_pr``); returns
+        the commit or pull request URL."""
         return _bundle_io("push")(
-            self, repo_id, private=private, token=token, commit_message=commit_message, metrics=metrics, command=command
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            metrics=metrics,
+            command=command,
+            revision=revision,
+            create_pr=create_pr,
         )
 
 

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .backbones import get_backbone_spec
 from .bundle import load_bundle, read_manifest
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .model import PathoTuneModel
+
+
+def backbone_recipe(manifest: dict) -> tuple:
+    """What a bundle needs of the frozen backbone it runs on: id, weights, image size and the pooling it was trained
+    with (a shared backbone pools one way for every task, so the pooling must agree).
+
+    The weights are their fingerprint; a randomly initialised backbone (tests) is its architecture overrides
+    instead, as ``load_bundle`` matches it by recipe (its bits vary with the CPU's vector maths).
+    """
+    prov = manifest["provenance"]
+    pool = manifest["switches"].get("pool", "default")
+    if pool == "default":
+        with contextlib.suppress(ConfigError):  # a backbone this version does not know: compare the setting as written
+            pool = get_backbone_spec(prov["backbone"]).pool
+    weights = prov["fingerprint"] if prov["weights"] is not None else f"random init {prov.get('backbone_kwargs') or {}}"
+    return prov["backbone"], weights, prov["img_size"], pool
+
+
+def describe_recipe(recipe: tuple) -> str:
+    """A recipe in words, e.g. 'dinov2_vits14' (weights 3f2a9c01d4e7, 224 px, token pooling)."""
+    backbone, weights, img_size, pool = recipe
+    shown = weights if weights.startswith("random init") else f"weights {weights[:12]}"
+    return f"'{backbone}' ({shown}, {img_size} px, {pool} pooling)"
 
 
 class MultiTaskModel(nn.Module):
@@ -30,11 +55,13 @@ class MultiTaskModel(nn.Module):
             if (
                 m.provenance.fingerprint != first.provenance.fingerprint
                 or m.backbone.img_size != first.backbone.img_size
+                or m.backbone.pool_mode != first.backbone.pool_mode
             ):
                 raise BundleError(
-                    f"tasks must share backbone weights and image size: '{m.provenance.backbone}' "
-                    f"({m.provenance.fingerprint[:12]}, {m.backbone.img_size} px) vs '{first.provenance.backbone}' "
-                    f"({first.provenance.fingerprint[:12]}, {first.backbone.img_size} px)"
+                    f"tasks must share backbone weights, image size and pooling: '{m.provenance.backbone}' "
+                    f"({m.provenance.fingerprint[:12]}, {m.backbone.img_size} px, {m.backbone.pool_mode}) vs "
+                    f"'{first.provenance.backbone}' ({first.provenance.fingerprint[:12]}, "
+                    f"{first.backbone.img_size} px, {first.backbone.pool_mode})"
                 )
             if m.switches.train in ("all", "lora"):
                 raise BundleError(f"method '{m.method}' changes the backbone; it cannot share one with other tasks")
@@ -43,10 +70,7 @@ class MultiTaskModel(nn.Module):
             m.backbone = self.backbone  # one copy of the frozen weights
         self.tasks = nn.ModuleList(models)
         self.names = list(names) if names is not None else [f"task_{i}" for i in range(len(models))]
-        layouts: dict[tuple, list[int]] = {}
-        for i, m in enumerate(models):
-            layouts.setdefault(m.layout, []).append(i)
-        self.layout_groups = list(layouts.values())
+        self.layout_groups = layout_groups(models, range(len(models)))
         self.eval()
 
     @classmethod
@@ -55,15 +79,13 @@ class MultiTaskModel(nn.Module):
 
         if not paths:
             raise BundleError("MultiTaskModel needs at least one bundle")
-        provs = [read_manifest(p)["provenance"] for p in paths]
-        for p, prov in zip(paths[1:], provs[1:], strict=True):
-            a, b = provs[0], prov
-            if (a["backbone"], a["fingerprint"], a["img_size"]) != (b["backbone"], b["fingerprint"], b["img_size"]):
+        recipes = [backbone_recipe(read_manifest(p)) for p in paths]
+        for p, recipe in zip(paths[1:], recipes[1:], strict=True):
+            if recipe != recipes[0]:
                 raise BundleError(
-                    f"bundles {paths[0]} and {p} were trained on different backbones: '{a['backbone']}' "
-                    f"(weights {str(a['fingerprint'])[:12]}, {a['img_size']} px) and '{b['backbone']}' "
-                    f"(weights {str(b['fingerprint'])[:12]}, {b['img_size']} px); tasks served together must share "
-                    "one backbone, so predict them in separate runs"
+                    f"bundles {paths[0]} and {p} were trained on different backbones: {describe_recipe(recipes[0])} "
+                    f"and {describe_recipe(recipe)}; tasks served together must share one backbone, so predict them "
+                    "in separate runs"
                 )
         first = load_bundle(paths[0], weights=weights)
         models = [first] + [load_bundle(p, weights=weights, backbone_module=first.backbone) for p in paths[1:]]
@@ -71,23 +93,41 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> list[torch.Tensor]:
         """Per-sample logits (each over its own task's classes)."""
-        task_ids = torch.as_tensor(task_ids, device=x.device)
-        out: list[torch.Tensor | None] = [None] * x.shape[0]
-        for members in self.layout_groups:
-            mask = torch.isin(task_ids, torch.as_tensor(members, device=x.device))
-            rows = mask.nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
-            lead = self.tasks[members[0]]
-            feats = lead.forward_features(
-                x[rows], prompts=MixedPrompts([self.tasks[i] for i in members], members, task_ids[rows])
-            )
-            for t in members:
-                sel = (task_ids[rows] == t).nonzero(as_tuple=True)[0]
-                if sel.numel():
-                    for r, logit in zip(rows[sel].tolist(), self.tasks[t].forward_head(feats[sel]), strict=True):
-                        out[r] = logit
-        return out  # type: ignore[return-value]
+        return forward_mixed(list(self.tasks), x, task_ids)
+
+
+def layout_groups(models: Sequence[PathoTuneModel], indices: Iterable[int]) -> list[list[int]]:
+    """``indices`` grouped by the token layout of their models (first appearance order): one forward per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        groups.setdefault(models[i].layout, []).append(i)
+    return list(groups.values())
+
+
+def forward_mixed(models: Sequence[PathoTuneModel], x: torch.Tensor, task_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample logits: sample ``i`` through ``models[task_ids[i]]``, each over its own task's classes.
+
+    The models must share one backbone instance (``MultiTaskModel`` or a serving cache sees to it). Only the tasks
+    present in the batch run: one forward per token layout among them, so a caller may pass any subset of its
+    loaded tasks without building anything per batch.
+    """
+    bb = models[0].backbone
+    if any(m.backbone is not bb for m in models):
+        raise BundleError("forward_mixed needs task models on one backbone instance; load them with backbone_module")
+    task_ids = torch.as_tensor(task_ids, device=x.device)
+    out: list[torch.Tensor | None] = [None] * x.shape[0]
+    for members in layout_groups(models, sorted(set(task_ids.tolist()))):
+        mask = torch.isin(task_ids, torch.as_tensor(members, device=x.device))
+        rows = mask.nonzero(as_tuple=True)[0]
+        lead = models[members[0]]
+        feats = lead.forward_features(
+            x[rows], prompts=MixedPrompts([models[i] for i in members], members, task_ids[rows])
+        )
+        for t in members:
+            sel = (task_ids[rows] == t).nonzero(as_tuple=True)[0]
+            for r, logit in zip(rows[sel].tolist(), models[t].forward_head(feats[sel]), strict=True):
+                out[r] = logit
+    return out  # type: ignore[return-value]
 
 
 class MixedPrompts:

@@ -1,9 +1,11 @@
 """Shared pieces of the fault corpus (imported by conftest.py and the corpus): the base run's layout, the
-training command every case starts from, and tmpfs mounts for the disk-full and read-only cases."""
+training command every case starts from, tmpfs mounts for the disk-full and read-only cases, and the file hashes
+that show nothing changed."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -58,3 +60,13 @@ def tmpfs(path: Path, size: str = "1m", read_only: bool = False, fill: bool = Fa
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def sha_tree(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots``, by path: equal before and after means nothing changed or was lost."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out

@@ -12,7 +12,6 @@ Run one case alone: ``pytest tests/faults -k <name>``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fault_kit import Base, base_train_args, tmpfs
+from fault_kit import Base, base_train_args, sha_tree, tmpfs
 from helpers import TINY2, cli_cmd, cli_env, one_line_error, run_main, write_image
 
 from pathotune.errors import PathoTuneError
+from pathotune.records import MARKER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,15 +72,6 @@ class Case:
     skip: Callable[[], str | None] | None = None  # a reason to skip here, or None
 
 
-def sha_tree(*roots: Path) -> dict[str, str]:
-    out = {}
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def no_results(out_name: str = "run") -> Callable[[Ctx], None]:
     """A failed fresh run leaves no metrics.json and no bundle (nothing that looks finished)."""
 
@@ -96,7 +87,7 @@ def untouched_run(out_name: str = "run") -> Callable[[Ctx], None]:
 
     def check(ctx: Ctx) -> None:
         out = ctx.root / out_name
-        left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.startswith("."))
+        left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.startswith(".") and p.name != MARKER)
         assert not left, f"left behind: {left}"
 
     return check

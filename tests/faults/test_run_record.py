@@ -15,6 +15,8 @@ import yaml
 from fault_kit import Base, base_train_args
 from helpers import read_metrics, run_main
 
+from pathotune.records import MARKER
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -171,4 +173,4 @@ def test_overwrite_replaces_a_set_of_seeds_whole(base: Base, tmp_path, monkeypat
     assert code == 0, err
     assert read_metrics(out)["seeds"] == [2, 3]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("seed_")) == ["seed_2", "seed_3"]
-    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    assert [p.name for p in out.rglob("*") if p.name.startswith(".")] == [MARKER]

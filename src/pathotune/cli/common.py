@@ -60,6 +60,8 @@ def fmt(v) -> str:
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, float) for x in v):
         return f"[{v[0]:.3f}, {v[1]:.3f}]"
     if isinstance(v, dict) and "mean" in v:
+        if v["mean"] is None:
+            return "undefined"
         return f"{v['mean']:.4f} ± {v['std']:.4f}"
     return str(v)
 
@@ -104,3 +106,21 @@ def inference_runtime(accelerator: str, devices: str, precision: str) -> Any:
     if precision not in (*PRECISIONS, "auto"):
         raise ConfigError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)} or auto")
     return Runtime.of(make_fabric(accelerator, parse_devices(devices), "auto", precision))
+
+
+def cohort_exit(rows: list[dict], out: Any, errors_name: str = "errors.csv") -> int | None:
+    """After a per-slide command: None when every slide succeeded, else the closing line on stderr and exit code 3
+    (some slides failed; they are listed in ``errors.csv`` and a rerun retries only those)."""
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if not failed:
+        return None
+    from ..cohort import PARTIAL_EXIT
+
+    first = failed[0]
+    print(
+        f"warning: {len(failed)} of {len(rows)} slide(s) failed (first: {first.get('slide_id')}: "
+        f"{first.get('reason')}); all are listed in {out}/{errors_name}; fix them and rerun the same command to "
+        "retry only those",
+        file=sys.stderr,
+    )
+    return PARTIAL_EXIT

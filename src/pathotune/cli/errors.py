@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from ..errors import PathoTuneError, describe_os_error
+from ..errors import PathoTuneError, describe_os_error, interrupt_message
 
 
 class _Held(logging.Handler):
@@ -61,6 +61,8 @@ def _run(app: Callable[[], object], debug: bool) -> int | str | None:
     usage, no_args, aborts = _click_exceptions()
     try:
         result = app(standalone_mode=False)  # click's usage errors come back here instead of a framed panel
+        if result == 130:  # click turns Ctrl-C into exit code 130 without a word
+            print(interrupt_message(), file=sys.stderr)
         return result if isinstance(result, int) and not isinstance(result, bool) else None
     except no_args as e:
         e.show()
@@ -73,7 +75,7 @@ def _run(app: Callable[[], object], debug: bool) -> int | str | None:
         print(f"error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
         return 2
     except aborts:
-        print("interrupted", file=sys.stderr)
+        print(interrupt_message(), file=sys.stderr)
         return 130
     except SystemExit as e:
         if debug:
@@ -93,7 +95,7 @@ def _run(app: Callable[[], object], debug: bool) -> int | str | None:
         )
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupt_message(), file=sys.stderr)
         return 130
     return None
 

@@ -413,11 +413,13 @@ def push(
     bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder (its metrics and config go along).")],
     repo: Annotated[str, typer.Option(help="Hugging Face model repo, owner/name (created if it does not exist).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to (created from main if missing).")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
 ) -> None:
     """Share a bundle on the Hugging Face Hub with a generated model card (log in first: `hf auth login`)."""
     from ..bundle import push_bundle
 
-    url = push_bundle(bundle, repo, private=True if private else None)
+    url = push_bundle(bundle, repo, private=True if private else None, revision=revision, create_pr=create_pr)
     console.print(f'pushed to {url}; load it with PathoTuneModel.from_pretrained("{repo}") or hf-hub:{repo}')
 
 
@@ -446,9 +448,10 @@ def bench(
 
 
 def _register_groups() -> None:
-    from . import demo, slides
+    from . import demo, serve, slides
 
     app.command(name="demo")(demo.demo)
+    app.command(name="serve")(serve.serve)
     app.add_typer(slides.app, name="slides")
 
 

@@ -30,8 +30,10 @@ def _hidden(name: str) -> bool:
 
 
 def is_image(path: Path) -> bool:
-    """A visible (not dot-named) file with an image suffix."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path.name) and path.is_file()
+    """A visible (not dot-named) entry with an image suffix that is not a folder. It need not be a regular file:
+    a FIFO, a device or a broken link named like an image is listed too, so the scan reports it instead of
+    skipping it without a word (or blocking on it)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path.name) and not path.is_dir()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -40,7 +42,7 @@ def list_images(folder: Path) -> list[Path]:
     One rule for hidden names: files and folders whose name starts with '.' (.DS_Store, ._ AppleDouble files,
     .ipynb_checkpoints/, a half-built .tmp folder) are skipped with everything inside them. Only names below
     ``folder`` count, so a dataset under ``~/.cache`` is read. Symlinked files are followed, symlinked folders
-    are not entered.
+    are not entered. Entries that are not regular files are listed (see :func:`is_image`) for the scan to refuse.
     """
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):

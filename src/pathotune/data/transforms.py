@@ -37,9 +37,16 @@ class RandomRot90(torch.nn.Module):
 
 
 class HEDJitter(torch.nn.Module):
-    """Stain augmentation: per HED channel, c -> alpha*c + beta with alpha~U(1-s,1+s), beta~U(-s,s).
+    """Stain augmentation (Tellez et al.): per HED channel, c -> alpha*c + beta with alpha~U(1-s,1+s),
+    beta~U(-s,s), on scikit-image's colour deconvolution (Ruifrok and Johnston's H&E matrix).
 
     Accepts a PIL image or a (..., 3, H, W) tensor (uint8 or float in [0, 1]) and returns the same kind.
+
+    Why not albumentations' ``HEStain`` (installed with the bundled weights' package, and 10x faster: 4 ms against
+    45 ms per 224 px tile): its round trip through stain space is not the identity. On a 224 px H&E tile of the CMU
+    slide, ``HEStain(method="preset", preset="ruifrok")`` with no jitter at all moves pixels by up to 120 grey
+    levels, and at s = 0.05 by 13 on average; this one keeps the colours outside the H&E gamut (the residual of
+    the round trip is added back), so zero jitter is exactly the identity and small jitter stays small.
     """
 
     def __init__(self, strength: float = 0.05) -> None:

@@ -27,6 +27,7 @@ import h5py
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError, one_line
+from ..files import file_problem
 from ..report import progress_bar
 from .images import READ_ERRORS, to_rgb
 from .types import SPLITS, H5Ref, PatchSource, Sample
@@ -79,6 +80,7 @@ class ScanReport:
             kinds = Counter(b.kind for b in self.bad)
             detail = ", ".join(f"{kinds[k]} {k}" for k in PROBLEM_KINDS if kinds[k])
             shown = ", ".join(str(b.key) for b in self.bad[:SHOWN_BAD])
+            shown = f"{shown} ({self.bad[0].detail[:120]}{'...' if len(self.bad[0].detail) > 120 else ''} first)"
             more = len(self.bad) - SHOWN_BAD
             if more > 0:
                 shown += f" and {more} more"
@@ -208,8 +210,11 @@ def check_image(path: Path) -> BadFile | None:
 
 def _check_and_hash(path: Path) -> tuple[BadFile | None, str | None]:
     """What is wrong with the image (or None), and the hash of its bytes (None when it cannot be read)."""
-    if not path.exists():
+    problem = file_problem(path)
+    if problem == "missing":
         return BadFile(path, "missing", "no such file"), None
+    if problem is not None:  # a FIFO would block the scan forever, a broken link reads as a vanished file
+        return BadFile(path, "unreadable", f"{problem}; replace it with the image file"), None
     try:
         data = path.read_bytes()
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()

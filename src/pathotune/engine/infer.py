@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..bundle import load_bundle, resolve_bundle
-from ..data import PatchDataset, Sample, build_transforms, check_source, list_images, load_source, quiet_native_stderr
+from ..data import PatchDataset, Sample, check_source, list_images, load_source, quiet_native_stderr
 from ..errors import DataError, OutputError
+from ..inference import transforms
 from ..model import PathoTuneModel
 from ..multitask import MultiTaskModel
 from ..report import atomic_path, atomic_write_json, write_run_report
@@ -47,8 +48,8 @@ EVAL_IDENTITY = ("bundle", "data", "split")
 
 
 def eval_transform(model: PathoTuneModel):
-    spec = model.backbone.spec
-    return build_transforms(spec.mean, spec.std, model.backbone.img_size, train=False, augment="none")
+    """The model's evaluation pipeline (:func:`pathotune.inference.transforms`)."""
+    return transforms(model)
 
 
 def run_probs(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,9 +21,10 @@ from torch import nn
 from ..backbones import resolve_weights
 from ..bundle import save_bundle
 from ..data import PatchDataset, ScanReport, build_transforms, load_source, scan
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, note_interrupt
 from ..methods import Recipe, get_method
 from ..model import create_model
+from ..records import read_marker, write_marker
 from ..report import (
     atomic_write_json,
     atomic_write_text,
@@ -47,16 +49,23 @@ from .selection import drop_all_groups, select_prompt_groups
 
 SUMMARY_KEYS = METRIC_NAMES
 SPLITS_USED = ("train", "val", "test")
-BAD_FILES = "bad_files.csv"  # every unreadable image of the last scan, in --out (not a run output: it may stay)
+BAD_FILES = "bad_files.csv"  # every unreadable image of the scan, part of the run (swapped in with a replacement)
 
 
-def write_bad_files(folder: Path, report: ScanReport) -> None:
-    """``folder/bad_files.csv``: one row per unreadable image (written atomically); removed when there are none."""
-    target = Path(folder) / BAD_FILES
-    if report.bad:
-        atomic_write_text(target, report.bad_files_csv())
-    else:
-        target.unlink(missing_ok=True)
+def write_bad_files(folder: Path, report: ScanReport, stops: bool, staged: bool) -> Path | None:
+    """Where the scan's unreadable images are listed (written atomically), or None when there are none.
+
+    ``folder/bad_files.csv`` goes with the run. A replacement that the scan stops (``stops``) never swaps in, and
+    the folder still holds the old run, so its listing goes to a file in the system's temporary folder instead.
+    """
+    if not report.bad:
+        return None
+    if stops and staged:
+        fd, name = tempfile.mkstemp(prefix="pathotune-bad_files-", suffix=".csv")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(report.bad_files_csv())
+        return Path(name)
+    return atomic_write_text(Path(folder) / BAD_FILES, report.bad_files_csv())
 
 
 def make_fabric(cfg: TrainConfig, log_dir: str | Path | None = None):
@@ -161,7 +170,7 @@ def train_run(cfg: TrainConfig, fabric=None, progress: bool = True) -> dict:
 
 
 def _in_folder(
-    folder: RunFolder, cfg: TrainConfig, fabric, progress: bool, log_prefix: str = "", bad_files_dir: Path | None = None
+    folder: RunFolder, cfg: TrainConfig, fabric, progress: bool, log_prefix: str = "", outer_staged: bool = False
 ) -> dict:
     """One run in its folder: resume checks, staging, the run, then the swap (or the clean-up on failure)."""
     main = fabric.is_global_zero
@@ -175,20 +184,27 @@ def _in_folder(
         check_resume_settings(cfg, folder.workdir / CHECKPOINT, asdict(resolve_recipe(cfg)))
     if not log_prefix:
         log_hyperparams(fabric, cfg)
+        note_interrupt(_kept_on_interrupt(folder))
     with folder.staged_run(main, fabric.barrier) as workdir:
-        metrics = _train(cfg, workdir, fabric, progress, folder.resume, log_prefix, bad_files_dir or folder.out)
+        metrics = _train(cfg, workdir, fabric, progress, folder.resume, log_prefix, folder.staged or outer_staged)
         if not log_prefix:  # one run: its logs are complete (a multi-seed set closes them after the last seed)
             finalize_loggers(fabric, "success")
     return metrics
 
 
+def _kept_on_interrupt(folder: RunFolder) -> str:
+    """What Ctrl-C leaves of this run, and how to go on (printed on the interrupted line)."""
+    if folder.staged:
+        return f"nothing was replaced: {folder.out} still holds the previous run, unchanged"
+    return f"{folder.out} keeps the run up to its last checkpoint; rerun the same command with --resume to continue"
+
+
 def _train(
-    cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool, log_prefix: str, bad_files_dir: Path
+    cfg: TrainConfig, workdir: Path, fabric, progress: bool, resume: bool, log_prefix: str, staged: bool
 ) -> dict:
     """The run itself, written into ``workdir`` (``cfg.out``, or a staging folder that replaces it at the end).
 
-    ``bad_files_dir`` is the folder where ``bad_files.csv`` lists the unreadable images (``--out`` itself, so the
-    list survives a failed staged run).
+    ``staged``: the run replaces another only once it finishes (see :func:`write_bad_files`).
     """
     out = workdir
     fabric.seed_everything(cfg.seed, verbose=False)
@@ -198,16 +214,15 @@ def _train(
         cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=0, split_seed=cfg.split_seed
     )
     report = scan(source, progress=progress and fabric.is_global_zero)
+    stops = bool(report.bad) and not cfg.skip_bad
     if fabric.is_global_zero:
-        write_bad_files(bad_files_dir, report)
-    if report.bad:
-        report.listing = bad_files_dir / BAD_FILES
+        report.listing = write_bad_files(workdir, report, stops, staged)
     fabric.barrier()
     source, skipped = report.apply(source, skip_bad=cfg.skip_bad)
     if fabric.is_global_zero and progress:
         print(source.summary())
     if skipped and fabric.is_global_zero:
-        print(f"skipped {skipped} unreadable file(s) (--skip-bad); listed in {bad_files_dir / BAD_FILES}")
+        print(f"skipped {skipped} unreadable file(s) (--skip-bad); listed in {Path(cfg.out) / BAD_FILES}")
     classes = list(source.classes)
     if len(classes) < 2:
         raise DataError(
@@ -267,6 +282,8 @@ def _train(
 
     if fabric.is_global_zero and not resume:  # a resumed run keeps its config.yaml until it has finished
         atomic_write_text(out / "config.yaml", dump_config(cfg))
+    if fabric.is_global_zero and not log_prefix and read_marker(out) is None:  # a seed is part of its set's record
+        write_marker(out, "train")
     module: nn.Module = HeadOnly(model) if cached else model
     fit_sets = feats if cached else datasets
     t0 = time.perf_counter()
@@ -475,6 +492,7 @@ def _seeds_in_folder(folder: RunFolder, cfg: TrainConfig, seeds: list[int], fabr
         return folder.finished
     if main and folder.notes:
         print(*folder.notes, sep="\n")
+    note_interrupt(_kept_on_interrupt(folder))
     with folder.staged_run(main, fabric.barrier) as workdir:
         runs = []
         for s in seeds:
@@ -482,7 +500,7 @@ def _seeds_in_folder(folder: RunFolder, cfg: TrainConfig, seeds: list[int], fabr
                 update={"seed": s, "out": os.path.join(cfg.out, f"seed_{s}"), "resume": False, "overwrite": False}
             )
             sub_folder = open_run_folder(workdir / f"seed_{s}", resume=folder.resume, overwrite=False)
-            runs.append(_in_folder(sub_folder, sub, fabric, progress, f"seed_{s}/", folder.out))
+            runs.append(_in_folder(sub_folder, sub, fabric, progress, f"seed_{s}/", folder.staged))
         agg = aggregate_seeds(runs, list(SUMMARY_KEYS))
         summary = {
             "method": cfg.method,
@@ -504,6 +522,8 @@ def _seeds_in_folder(folder: RunFolder, cfg: TrainConfig, seeds: list[int], fabr
                 f"# {cfg.method} on {cfg.backbone}: {len(seeds)} seeds\n\n{table}\n\n## Per seed\n\n{per_seed}\n\n"
                 + "".join(f"- [seed {s}](seed_{s}/report.md)\n" for s in seeds),
             )
+            if read_marker(workdir) is None:
+                write_marker(workdir, "train")
             atomic_write_json(workdir / "metrics.json", summary)
         finalize_loggers(fabric, "success")
     return summary

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError, OutputError, PathoTuneError, describe_os_error, write_error
+from ..errors import ConfigError, PathoTuneError, describe_os_error, write_error
+from ..records import KINDS, check_out_usable, kind_of, recover, refuse_existing, swap_in, write_marker
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .loop import TrainingError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 FINAL = ".pathotune-final"  # a run's final outputs, moved into its folder together once all are written
-STAGING = ".pathotune-staging"  # inside --out, so --out alone needs to be writable; a fixed name for DDP ranks
-TRASH = ".pathotune-replaced"
+STAGING = ".pathotune-staging"  # inside --out (records.STAGING): the swap never crosses a file system
 # What a training run writes into its folder (and ``eval RUN --out RUN`` beneath it).
 RUN_OUTPUTS = frozenset(
     ("config.yaml", "metrics.json", "report.md", "log.csv", "predictions.csv")
@@ -52,28 +52,6 @@ RECIPE_KEYS = ("lr", "head_lr", "weight_decay", "min_steps", "warmup_fraction", 
 
 def is_run_output(name: str) -> bool:
     return name in RUN_OUTPUTS or bool(_SEED_DIR.fullmatch(name))
-
-
-def check_out_usable(out: Path, shown: Path | None = None) -> None:
-    """Fail on one line, before any work, when ``out`` cannot be a writable folder (``shown``: the path to name)."""
-    out = Path(out)
-    shown = shown or out
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {shown} is a file, not a folder; pass a folder path")
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise OutputError(f"--out {shown} lies under {probe}, which is a file; pass another path")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        try:
-            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
-        except OSError:
-            read_only = False
-        why = "is on a read-only file system" if read_only else "is not writable"
-        raise OutputError(f"--out {shown} cannot be written: {probe} {why}; pass a writable folder")
 
 
 def run_state(out: Path) -> str:
@@ -128,32 +106,15 @@ class RunFolder:
             try:
                 shutil.rmtree(self.workdir, ignore_errors=True)
                 self.workdir.mkdir(parents=True)
+                write_marker(self.workdir, "train")
             except OSError as e:
                 raise write_error(self.workdir, e) from e
 
     def finish(self, is_main: bool = True) -> None:
-        """Swap a staged run in: the old run's outputs move aside, the new ones in, then the old ones go.
-
-        Files in ``out`` that are not run outputs (notes, a benchmark's cell.yaml) stay where they are.
-        """
-        if not (self.staged and is_main):
-            return
-        trash = self.out / TRASH
-        try:
-            shutil.rmtree(trash, ignore_errors=True)
-            trash.mkdir()
-            for e in list(self.out.iterdir()):
-                if is_run_output(e.name):
-                    os.replace(e, trash / e.name)
-            for e in list(self.workdir.iterdir()):
-                os.replace(e, self.out / e.name)
-        except OSError as e:
-            raise OutputError(
-                f"could not swap the new run into {self.out} ({describe_os_error(e)}); the old run's files are in "
-                f"{trash} and the new run's in {self.workdir}"
-            ) from e
-        shutil.rmtree(trash, ignore_errors=True)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Swap a staged run in (:func:`pathotune.records.swap_in`: journaled, Ctrl-C held back); files in
+        ``out`` that are not run outputs (notes, a benchmark's cell.yaml) stay where they are."""
+        if self.staged and is_main:
+            swap_in(self.out, self.workdir, KINDS["train"])
 
     def abort(self, error: BaseException, is_main: bool = True) -> BaseException:
         """After a failure: a staged run is deleted, and its error says that the old run is unchanged."""
@@ -189,9 +150,22 @@ class RunFolder:
 
 
 def open_run_folder(out: str | Path, resume: bool, overwrite: bool, checkpoint: Path = CHECKPOINT) -> RunFolder:
-    """What a run may do with ``out`` (see the module docstring); raises when it may do nothing."""
+    """What a run may do with ``out`` (see the module docstring); raises when it may do nothing. A replacement
+    interrupted mid-swap is rolled back first (:func:`pathotune.records.recover`)."""
     out = Path(out)
     check_out_usable(out)
+    note = recover(out) if out.is_dir() else None
+    folder = _open(out, resume, overwrite)
+    if note:
+        folder.notes.insert(0, note)
+    return folder
+
+
+def _open(out: Path, resume: bool, overwrite: bool) -> RunFolder:
+    held = kind_of(out)
+    if held is not None and held is not KINDS["train"]:  # another command's record: never mixed with a run
+        refuse_existing(out, KINDS["train"], overwrite, "run")
+        return RunFolder(out, out / STAGING, staged=True)
     state = run_state(out)
     staged = RunFolder(out, out / STAGING, staged=True)
     direct = RunFolder(out, out)

@@ -16,9 +16,9 @@ The layout is told from the file itself, never from a flag:
   no coordinates, so it trains and predicts but paints no heat map.
 
 Magnification and microns per pixel follow TRIDENT's convention, ``mpp = 10 / magnification``: 20x is 0.5 um/px,
-40x is 0.25 um/px. TRIDENT rounds a slide's magnification to a scanner setting (40, 20...); PathoTune records
-``10 / mpp`` exactly (a 0.2527 mpp slide is 39.57x), so ``patch_size * level0_magnification /
-target_magnification`` is the level-0 tile side that ``patch_size_level0`` holds.
+40x is 0.25 um/px. Like TRIDENT, PathoTune records a magnification as its scanner bucket (5, 10, 20, 40, 60, 80)
+when ``10 / mpp`` is within 5% of one (a 0.2527 mpp slide is 40x), and the exact ``10 / mpp`` otherwise;
+``patch_size_level0`` always holds the exact level-0 tile side.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "grid_step",
     "layout_of",
     "magnification",
+    "trident_magnification",
     "mpp_of",
     "read_pt_features",
     "trident_coords_attrs",
@@ -70,6 +71,23 @@ def magnification(mpp: float | None) -> float | None:
     return 10.0 / float(mpp)
 
 
+# TRIDENT's magnification buckets (its slides report 80, 60, 40, 20, 10 or 5 from their mpp).
+STANDARD_MAGNIFICATIONS = (5, 10, 20, 40, 60, 80)
+BUCKET_TOLERANCE = 0.05
+
+
+def trident_magnification(mpp: float | None) -> float | int | None:
+    """The magnification recorded in TRIDENT's attributes for ``mpp``: a standard bucket (an int) when ``10 /
+    mpp`` lies within 5% of one (a 0.499 mpp slide is 20, not 20.04), else ``10 / mpp`` as it is."""
+    mag = magnification(mpp)
+    if mag is None:
+        return None
+    for standard in STANDARD_MAGNIFICATIONS:
+        if abs(mag - standard) <= BUCKET_TOLERANCE * standard:
+            return standard
+    return mag
+
+
 def mpp_of(mag: Any) -> float | None:
     """Microns per pixel at magnification ``mag`` (``10 / mag``); None for a missing or unusable value."""
     try:
@@ -83,11 +101,12 @@ def trident_coords_attrs(attrs: Mapping[str, Any], folder: str | os.PathLike[str
     """TRIDENT's ``coords`` attributes for a PathoTune feature file with root attributes ``attrs``.
 
     ``patch_size`` is the tile side in target pixels and ``patch_size_level0`` in level-0 pixels (rounded to an
-    integer, as TRIDENT stores it); magnifications are ``10 / mpp`` (NaN when the slide's mpp is unknown; the
-    target is the slide's own at native resolution); ``overlap`` is in target pixels, as TRIDENT's.
+    integer, as TRIDENT stores it); magnifications are TRIDENT's integer buckets where ``10 / mpp`` is within 5%
+    of one, else ``10 / mpp`` (:func:`trident_magnification`; NaN when the slide's mpp is unknown; the target is
+    the slide's own at native resolution); ``overlap`` is in target pixels, as TRIDENT's.
     """
-    level0 = magnification(attrs.get("mpp"))
-    target = magnification(attrs.get("target_mpp")) if attrs.get("target_mpp") is not None else level0
+    level0 = trident_magnification(attrs.get("mpp"))
+    target = trident_magnification(attrs.get("target_mpp")) if attrs.get("target_mpp") is not None else level0
     width, height = (int(v) for v in attrs["dimensions"])
     return {
         "patch_size": int(attrs["tile_size"]),

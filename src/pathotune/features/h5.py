@@ -25,6 +25,9 @@ under PathoTune's names, and ``.pt`` files (CLAM's ``pt_files``) come back witho
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +40,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConfigError, DataError, one_line
+from ..files import file_problem
 from ..report.io import atomic_path
 from ..version import __version__
 from .foreign import PATHOTUNE, PT, PT_SUFFIX, foreign_attrs, layout_of, read_pt_features, trident_coords_attrs
@@ -92,7 +96,7 @@ ATTRIBUTES: dict[str, str] = {
     "norm_std": "per-channel std the tiles were normalised with",
     "normalization": "how a tile became model input, in words",
     "precision": "the Fabric precision the model ran at",
-    "tissue_config": "repr of the TissueConfig",
+    "tissue_config": "where the tiles and tissue came from, as JSON (Otsu settings or tissue GeoJSON, coords file)",
     "pathotune_version": "the version that wrote the file",
 }
 
@@ -141,7 +145,11 @@ def _folder_files(root: Path) -> list[Path]:
     coordinates) or ``pt_files/`` inside it; sorted, hidden files (a writer's temporary ones) left out."""
     for folder in (root, root / "h5_files", root / "pt_files"):
         for suffix in (SUFFIX, PT_SUFFIX):
-            files = sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith(".") and p.is_file())
+            files = sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith(".") and not p.is_dir())
+            for p in files:  # a FIFO would block its reader; a broken link is a file that vanished
+                problem = file_problem(p)
+                if problem is not None:
+                    raise DataError(f"slide feature file {p} is {problem}; replace it with the .h5 file or remove it")
             if files:
                 return files
     return []
@@ -171,8 +179,42 @@ def list_feature_files(features: str | os.PathLike[str] | Sequence[str | os.Path
 
 
 def slide_feature_files(features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
-    """Slide id (file stem) -> feature file, for :func:`list_feature_files` of ``features``."""
-    return {p.stem: p for p in list_feature_files(features)}
+    """Slide id (file stem) -> feature file, for :func:`list_feature_files` of ``features``; two files that
+    record the same slide are refused (:func:`check_unique_slides`), since their outputs would overwrite each
+    other."""
+    files = list_feature_files(features)
+    check_unique_slides(files)
+    return {p.stem: p for p in files}
+
+
+def check_unique_slides(files: Sequence[str | os.PathLike[str]]) -> None:
+    """Fail on one line when two feature files belong to one slide: the same stem in two folders, or two files
+    whose recorded ``slide_id`` (or, for TRIDENT's files, ``name``) is the same."""
+    seen: dict[str, Path] = {}
+    for f in map(Path, files):
+        ids = {f.stem}
+        if f.suffix == SUFFIX:
+            with contextlib.suppress(DataError, OSError):
+                recorded = _recorded_slide_id(f)
+                if recorded:
+                    ids.add(recorded)
+        for sid in ids:
+            if sid in seen and seen[sid] != f:
+                raise DataError(
+                    f"feature files {seen[sid]} and {f} both belong to slide '{sid}', so their outputs would "
+                    "overwrite each other; keep one of them"
+                )
+            seen[sid] = f
+
+
+def _recorded_slide_id(path: Path) -> str | None:
+    """The slide id a file records (ours: ``slide_id``; TRIDENT's: the coords' ``name``), read without its data."""
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get("slide_id")
+        if value is None and COORDS in f:
+            value = f[COORDS].attrs.get("name")
+    value = _py(value)
+    return str(value) if isinstance(value, str) and value else None
 
 
 def require_coords(files: Sequence[str | os.PathLike[str]]) -> None:
@@ -277,10 +319,45 @@ def _header(f: h5py.File, path: Path, require_tiles: bool) -> dict[str, Any]:
             f"slide feature file {path}: attribute feature_dim={declared} but 'features' has {shape[1]} columns; "
             "re-extract this slide"
         )
+    recorded_tiles = attrs.get("n_tiles")
+    if layout == PATHOTUNE and recorded_tiles is not None and _int_or(recorded_tiles) != shape[0]:
+        raise DataError(
+            f"slide feature file {path}: attribute n_tiles={recorded_tiles!r} but 'features' has {shape[0]} rows; "
+            "re-extract this slide"
+        )
+    for key in _POSITIVE:
+        value = attrs.get(key)
+        if value is not None and not _positive(value):
+            raise DataError(
+                f"slide feature file {path}: attribute {key}={value!r} is not a positive number; re-extract this "
+                "slide or fix the attribute"
+            )
+    dims = attrs.get("dimensions")
+    if dims is not None and not (isinstance(dims, list) and len(dims) == 2 and all(_positive(v) for v in dims)):
+        raise DataError(f"slide feature file {path}: attribute dimensions={dims!r} is not a (width, height) in pixels")
     attrs["feature_dim"] = int(shape[1])
     attrs["n_tiles"] = int(shape[0])
     attrs.setdefault("bundle_fingerprint", "")
     return attrs
+
+
+# Sizes and resolutions that must be positive wherever a file records them (ours, or TRIDENT's under our names).
+_POSITIVE = ("tile_size", "tile_size_level0", "image_size", "target_mpp", "mpp", "read_size", "downsample")
+
+
+def _positive(value: Any) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
+
+
+def _int_or(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 @contextmanager
@@ -306,10 +383,12 @@ def read_feature_attrs(path: str | os.PathLike[str], require_tiles: bool = False
 
 
 def read_slide_features(path: str | os.PathLike[str], bag: bool = False) -> SlideFeatures:
-    """Load one ``<slide_id>.h5``, opened once and checked for shapes.
+    """Load one ``<slide_id>.h5``, opened once and checked at its contract, the same for every consumer (MIL, heat
+    maps, prediction, the viewer): shapes, numeric and finite features, positive tile sizes and magnifications
+    (:func:`_header`), tiles listed once, corners inside the slide where its size is recorded.
 
-    ``bag`` adds what a MIL bag needs: at least one tile, and finite values only. A ``.pt`` file (CLAM's
-    ``pt_files``) comes back with ``coords`` None.
+    ``bag`` adds what a MIL bag needs: at least one tile. A ``.pt`` file (CLAM's ``pt_files``) comes back with
+    ``coords`` None.
     """
     p = Path(path)
     coords: np.ndarray | None = None
@@ -321,12 +400,45 @@ def read_slide_features(path: str | os.PathLike[str], bag: bool = False) -> Slid
     else:
         with _open(p) as (f, p):
             attrs = _header(f, p, require_tiles=bag)
-            coords, features = np.asarray(f[COORDS][()], dtype=np.int64), f[FEATURES][()]
+            raw_coords, features = f[COORDS][()], f[FEATURES][()]
             tissue = np.asarray(f[TISSUE][()], dtype=np.float32) if TISSUE in f else None
+        coords = _checked_coords(p, raw_coords, attrs)
+    if not np.issubdtype(np.asarray(features).dtype, np.number) or np.asarray(features).dtype == np.bool_:
+        raise DataError(
+            f"slide feature file {p}: 'features' holds {np.asarray(features).dtype} values, not numbers; re-extract "
+            "this slide"
+        )
     features = np.asarray(features, dtype=np.float32)
-    if bag and not np.isfinite(features).all():
-        raise DataError(f"slide feature file {p}: 'features' contains NaN or infinite values; re-extract this slide")
+    if not np.isfinite(features).all():
+        bad = int((~np.isfinite(features).all(axis=1)).sum())
+        raise DataError(
+            f"slide feature file {p}: 'features' has NaN or infinite values in {bad} of {len(features)} tiles; "
+            "re-extract this slide"
+        )
     return SlideFeatures(p, coords, features, attrs, tissue)
+
+
+def _checked_coords(path: Path, raw: Any, attrs: Mapping[str, Any]) -> np.ndarray:
+    """``coords`` as (N, 2) int64 level-0 corners, each tile listed once and inside the slide where its size is
+    recorded: a tile listed twice would weigh twice in a bag and paint twice in a heat map."""
+    raw = np.asarray(raw)
+    if raw.size and (not np.issubdtype(raw.dtype, np.number) or not np.isfinite(raw).all()):
+        raise DataError(f"slide feature file {path}: 'coords' must be finite numbers (x, y); re-extract this slide")
+    coords = np.asarray(raw, dtype=np.int64).reshape(-1, 2)
+    unique = np.unique(coords, axis=0) if len(coords) else coords
+    if len(unique) != len(coords):
+        raise DataError(
+            f"slide feature file {path} lists {len(coords) - len(unique)} tile corner(s) more than once; "
+            "re-extract this slide (each tile must be listed once)"
+        )
+    dims = attrs.get("dimensions")
+    if dims is not None and len(coords):
+        width, height = (int(v) for v in dims)
+        if (coords < 0).any() or (coords[:, 0] >= width).any() or (coords[:, 1] >= height).any():
+            raise DataError(
+                f"slide feature file {path} has tiles outside its {width}x{height} slide; re-extract this slide"
+            )
+    return coords
 
 
 # -- compatibility --------------------------------------------------------------------------------------------
@@ -338,6 +450,65 @@ def extractor_mismatch(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None
         if not _same(a.get(key), b.get(key)):
             return key
     return None
+
+
+def tiles_source_text(source: Mapping[str, Any]) -> str:
+    """A slide's tile source (the Otsu settings or its tissue GeoJSON, the coords file another tool gave, the
+    artifact-drop settings) as the ``tissue_config`` attribute holds it: canonical JSON."""
+    return json.dumps(dict(source), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def read_tiles_source(text: str) -> dict[str, Any]:
+    """The tile source a file records (:func:`tiles_source_text`); files written before it was JSON hold a Python
+    literal, read with ``ast.literal_eval`` (literals only, no code), and files older still a TissueConfig repr,
+    which means the Otsu mask on our grid ({})."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = {}
+    return value if isinstance(value, dict) else {}
+
+
+def tiles_source_mismatch(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """Why a finished file's tiles are not the ones ``wanted`` (other tissue GeoJSON, coords file or dropped
+    artifact tiles: what the request keys cannot tell apart), in words; None when they are the same."""
+
+    def parts(source: Mapping[str, Any]) -> tuple:
+        return source.get("tissue_geojson"), source.get("coords"), source.get("drop_artifacts")
+
+    def name(source: tuple) -> str:
+        geojson, coords, dropped = source
+        mask = f"tissue GeoJSON {geojson}" if geojson else "the Otsu mask"
+        flags = f", without the tiles flagged {','.join(dropped.get('drop', ()))}" if dropped else ""
+        return f"{mask} and {f'coords {coords}' if coords else 'our grid'}{flags}"
+
+    old, new = parts(recorded), parts(wanted)
+    if old != new:
+        return f"tiles from {name(old)}, not {name(new)}"
+    otsu = [k for k in sorted(set(recorded) | set(wanted)) if k not in ("tissue_geojson", "coords", "drop_artifacts")]
+    if "method" in recorded and "method" in wanted:  # both Otsu masks: their settings must agree too
+        changed = [f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in otsu if recorded.get(k) != wanted.get(k)]
+        if changed:
+            return f"tiles from the Otsu mask with other settings ({'; '.join(changed[:3])})"
+    return None
+
+
+def bundle_mismatch(
+    attrs: Mapping[str, Any], bundle_fingerprint: str, probe_of: tuple[str, int] | None = None
+) -> str | None:
+    """Why features with ``attrs`` cannot feed the head of a bundle (its manifest ``sha256``), or None: a head only
+    means something on its own model's features. ``probe_of``: (backbone fingerprint, input size) when the bundle
+    is a linear probe, whose own features are its plain backbone's."""
+    if attrs.get("bundle_fingerprint") == bundle_fingerprint:
+        return None
+    if probe_of is not None and not attrs.get("bundle_fingerprint"):
+        fingerprint, image_size = probe_of
+        if attrs.get("backbone_fingerprint") == fingerprint and _int_or(attrs.get("image_size")) == image_size:
+            return None
+    return "they were not extracted with it"
 
 
 def check_feature_compatibility(

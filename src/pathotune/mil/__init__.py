@@ -17,7 +17,7 @@ from .aggregators import (
 from .bags import FeatureBagDataset, read_slide_features
 from .config import MILConfig, load_mil_config
 from .labels import SlideLabel, SlideLabels, plan_folds, read_slide_labels
-from .models import load_mil_model, predict_slides, write_slide_predictions
+from .models import FoldEnsemble, load_mil_model, predict_cohort, predict_slides, write_slide_predictions
 from .train import train_mil
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "load_mil_config",
     "load_mil_model",
     "plan_folds",
+    "FoldEnsemble",
+    "predict_cohort",
     "predict_slides",
     "read_feature_attrs",
     "read_slide_features",

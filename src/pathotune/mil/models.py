@@ -8,21 +8,22 @@ the fold's slides and its test metrics.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
 
-from ..engine.runtime import Runtime, infer_batches
-from ..errors import DataError, WeightsError, one_line
-from ..features import check_feature_compatibility, list_feature_files
-from ..report.io import atomic_path, atomic_write_json
+from ..cohort import Cohort
+from ..engine.runtime import Runtime
+from ..errors import DataError, WeightsError, note_interrupt, one_line
+from ..features import check_feature_compatibility, check_unique_slides, list_feature_files
+from ..records import claim_file, mark_file
+from ..report.io import atomic_path, atomic_write_csv, atomic_write_json
 from .aggregators import MILAggregator, create_aggregator
 from .bags import read_slide_features
 
@@ -31,10 +32,11 @@ __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
     "MODEL_FILE",
+    "FoldEnsemble",
     "load_mil_model",
+    "predict_cohort",
     "predict_slides",
     "save_mil_model",
-    "write_csv",
     "write_slide_predictions",
 ]
 
@@ -42,15 +44,6 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 FORMAT = "pathotune-mil"
 FORMAT_VERSION = 1
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]], lineterminator: str = "\n") -> Path:
-    """A CSV written all-or-nothing."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator=lineterminator)
-        w.writerow(header)
-        w.writerows(rows)
-    return Path(path)
 
 
 def save_mil_model(fold_dir: Path, model: MILAggregator, meta: dict[str, Any]) -> None:
@@ -98,19 +91,44 @@ def load_mil_model(fold_dir: str | os.PathLike[str], device: str | torch.device 
     return model.to(device).eval(), meta
 
 
-class _SlideBags(Dataset):
-    """``(features, coords, index)`` of each file, for prediction; coords (0, 2) for a ``.pt`` file, which has
-    none (a batch cannot hold None)."""
+class FoldEnsemble:
+    """A MIL run's fold models, loaded once: each slide's class probabilities and tile scores are their average
+    (averaged tile scores still sum to one). Given one fold folder, that model alone."""
 
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
+    def __init__(self, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> None:
+        self.dirs = _fold_dirs(Path(model_dir))
+        self.loaded = [load_mil_model(d, device) for d in self.dirs]
+        self.device = torch.device(device)
+        meta = self.loaded[0][1]
+        self.classes: list[str] = list(meta["classes"])
+        self.trained_on: dict[str, Any] = meta["feature_attrs"]
+        for _, other in self.loaded[1:]:
+            if other["classes"] != meta["classes"] or other["in_dim"] != meta["in_dim"]:
+                raise WeightsError(f"fold models in {model_dir} disagree on classes or input size; retrain the run")
 
-    def __len__(self) -> int:
-        return len(self.files)
+    def check(self, files: Sequence[str | os.PathLike[str]]) -> None:
+        """Files must come from the extractor the models were trained on."""
+        check_feature_compatibility(files, trained_on=self.trained_on, model=str(self.dirs[0]))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, np.ndarray, int]:
-        feats, coords, _ = read_slide_features(self.files[i])
-        return feats, np.zeros((0, 2), dtype=np.int64) if coords is None else coords, i
+    def predict(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """One slide's prediction: slide_id, probs, pred, classes, tile_scores, n_tiles and coords (None for a
+        ``.pt`` file, which has none)."""
+        feats, coords, _ = read_slide_features(path)
+        x = feats.unsqueeze(0).to(self.device)
+        rt = Runtime.of(device=self.device)
+        with torch.inference_mode(), rt.autocast():
+            outs = [model(x) for model, _ in self.loaded]
+            probs = torch.stack([logits.float().softmax(-1)[0] for logits, _ in outs]).mean(0).cpu().numpy()
+            scores = torch.stack([s.float()[0] for _, s in outs]).mean(0).cpu().numpy()
+        return {
+            "slide_id": Path(path).stem,
+            "probs": probs,
+            "pred": self.classes[int(probs.argmax())],
+            "classes": list(self.classes),
+            "tile_scores": scores,
+            "n_tiles": len(scores),
+            "coords": coords if coords is not None and len(coords) == len(scores) else None,
+        }
 
 
 def predict_slides(
@@ -118,44 +136,80 @@ def predict_slides(
     features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
-    """Class probabilities and tile scores for each slide feature file (a folder of h5 files or a list).
-
-    Given a run folder, every fold's model scores each slide and the probabilities and tile scores are
-    averaged (an ensemble over folds; averaged tile scores still sum to one). Given one fold folder, that
-    model alone. Slides must come from the extractor the models were trained on. ``coords`` is None for a
-    ``.pt`` file (no tile coordinates); ``n_tiles`` is the bag's size.
-    """
-    dirs = _fold_dirs(Path(model_dir))
-    loaded = [load_mil_model(d, device) for d in dirs]
-    classes = loaded[0][1]["classes"]
-    ref = loaded[0][1]["feature_attrs"]
-    for _, meta in loaded[1:]:
-        if meta["classes"] != classes or meta["in_dim"] != loaded[0][1]["in_dim"]:
-            raise WeightsError(f"fold models in {model_dir} disagree on classes or input size; retrain the run")
+    """Class probabilities and tile scores for each slide feature file (a folder of h5 files or a list), averaged
+    over a run's fold models (:class:`FoldEnsemble`). Slides must come from the extractor the models were trained
+    on. ``coords`` is None for a ``.pt`` file (no tile coordinates); ``n_tiles`` is the bag's size."""
+    ensemble = FoldEnsemble(model_dir, device)
     files = list_feature_files(features)
-    check_feature_compatibility(files, trained_on=ref, model=str(dirs[0]))
+    check_unique_slides(files)
+    ensemble.check(files)
+    return [ensemble.predict(f) for f in files]
 
-    def ensemble(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outs = [model(x) for model, _ in loaded]
-        probs = torch.stack([logits.float().softmax(-1)[0] for logits, _ in outs]).mean(0)
-        return probs, torch.stack([scores.float()[0] for _, scores in outs]).mean(0)
 
-    results = []
-    loader = DataLoader(_SlideBags(files), batch_size=1)
-    for (probs, scores), (coords, idx) in infer_batches(Runtime.of(device=device), loader, ensemble):
-        p, tile_scores, xy = probs.numpy(), scores.numpy(), coords[0].numpy()
-        results.append(
-            {
-                "slide_id": files[int(idx[0])].stem,
-                "probs": p,
-                "pred": classes[int(p.argmax())],
-                "classes": list(classes),
-                "tile_scores": tile_scores,
-                "n_tiles": len(tile_scores),
-                "coords": xy if len(xy) == len(tile_scores) else None,
-            }
-        )
-    return results
+def predict_cohort(
+    model_dir: str | os.PathLike[str],
+    features: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    skip_errors: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """``slides predict``: every slide's prediction into the CSV ``out``, one slide at a time.
+
+    ``out`` is a record (:func:`pathotune.records.claim_file`): a rerun with the same model and features keeps
+    the rows it has and predicts only the slides it lacks; another request is refused unless ``overwrite``. A
+    slide that fails is listed in ``<out stem>_errors.csv`` beside it with ``skip_errors``, else it ends the call.
+    Returns one row per feature file with its ``status`` (``predicted``, ``done`` or ``failed``).
+    """
+    out = Path(out)
+    ensemble = FoldEnsemble(model_dir, device)
+    files = list_feature_files(features)
+    check_unique_slides(files)
+    request = {"model": [_fingerprint(d / MODEL_FILE) for d in ensemble.dirs], "features": [str(f) for f in files]}
+    kept = _read_predictions(out) if claim_file(out, "predictions", {"model": request["model"]}, overwrite) else {}
+    cohort = Cohort(out.parent, skip_errors, errors_name=f"{out.stem}_errors.csv")
+    rows, preds = [], []
+    note_interrupt(f"{out} was not written; rerun the same command")
+    for f in files:
+        sid = f.stem
+        if sid in kept:
+            rows.append({"slide_id": sid, "status": "done"})
+            preds.append(kept[sid])
+            continue
+
+        def one(f: Path = f) -> dict[str, Any]:
+            ensemble.check([f])
+            return ensemble.predict(f)
+
+        pred = cohort.run(sid, f, "predict", one)
+        if pred is None:
+            rows.append({"slide_id": sid, "status": "failed", "reason": cohort.failures[sid].reason})
+            if cohort.stop:
+                break
+            continue
+        rows.append({"slide_id": sid, "status": "predicted", "pred": pred["pred"], "n_tiles": pred["n_tiles"]})
+        preds.append(_prediction_row(pred))
+    if skip_errors:
+        cohort.write()
+    cohort.raise_first()
+    if preds:
+        header = ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in ensemble.classes]]
+        atomic_write_csv(out, preds, header)
+        mark_file(out, "predictions", {"model": request["model"]})
+    return rows
+
+
+def _fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prediction_row(p: dict[str, Any]) -> list[Any]:
+    return [p["slide_id"], p["pred"], p["n_tiles"], *[f"{float(v):.6f}" for v in p["probs"]]]
+
+
+def _read_predictions(path: Path) -> dict[str, list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row[0]: row for row in csv.reader(f) if row and row[0] != "slide_id"}
 
 
 def write_slide_predictions(predictions: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
@@ -163,5 +217,5 @@ def write_slide_predictions(predictions: list[dict[str, Any]], out: str | os.Pat
     if not predictions:
         raise DataError("no slide predictions to write")
     classes = list(predictions[0]["classes"])
-    rows = [[p["slide_id"], p["pred"], p["n_tiles"], *[f"{float(v):.6f}" for v in p["probs"]]] for p in predictions]
-    return write_csv(Path(out), ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in classes]], rows, "\r\n")
+    rows = [_prediction_row(p) for p in predictions]
+    return atomic_write_csv(Path(out), rows, ["slide_id", "pred", "n_tiles", *[f"prob_{c}" for c in classes]])

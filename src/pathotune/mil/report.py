@@ -35,6 +35,7 @@ def mil_report(cfg: MILConfig, metrics: dict[str, Any], config_text: str) -> str
         "",
         markdown_table(rows, columns),
         "",
+        *_undefined_lines(metrics),
         "## Pooled out-of-fold predictions",
         "",
         markdown_table(pooled_rows, ["metric", "value", "95% CI"] if ci else ["metric", "value"]),
@@ -51,3 +52,13 @@ def mil_report(cfg: MILConfig, metrics: dict[str, Any], config_text: str) -> str
         "",
     ]
     return "\n".join(lines)
+
+
+def _undefined_lines(metrics: dict[str, Any]) -> list[str]:
+    """Why a metric is shown as a dash for some fold (one class in its test slides, say)."""
+    undefined = metrics.get("undefined") or {}
+    if not undefined:
+        return []
+    lines = ["Undefined metrics (a dash above; the mean is over the folds that define them):", ""]
+    lines += [f"- {key}: {'; '.join(reasons)}" for key, reasons in undefined.items()]
+    return [*lines, ""]

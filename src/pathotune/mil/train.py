@@ -23,13 +23,15 @@ from torch.utils.data import DataLoader
 from ..engine.budget import epoch_budget
 from ..engine.loop import fit
 from ..engine.metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
-from ..engine.runtime import Runtime, infer, make_fabric
-from ..report import atomic_write_json, atomic_write_text, plot_confusion_matrix, plot_training_curves
+from ..engine.runtime import Runtime, infer, make_fabric, make_loggers
+from ..errors import note_interrupt
+from ..records import staged
+from ..report import atomic_write_csv, atomic_write_json, atomic_write_text, plot_confusion_matrix, plot_training_curves
 from .aggregators import MILAggregator, create_aggregator
 from .bags import BagSubset, FeatureBagDataset
 from .config import MILConfig
 from .labels import FoldPlan, SlideLabels, plan_folds, read_slide_labels
-from .models import FORMAT, FORMAT_VERSION, save_mil_model, write_csv
+from .models import FORMAT, FORMAT_VERSION, save_mil_model
 from .report import mil_report
 
 __all__ = ["train_mil"]
@@ -78,21 +80,45 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
     """Train and score one model per fold into ``cfg.out``; returns the dict written to metrics.json.
 
     Metrics per fold are on that fold's test slides; ``<metric>`` entries hold mean ± std over folds, and
-    ``pooled`` scores all out-of-fold predictions together (with bootstrap CIs). Runs are reproducible
-    for a seed on CPU.
+    ``pooled`` scores all out-of-fold predictions together (with bootstrap CIs). A metric a fold cannot define
+    (AUROC on a test split of one class) is None (``null`` in JSON) with the reason in that fold's ``notes`` and in
+    ``undefined``, and the mean is over the folds that define it. Runs are reproducible for a seed on CPU.
+
+    ``cfg.out`` is a record (:mod:`pathotune.records`): the run is built in a staging folder and swapped in once
+    every fold has finished, so an existing run (MIL or any other) is refused unless ``cfg.overwrite`` and is
+    never mixed with the new one (a rerun with fewer folds leaves no old fold behind).
     """
-    out = Path(cfg.out)
     kwargs = cfg.model_kwargs()
     table = read_slide_labels(cfg.labels, cfg.features)
+    bags = FeatureBagDataset(cfg.features, table.slide_ids, table.targets.tolist(), cache_mb=cfg.cache_mb)
+    plans = plan_folds(table, cfg.folds, cfg.val_fraction, cfg.seed)
+    create_aggregator(cfg.aggregator, int(bags.attrs["feature_dim"]), len(table.classes), **kwargs)  # bad kwargs
+    request = {"features": str(cfg.features), "labels": str(cfg.labels), "aggregator": cfg.aggregator}
+    with staged(cfg.out, "mil", cfg.overwrite, request) as workdir:
+        note_interrupt(
+            f"nothing was written to {cfg.out}: the MIL run was built aside and is discarded (it is not resumable); "
+            "rerun the same command"
+        )
+        fabric = make_fabric(
+            cfg.accelerator, devices=1, precision="32-true", loggers=make_loggers(cfg.logger, workdir / "logs")
+        )
+        return _train_folds(cfg, kwargs, table, bags, plans, fabric, workdir, progress)
+
+
+def _train_folds(
+    cfg: MILConfig,
+    kwargs: dict,
+    table: SlideLabels,
+    bags: FeatureBagDataset,
+    plans: list[FoldPlan],
+    fabric: Any,
+    out: Path,
+    progress: bool,
+) -> dict[str, Any]:
     classes = table.classes
     y = table.targets
-    bags = FeatureBagDataset(cfg.features, table.slide_ids, y.tolist(), cache_mb=cfg.cache_mb)
     in_dim = int(bags.attrs["feature_dim"])
-    plans = plan_folds(table, cfg.folds, cfg.val_fraction, cfg.seed)
-    create_aggregator(cfg.aggregator, in_dim, len(classes), **kwargs)  # fail on bad kwargs before any output
-    fabric = make_fabric(cfg.accelerator, devices=1, precision="32-true")
     rt = Runtime.of(fabric)
-    out.mkdir(parents=True, exist_ok=True)
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     atomic_write_text(out / "config.yaml", config_text)
 
@@ -123,6 +149,7 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
             classes,
             monitor=cfg.monitor,
             progress=progress,
+            log_prefix=f"{plan.name}/",
         )
         train_seconds = time.perf_counter() - t0
         (fold_dir / "last.pt").unlink(missing_ok=True)  # resume state; the selected model is saved below
@@ -145,7 +172,7 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
         per_fold.append(row)
         save_mil_model(fold_dir, model, _fold_meta(cfg, kwargs, in_dim, table, bags, plan, row))
         log_columns = list(state.history[0]) if state.history else []
-        write_csv(fold_dir / "log.csv", log_columns, [[h.get(c) for c in log_columns] for h in state.history])
+        atomic_write_csv(fold_dir / "log.csv", [[h.get(c) for c in log_columns] for h in state.history], log_columns)
         curve_metric = None if cfg.monitor == "loss" else f"val_{cfg.monitor}"
         plot_training_curves(state.history, fold_dir / "training_curves.png", metric=curve_metric)
 
@@ -163,15 +190,31 @@ def train_mil(cfg: MILConfig, progress: bool = True) -> dict[str, Any]:
         "n_slides": len(table),
         "feature_attrs": bags.attrs,
         **{key: agg[key] for key in METRIC_NAMES},
+        "undefined": _undefined(per_fold),
         "per_fold": per_fold,
         "pooled": pooled,
     }
     header = ["slide_id", "label", "fold", *[f"prob_{c}" for c in classes]]
     oof_rows = [[table.slide_ids[i], classes[y[i]], oof_fold[int(i)], *[f"{p:.6f}" for p in oof[i]]] for i in scored]
-    write_csv(out / "oof_predictions.csv", header, oof_rows)
+    atomic_write_csv(out / "oof_predictions.csv", oof_rows, header)
     plot_confusion_matrix(
         pooled["confusion_matrix"], classes, out / "confusion_matrix.png", title="Pooled out-of-fold predictions"
     )
-    atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.md", mil_report(cfg, metrics, config_text))
+    finalize = getattr(fabric, "loggers", [])
+    for logger in finalize:
+        logger.finalize("success")
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _undefined(per_fold: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Metric -> the reasons it is undefined in some fold ("fold_2: ..."), for the metrics that are."""
+    out: dict[str, list[str]] = {}
+    for row in per_fold:
+        for key in METRIC_NAMES:
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and not np.isfinite(value)):
+                why = next((n for n in row.get("notes", []) if key.split("_")[0] in n.lower()), "undefined")
+                out.setdefault(key, []).append(f"{row['fold']}: {why}")
+    return out

@@ -1,6 +1,20 @@
-"""Run reports: atomic writes, figures and markdown pages built from evaluation metrics."""
+"""Run reports: atomic writes, figures and markdown pages built from evaluation metrics.
 
-from .io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, to_jsonable
+The figures (matplotlib) load on first use, so the atomic writers can be imported cheaply.
+"""
+
+from importlib import import_module
+
+from .io import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+    to_jsonable,
+)
 from .markdown import (
     check_section,
     format_cell,
@@ -9,13 +23,15 @@ from .markdown import (
     markdown_table,
     merge_section,
     trainable_percent,
-    write_run_report,
 )
-from .plots import plot_confusion_matrix, plot_metric_vs_params, plot_training_curves
 from .progress import progress_bar
+
+_PLOTS = ("plot_confusion_matrix", "plot_metric_vs_params", "plot_training_curves")
+_RUN_REPORT = ("write_run_report",)
 
 __all__ = [
     "atomic_dir",
+    "atomic_write_csv",
     "check_section",
     "csv_text",
     "atomic_path",
@@ -35,3 +51,10 @@ __all__ = [
     "trainable_percent",
     "write_run_report",
 ]
+
+
+def __getattr__(name: str):
+    if name in _PLOTS or name in _RUN_REPORT:  # matplotlib costs about a second; most callers never plot
+        module = import_module(".plots" if name in _PLOTS else ".run_report", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -146,16 +146,25 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, text + "\n")
 
 
-def csv_text(rows: list, header: list[str] | None = None) -> str:
-    """CSV text from dict rows (columns from the first row) or from list rows under ``header``."""
+def csv_text(rows: list, header: list[str] | None = None, lineterminator: str = "\r\n") -> str:
+    """CSV text from dict rows (columns from ``header``, else the first row's keys) or from list rows under
+    ``header``; ``lineterminator`` as Python's csv module takes it (its default ends lines with CRLF)."""
     buf = io.StringIO()
     if rows and isinstance(rows[0], dict):
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        fields = list(header or rows[0])
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator=lineterminator)
         w.writeheader()
         w.writerows(rows)
     else:
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator=lineterminator)
         if header is not None:
             w.writerow(header)
         w.writerows(rows)
     return buf.getvalue()
+
+
+def atomic_write_csv(
+    path: str | os.PathLike[str], rows: list, header: list[str] | None = None, lineterminator: str = "\r\n"
+) -> Path:
+    """:func:`csv_text` written all-or-nothing (the one CSV writer of every output table)."""
+    return atomic_write_text(path, csv_text(rows, header, lineterminator))

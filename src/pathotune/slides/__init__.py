@@ -1,4 +1,5 @@
-"""Whole-slide images: open any slide behind one reader, find tissue, plan tiles at a physical scale, draw QC.
+"""Whole-slide images: open any slide behind one reader, find tissue and artifacts (pen, blur, folds), plan tiles at
+a physical scale, draw QC.
 
 Feature extraction (``slides.extract``), its model factory (``slides.extractor``) and heat maps
 (``slides.heatmap``) load models and are imported from their modules.
@@ -9,10 +10,12 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
+from .artifacts import ARTIFACTS, ArtifactConfig, artifact_masks
 from .discover import SLIDE_EXTENSIONS, find_slides, slide_id
 from .qc import qc_thumbnail, tile_slides
 from .reader import (
     BACKENDS,
+    DicomReader,
     ImageReader,
     OpenSlideReader,
     SlideReader,
@@ -31,8 +34,11 @@ def sample_slide() -> Path:
 
 
 __all__ = [
+    "ARTIFACTS",
     "BACKENDS",
     "SLIDE_EXTENSIONS",
+    "ArtifactConfig",
+    "DicomReader",
     "ImageReader",
     "OpenSlideReader",
     "SlideReader",
@@ -40,6 +46,7 @@ __all__ = [
     "TilePlan",
     "TilingConfig",
     "TissueConfig",
+    "artifact_masks",
     "find_slides",
     "iter_tiles",
     "open_slide",

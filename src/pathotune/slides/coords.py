@@ -26,12 +26,24 @@ import h5py
 import numpy as np
 
 from ..errors import DataError, one_line
+from ..features.foreign import trident_coords_attrs
+from ..report.io import atomic_path
 from .discover import slide_id
 from .reader import SlideReader
+from .tiling import TilePlan
 
-__all__ = ["COORDS_SUFFIXES", "PatchCoords", "coords_files", "match_coords", "read_patch_coords"]
+__all__ = [
+    "COORDS_SUFFIXES",
+    "PATCHES_SUFFIX",
+    "PatchCoords",
+    "coords_files",
+    "match_coords",
+    "read_patch_coords",
+    "write_patch_coords",
+]
 
-COORDS_SUFFIXES = ("_patches.h5", ".h5")  # TRIDENT's name first: "a_patches.h5" is slide "a", not "a_patches"
+PATCHES_SUFFIX = "_patches.h5"
+COORDS_SUFFIXES = (PATCHES_SUFFIX, ".h5")  # TRIDENT's name first: "a_patches.h5" is slide "a", not "a_patches"
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,8 @@ def _number(path: Path, attrs: Mapping[str, Any], key: str) -> float | None:
     except (TypeError, ValueError):
         number = math.nan
     if not (math.isfinite(number) and number >= 0):
-        raise DataError(f"coords file {path}: attribute {key}={attrs[key]!r} is not a number >= 0; re-create it")
+        shown = np.asarray(attrs[key]).tolist()
+        raise DataError(f"coords file {path}: attribute {key}={shown!r} is not a number >= 0; re-create it")
     return number
 
 
@@ -126,6 +139,10 @@ def read_patch_coords(path: str | Path, reader: SlideReader) -> PatchCoords:
     if not np.isfinite(raw).all():
         raise DataError(f"coords file {path}: 'coords' holds NaN or infinite values; re-create it")
     coords = np.round(raw).astype(np.int64)
+    unique, first = np.unique(coords, axis=0, return_index=True) if len(coords) else (coords, np.zeros(0, int))
+    if len(unique) != len(coords):  # a tile listed twice would weigh twice in a bag: kept once, and said so
+        print(f"note: coords file {path} lists {len(coords) - len(unique)} tile(s) more than once; each is kept once")
+        coords = coords[np.sort(first)]
 
     width, height = reader.dimensions
     size = _number(path, attrs, "patch_size")
@@ -184,3 +201,24 @@ def match_coords(slides: list[Path], folder: str | Path) -> dict[Path, Path]:
             )
         out[s] = files[sid]
     return out
+
+
+def write_patch_coords(path: str | Path, plan: TilePlan, overlap: int) -> Path:
+    """``<slide_id>_patches.h5`` as TRIDENT writes it: ``coords`` (N, 2) int64 level-0 corners with TRIDENT's
+    attributes (so ``slides extract --coords`` and TRIDENT itself read it), plus ``tissue`` (N,) float32, each
+    tile's tissue fraction. Written under a temporary name and renamed."""
+    path = Path(path)
+    attrs = {
+        "mpp": plan.slide_mpp,
+        "target_mpp": plan.target_mpp,
+        "dimensions": plan.dimensions,
+        "tile_size": plan.tile_size,
+        "tile_size_level0": plan.tile_size_level0,
+        "overlap": overlap,
+        "slide_id": slide_id(plan.slide),
+    }
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        coords = f.create_dataset("coords", data=np.ascontiguousarray(plan.coords, dtype=np.int64).reshape(-1, 2))
+        coords.attrs.update(trident_coords_attrs(attrs, path.parent))
+        f.create_dataset("tissue", data=np.ascontiguousarray(plan.tissue, dtype=np.float32))
+    return path

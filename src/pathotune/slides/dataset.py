@@ -54,7 +54,8 @@ class TileTransform:
 
 
 class SlideTileDataset(Dataset):
-    """The tiles of one plan as (tensor, index); each process opens its own reader on first use."""
+    """The tiles of one plan (or the plan's tiles ``indices``, in order) as (tensor, plan index); each process
+    opens its own reader on first use."""
 
     def __init__(
         self,
@@ -63,14 +64,16 @@ class SlideTileDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         mpp: float | None = None,
         backend: str = "auto",
+        indices: Sequence[int] | None = None,
     ) -> None:
         self.slide_path = Path(slide_path)
         self.plan, self.transform, self.mpp, self.backend = plan, transform, mpp, backend
+        self.indices = list(range(len(plan))) if indices is None else [int(i) for i in indices]
         self._reader: SlideReader | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.indices)
 
     def reader(self) -> SlideReader:
         if self._reader is None or self._pid != os.getpid():
@@ -78,7 +81,8 @@ class SlideTileDataset(Dataset):
             self._pid = os.getpid()
         return self._reader
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        i = self.indices[j]
         return self.transform(read_tile(self.reader(), self.plan, i)), i
 
     def __getstate__(self) -> dict:

@@ -7,12 +7,11 @@ Each rank of a multi-process run keeps its own ``extract_log.rank<k>.csv``; rank
 from __future__ import annotations
 
 import csv
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..report.io import atomic_write_text
+from ..report.io import atomic_write_csv
 
 __all__ = ["LOG_FIELDS", "LOG_NAME", "ExtractLog", "SlideResult"]
 
@@ -32,7 +31,7 @@ LOG_FIELDS = (
 
 @dataclass
 class SlideResult:
-    """What happened to one slide: extracted (with timing) or skipped as already done."""
+    """What happened to one slide: extracted (with timing), skipped as already done, or failed (with why)."""
 
     slide_id: str
     slide_path: str
@@ -41,6 +40,7 @@ class SlideResult:
     n_tiles: int
     seconds: float = 0.0
     plan_seconds: float = 0.0
+    reason: str = ""
 
     @property
     def tiles_per_s(self) -> float:
@@ -62,12 +62,7 @@ def _read(path: Path) -> dict[str, dict]:
 
 
 def _write(path: Path, rows: dict[str, dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for sid in sorted(rows):
-        w.writerow(rows[sid])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, [rows[sid] for sid in sorted(rows)], list(LOG_FIELDS))
 
 
 class ExtractLog:

@@ -5,14 +5,15 @@ averaged, and the slide shows through wherever there is no tile. Colours come fr
 scores scaled to [vmin, vmax] (by default the scores' own min and max); a colour bar with both ends labelled
 sits to the right so the picture can be read on its own.
 
-:func:`bundle_heatmaps` paints a patch bundle's class probabilities from features extracted with it; MIL
-attention maps are :func:`pathotune.heatmaps.mil_heatmaps` (slides never import ``mil``).
+:func:`bundle_heatmaps` paints a patch bundle's class probabilities (:class:`BundleHead`) from features
+extracted with it; MIL attention maps are :func:`pathotune.heatmaps.mil_heatmaps` (slides never import ``mil``).
 """
 
 from __future__ import annotations
 
+import csv
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,30 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 from ..bundle import load_bundle, read_manifest, resolve_bundle
-from ..errors import ConfigError, DataError
-from ..features import SlideFeatures, list_feature_files, read_slide_features, require_coords, tile_side
+from ..cohort import Cohort
+from ..errors import ConfigError, DataError, note_interrupt
+from ..features import (
+    SlideFeatures,
+    bundle_mismatch,
+    check_unique_slides,
+    list_feature_files,
+    read_slide_features,
+    require_coords,
+    tile_side,
+)
 from ..model import PathoTuneModel
-from ..report.io import atomic_path
+from ..records import incremental
+from ..report.io import atomic_path, atomic_write_text, csv_text
 from .discover import find_slides, slide_id
 from .geojson import tiles_geojson
 from .reader import SlideReader, open_slide
 
 __all__ = [
     "COLORBAR_WIDTH",
+    "BundleHead",
     "bundle_heatmaps",
     "check_heatmap_options",
+    "heatmap_cohort",
     "open_source_slide",
     "paint_scores",
     "paint_slide",
@@ -229,21 +242,106 @@ def paint_slide(
 
 
 def _check_bundle_features(sf: SlideFeatures, model: PathoTuneModel, manifest: dict, bundle: Path) -> None:
-    """A head only means something on its own model's features (a linear probe's: its plain backbone's)."""
-    attrs = sf.attrs
-    if attrs.get("bundle_fingerprint") == manifest.get("sha256"):
-        return
+    """The features must be the bundle's own (:func:`pathotune.features.h5.bundle_mismatch`)."""
     probe = model.switches.train == "head" and not model.groups
-    same_backbone = (
-        attrs.get("backbone_fingerprint") == model.provenance.fingerprint
-        and int(attrs.get("image_size", -1)) == model.backbone.img_size
-    )
-    if not attrs.get("bundle_fingerprint") and probe and same_backbone:
-        return
-    raise DataError(
-        f"features {sf.path} were not extracted with bundle {bundle}; run `pathotune slides extract --bundle "
-        f"{bundle}` so its head sees the prompted model's features"
-    )
+    probe_of = (model.provenance.fingerprint, model.backbone.img_size) if probe else None
+    if bundle_mismatch(sf.attrs, manifest.get("sha256", ""), probe_of) is not None:
+        raise DataError(
+            f"features {sf.path} were not extracted with bundle {bundle}; run `pathotune slides extract --bundle "
+            f"{bundle}` so its head sees the prompted model's features"
+        )
+
+
+def heatmap_cohort(
+    out: str | Path,
+    request: Mapping[str, Any],
+    files: Sequence[Path],
+    paint: Callable[[Path, Path], dict],
+    skip_errors: bool = False,
+    overwrite: bool = False,
+) -> list[dict]:
+    """Paint every feature file into ``out`` with ``paint(file, folder) -> row``, one slide at a time.
+
+    ``out`` is a record of heat maps made by ``request`` (:func:`pathotune.records.incremental`): a rerun with
+    the same request paints only the slides it lacks (those listed in ``heatmaps.csv``, written after each slide,
+    are done), another request is refused unless ``overwrite``. A slide that fails is listed in ``errors.csv``
+    with ``skip_errors`` (:mod:`.cohort`), else it ends the call. Returns one row per file with its ``status``
+    (``painted``, ``done`` or ``failed``).
+    """
+    out = Path(out)
+    check_unique_slides(files)
+    rows: list[dict] = []
+    with incremental(out, "heatmaps", overwrite, request) as workdir:
+        note_interrupt(
+            f"nothing was replaced: {out} still holds the previous heat maps, unchanged"
+            if workdir != out
+            else f"slides painted in {out} are kept; rerun the same command to paint the rest"
+        )
+        ledger = _read_ledger(workdir / LEDGER)
+        cohort = Cohort(workdir, skip_errors)
+        try:
+            for f in files:
+                sid = f.stem
+                if sid in ledger and all((workdir / n).is_file() for n in ledger[sid]["outputs"].split(";") if n):
+                    rows.append({**ledger[sid], "status": "done"})
+                    continue
+                row = cohort.run(sid, f, "heatmap", lambda f=f: paint(f, workdir))
+                if row is None:
+                    rows.append(
+                        {"slide_id": sid, "features": str(f), "status": "failed", "reason": cohort.failures[sid].reason}
+                    )
+                    if cohort.stop:
+                        break
+                    continue
+                outputs = [Path(p).name for p in [*row.get("heatmaps", []), row.get("geojson")] if p]
+                ledger[sid] = {
+                    "slide_id": sid,
+                    "features": str(f),
+                    "n_tiles": row["n_tiles"],
+                    "outputs": ";".join(outputs),
+                }
+                atomic_write_text(workdir / LEDGER, csv_text([ledger[k] for k in sorted(ledger)]))
+                rows.append({**row, "status": "painted"})
+        finally:
+            if skip_errors:
+                cohort.write()
+        cohort.raise_first()
+    return rows
+
+
+LEDGER = "heatmaps.csv"
+
+
+def _read_ledger(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {r["slide_id"]: dict(r) for r in csv.DictReader(f) if r.get("slide_id")}
+    except (OSError, csv.Error, UnicodeDecodeError, KeyError):
+        return {}
+
+
+class BundleHead:
+    """A patch bundle loaded once, whose head scores the tiles of feature files extracted with it.
+
+    The features must come from ``slides extract --bundle`` with this bundle (or, for a linear probe, from its
+    plain backbone), so only the head runs: :meth:`probs` gives a file's features and the (N, C) class
+    probabilities of its tiles, in the order of :attr:`classes`.
+    """
+
+    def __init__(self, bundle: str | Path, weights: str | None = None) -> None:
+        self.path = resolve_bundle(bundle)
+        self.manifest = read_manifest(self.path)
+        self.net = load_bundle(self.path, weights=weights)
+        self.classes: list[str] = list(self.net.class_names)
+
+    def probs(self, features: str | Path) -> tuple[SlideFeatures, np.ndarray]:
+        sf = read_slide_features(features)
+        _check_bundle_features(sf, self.net, self.manifest, self.path)
+        with torch.inference_mode():
+            probs = self.net.forward_head(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
+        return sf, probs
 
 
 def bundle_heatmaps(
@@ -254,29 +352,25 @@ def bundle_heatmaps(
     weights: str | None = None,
     max_size: int = 1024,
     alpha: float = 0.5,
+    skip_errors: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Per slide, a patch bundle's class probabilities for every tile: one PNG per class and a GeoJSON.
 
-    The features must come from ``slides extract --bundle`` with this bundle, so only its head runs here.
-    Writes ``<slide_id>_<class>.png`` (probabilities on a fixed 0..1 scale, comparable across slides and
-    classes) and ``<slide_id>.geojson`` (``prob_<class>`` measurements, the top class as classification).
-    Returns per slide: slide_id, n_tiles, heatmaps, geojson, class_share (fraction of tiles per top class).
+    The probabilities are :class:`BundleHead`'s. Writes ``<slide_id>_<class>.png`` (probabilities on a fixed
+    0..1 scale, comparable across slides and classes) and ``<slide_id>.geojson`` (``prob_<class>`` measurements,
+    the top class as classification). Returns per slide: slide_id, status, n_tiles, heatmaps, geojson,
+    class_share (fraction of tiles per top class); the folder follows :func:`heatmap_cohort`.
     """
     check_heatmap_options(max_size, alpha)
     files = list_feature_files(features)
     require_coords(files)
     slide_paths = slide_map(slides)
-    path = resolve_bundle(bundle)
-    manifest = read_manifest(path)
-    net = load_bundle(path, weights=weights)
-    classes = net.class_names
-    out = Path(out)
-    done = []
-    for f in files:
-        sf = read_slide_features(f)
-        _check_bundle_features(sf, net, manifest, path)
-        with torch.inference_mode():
-            probs = net.forward_head(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
+    head = BundleHead(bundle, weights=weights)
+    classes = head.classes
+
+    def paint(f: Path, out: Path) -> dict:
+        sf, probs = head.probs(f)
         sid = sf.slide_id
         layers = [(out / f"{sid}_{safe_name(c)}.png", probs[:, j], c) for j, c in enumerate(classes)]
         style = {"cmap": "RdBu_r", "vmin": 0.0, "vmax": 1.0}
@@ -291,7 +385,11 @@ def bundle_heatmaps(
             class_names=classes,
         )
         share = {c: (sum(t == c for t in top) / len(top)) if top else 0.0 for c in classes}
-        done.append(
-            {"slide_id": sid, "n_tiles": len(sf.coords), "heatmaps": pngs, "geojson": geo, "class_share": share}
-        )
-    return done
+        return {"slide_id": sid, "n_tiles": len(sf.coords), "heatmaps": pngs, "geojson": geo, "class_share": share}
+
+    request = {
+        "bundle": head.manifest.get("manifest_sha256") or head.manifest.get("sha256"),
+        "max_size": max_size,
+        "alpha": alpha,
+    }
+    return heatmap_cohort(out, request, files, paint, skip_errors, overwrite)

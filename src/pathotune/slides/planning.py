@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..features.h5 import tiles_source_text
+from .artifacts import ArtifactConfig, drop_settings
 from .coords import PatchCoords, read_patch_coords
 from .geojson import geojson_tissue_mask, mask_shape
 from .inputs import SlideInput, as_inputs
@@ -57,9 +59,10 @@ def slide_tiling(
     return own, pc
 
 
-def tiles_source(slide: SlideInput, tissue: TissueConfig | None) -> str:
+def tiles_source(slide: SlideInput, tissue: TissueConfig | None, artifacts: ArtifactConfig | None = None) -> str:
     """Where a slide's tiles and tissue came from, as a feature file's ``tissue_config`` records it: the Otsu
-    settings, or the tissue GeoJSON, plus the coords file when another tool chose the tiles."""
+    settings, or the tissue GeoJSON, plus the coords file when another tool chose the tiles and the artifact
+    settings when flagged tiles were dropped."""
     source: dict = (
         {"tissue_geojson": str(Path(slide.tissue_geojson).resolve())}
         if slide.tissue_geojson
@@ -67,31 +70,43 @@ def tiles_source(slide: SlideInput, tissue: TissueConfig | None) -> str:
     )
     if slide.coords is not None:
         source["coords"] = str(Path(slide.coords).resolve())
-    return repr(source)
+    if drop_settings(artifacts) is not None:
+        source["drop_artifacts"] = drop_settings(artifacts)
+    return tiles_source_text(source)
 
 
 def plan_on(
-    reader: SlideReader, slide: SlideInput, tiling: TilingConfig, tissue: TissueConfig | None = None
+    reader: SlideReader,
+    slide: SlideInput,
+    tiling: TilingConfig,
+    tissue: TissueConfig | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> tuple[TilePlan, TilingConfig]:
-    """The plan of the slide open in ``reader`` and the tiling it was cut by (see :func:`slide_tiling`)."""
+    """The plan of the slide open in ``reader`` and the tiling it was cut by (see :func:`slide_tiling`), with
+    the ``artifacts`` flags computed and their tiles dropped as it says."""
     own, pc = slide_tiling(reader, slide, tiling)
     mask = None
     if slide.tissue_geojson is not None:
         shape = mask_shape(reader.dimensions, tiling.mask_size)
-        mask = geojson_tissue_mask(slide.tissue_geojson, reader.dimensions, shape)
+        mask = geojson_tissue_mask(slide.tissue_geojson, reader.dimensions, shape, slide.repair_geojson)
     if pc is None:
-        return plan_tiles(reader, own, mask=mask, tissue=tissue), own
-    return plan_from_coords(reader, pc.coords, pc.tile_size_level0, own, mask=mask, tissue=tissue), own
+        return plan_tiles(reader, own, mask=mask, tissue=tissue, artifacts=artifacts), own
+    plan = plan_from_coords(reader, pc.coords, pc.tile_size_level0, own, mask=mask, tissue=tissue, artifacts=artifacts)
+    return plan, own
 
 
 def plan_slide(
-    slide: Path | SlideInput, tiling: TilingConfig, tissue: TissueConfig | None = None, mpp: float | None = None
+    slide: Path | SlideInput,
+    tiling: TilingConfig,
+    tissue: TissueConfig | None = None,
+    mpp: float | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> PlannedSlide:
     """Open ``slide`` (with its mpp, else ``mpp``, overriding its metadata) and plan its tiles."""
     (inp,) = as_inputs([slide], mpp)
     t0 = time.perf_counter()
     with open_slide(inp.path, mpp=inp.mpp) as reader:
-        plan, own = plan_on(reader, inp, tiling, tissue)
+        plan, own = plan_on(reader, inp, tiling, tissue, artifacts)
         return PlannedSlide(plan, reader.backend, time.perf_counter() - t0, own)
 
 
@@ -99,11 +114,17 @@ class PlanAhead:
     """:func:`plan_slide` in a thread; :meth:`result` joins it and returns the plan or raises its error."""
 
     def __init__(
-        self, slide: Path | SlideInput, tiling: TilingConfig, tissue: TissueConfig | None, mpp: float | None
+        self,
+        slide: Path | SlideInput,
+        tiling: TilingConfig,
+        tissue: TissueConfig | None,
+        mpp: float | None,
+        artifacts: ArtifactConfig | None = None,
     ) -> None:
         self._result: PlannedSlide | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(slide, tiling, tissue, mpp), daemon=True)
+        args = (slide, tiling, tissue, mpp, artifacts)
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
 
     def _run(self, *args) -> None:

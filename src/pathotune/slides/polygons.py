@@ -12,6 +12,14 @@ Both directions work in mask units, where pixel (row r, column c) covers [c, c+1
 
 Filling the polygons of a mask on the mask's own grid gives the mask back bit for bit: ring vertices sit on
 pixel corners, half a pixel from every centre, so no centre is ever on an edge.
+
+Why not OpenCV (already installed with the bundled weights' package): ``cv2.findContours`` traces the centres of
+the boundary pixels, half a pixel inside the tissue's edge, so its polygons cover less than the mask: 0.79% less
+on the CMU slide's 1024 px tissue mask (297,219 against 299,578 px²), while these cover it exactly; and
+``cv2.fillPoly`` fills every pixel a polygon touches rather than the pixels whose centre it holds, which is the
+rule QuPath's and TRIDENT's polygons are drawn for. Tracing takes 16 ms here against OpenCV's 8 ms, and filling
+4.5 ms against 0.3 ms: nothing next to reading a slide. Exported outlines are then simplified with shapely
+(:mod:`.geojson`), and every polygon read is checked with shapely before it is filled.
 """
 
 from __future__ import annotations

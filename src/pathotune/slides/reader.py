@@ -1,11 +1,13 @@
-"""One reader interface over OpenSlide, tiffslide and Pillow, so tiling code never cares which opened a slide.
+"""One reader interface over OpenSlide, tiffslide, wsidicom and Pillow, so tiling code never cares which opened a
+slide.
 
 Coordinates follow OpenSlide: ``read_region`` takes the top-left corner in LEVEL-0 pixels and a size in
 pixels of the requested level. Every read comes back as 8-bit RGB; transparent pixels (outside the scanned
 area, or an alpha channel) are composited on white, the colour of empty glass.
 
-About 420 lines on purpose: the interface, its three backends and the order ``open_slide`` tries them in are
-read together (each backend is short; the fallback rules only make sense beside all three).
+About 550 lines on purpose: the interface, its four backends and the order ``open_slide`` tries them in are
+read together (each backend is short; the fallback rules only make sense beside all of them). Where mpp and
+objective power come from is ``slides.metadata``.
 """
 
 from __future__ import annotations
@@ -22,61 +24,52 @@ from typing import Any
 import openslide
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..data import to_rgb  # the one conversion: alpha on white, 16-bit grey rescaled, not clipped
 from ..errors import ConfigError, DataError, one_line
+from ..files import file_problem
+from .metadata import UnusableMpp, mpp_from_properties, objective_from_properties, positive_float
 
 __all__ = [
     "BACKENDS",
     "LEVEL_TOLERANCE",
+    "SLIDE_EXTENSIONS",
+    "DicomReader",
     "ImageReader",
     "OpenSlideReader",
     "SlideReader",
     "TiffSlideReader",
+    "dicom_files",
+    "is_dicom_file",
     "open_slide",
     "require_mpp",
 ]
 
-BACKENDS = ("auto", "openslide", "tiffslide", "image")
+BACKENDS = ("auto", "openslide", "tiffslide", "dicom", "image")
+# Files of these extensions are slides of their own; any other file may be a DICOM instance (see is_dicom_file).
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".svslide",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 # Scanners store downsamples such as 4.000345; a level this close to the wanted downsample still counts as
 # "not coarser than wanted", so rounding noise never pushes tiling one level finer (4x more pixels to read).
 LEVEL_TOLERANCE = 0.01
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _THUMB_BLOCK = 512  # thumbnail pixels per block, so a thumbnail never needs a whole level in memory
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; alpha (RGBA, LA, palette transparency) is composited on white, not dropped to black."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _positive_float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
-
-
-def _mpp_from_tiff_tags(props: Mapping[str, Any]) -> float | None:
-    """Microns per pixel from TIFF XResolution/YResolution; a unitless resolution says nothing about size."""
-    unit = str(props.get("tiff.ResolutionUnit", "")).strip().lower()
-    per_micron = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-    if per_micron is None:
-        return None
-    mpps = [_positive_float(props.get(k)) for k in ("tiff.XResolution", "tiff.YResolution")]
-    vals = [per_micron / r for r in mpps if r is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _mpp_from_props(props: Mapping[str, Any], prefix: str) -> float | None:
-    vals = [_positive_float(props.get(f"{prefix}.mpp-{axis}")) for axis in ("x", "y")]
-    found = [v for v in vals if v is not None]
-    return sum(found) / len(found) if found else _mpp_from_tiff_tags(props)
+# A DICOM file (Part 10) has a 128-byte preamble, then "DICM"; a folder of them is one DICOM WSI series.
+_DICM_OFFSET, _DICM_MAGIC = 128, b"DICM"
+_DICOM_SUFFIX, _DICOMDIR = ".dcm", "DICOMDIR"
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 
 
 class SlideReader(ABC):
@@ -96,8 +89,18 @@ class SlideReader(ABC):
         self._level_dimensions: tuple[tuple[int, int], ...] = ()
         self._level_downsamples: tuple[float, ...] = ()
         self._native_mpp: float | None = None
+        self._mpp_problem: str | None = None  # why metadata that states a pixel size cannot be used
         self._objective_power: float | None = None
         self._closed = False
+
+    def _set_scale_from(self, props: Mapping[str, Any], prefix: str) -> None:
+        """mpp (or the reason it is unusable) and objective power from a TIFF-like backend's properties, read by
+        ``slides.metadata``."""
+        try:
+            self._native_mpp = mpp_from_properties(props, prefix, self.dimensions)
+        except UnusableMpp as e:
+            self._native_mpp, self._mpp_problem = None, str(e)
+        self._objective_power = objective_from_properties(props, prefix, self.dimensions)
 
     # -- geometry and metadata -------------------------------------------------------------------------------
     @property
@@ -121,6 +124,11 @@ class SlideReader(ABC):
     def mpp(self) -> float | None:
         """Microns per level-0 pixel: the ``mpp`` given to ``open_slide`` wins over the file's metadata."""
         return self._mpp_override if self._mpp_override is not None else self._native_mpp
+
+    @property
+    def mpp_problem(self) -> str | None:
+        """Why the metadata's pixel size cannot be used, when it states one (a malformed OME PhysicalSizeX...)."""
+        return self._mpp_problem
 
     @property
     def objective_power(self) -> float | None:
@@ -248,8 +256,7 @@ class OpenSlideReader(SlideReader):
         self.vendor = str(props.get("openslide.vendor", ""))
         self._level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self._level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        self._native_mpp = _mpp_from_props(props, "openslide")
-        self._objective_power = _positive_float(props.get("openslide.objective-power"))
+        self._set_scale_from(props, "openslide")
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         return self._slide.read_region(location, level, size)
@@ -278,14 +285,148 @@ class TiffSlideReader(SlideReader):
         except BaseException:
             self._slide.close()
             raise
-        self._native_mpp = _mpp_from_props(props, "tiffslide")
-        self._objective_power = _positive_float(props.get("tiffslide.objective-power"))
+        self._set_scale_from(props, "tiffslide")
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         return self._slide.read_region(location, level, size, padding=False)
 
     def _close(self) -> None:
         self._slide.close()
+
+
+class DicomReader(SlideReader):
+    """wsidicom: a DICOM WSI series, the folder of its instances (one file per level, plus label and overview).
+
+    The slide is the folder; a ``.dcm`` file stands for the folder it lies in. wsidicom places each level at a
+    power-of-two scale of the base level (from the pixel spacing), so level ``k`` of its pyramid has downsample
+    ``2**k`` exactly and is read in its own pixels. Every instance is checked at open time: a file that is no
+    readable instance, and a level whose last tile does not decode (a cut copy), fail here rather than mid-run.
+    """
+
+    backend = "dicom"
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        # kept here: wsidicom (with pydicom) costs about 0.8 s to import; only DICOM slides need it
+        import pydicom.errors
+        import wsidicom
+        import wsidicom.errors as wsi_errors
+
+        folder = path if path.is_dir() else path.parent
+        super().__init__(folder, mpp)
+        self._read_errors = (
+            pydicom.errors.InvalidDicomError,
+            wsi_errors.WsiDicomError,
+            wsi_errors.WsiDicomFileError,
+            wsi_errors.WsiDicomNotFoundError,
+            wsi_errors.WsiDicomOutOfBoundsError,
+            wsi_errors.WsiDicomNoResolutionError,
+            wsi_errors.WsiDicomNotSupportedError,
+            wsi_errors.WsiDicomMatchError,
+            wsi_errors.WsiDicomUidDuplicateError,
+            wsi_errors.WsiDicomBotOverflow,
+            EOFError,
+            KeyError,
+            IndexError,
+            *SlideReader._read_errors,
+        )
+        instances = self._wsi_instances(folder)
+        try:
+            self._wsi = wsidicom.WsiDicom.open(instances)
+        except (*self._read_errors, NotImplementedError) as e:  # NotImplementedError: levels off a 2**k scale
+            raise DataError(
+                f"cannot open slide {folder}: its DICOM files do not form a whole-slide image ({one_line(e, 200)}); "
+                "re-copy or re-export the slide"
+            ) from None
+        try:
+            self._open_levels(instances)
+        except BaseException:
+            self._wsi.close()
+            raise
+
+    def _wsi_instances(self, folder: Path) -> list[Path]:
+        """The folder's whole-slide image instances, all of one series; any other DICOM file is left out. Their
+        headers also give the objective (ObjectiveLensPower of the optical path)."""
+        import pydicom
+
+        files = dicom_files(folder)
+        if not files:
+            raise DataError(
+                f"slide {folder} is a folder without DICOM files; pass a slide file, or a folder holding one "
+                "DICOM WSI series"
+            )
+        found, volume_series = [], set()
+        tags = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "OpticalPathSequence"]
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
+            except self._read_errors as e:
+                raise self._corrupt(f.name, one_line(e, 200)) from None
+            meta = getattr(ds, "file_meta", None)  # the File Meta's class, for files whose dataset lacks one
+            sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+            if sop_class is None:
+                raise self._corrupt(f.name, "it has no SOP Class UID")
+            if sop_class != _WSI_SOP_CLASS:
+                continue
+            found.append(f)
+            image_type = list(ds.get("ImageType") or [])
+            if len(image_type) > 2 and image_type[2] == "VOLUME":  # labels and overviews may be series of their own
+                volume_series.add(str(ds.get("SeriesInstanceUID", "")))
+                powers = (positive_float(p.get("ObjectiveLensPower")) for p in ds.get("OpticalPathSequence", []))
+                self._objective_power = self._objective_power or next((p for p in powers if p is not None), None)
+        if not found:
+            raise DataError(
+                f"slide {folder} holds no DICOM whole-slide image instances (VL Whole Slide Microscopy Image) "
+                f"among its {len(files)} DICOM files; export the slide as DICOM WSI"
+            )
+        if len(volume_series) > 1:
+            raise DataError(
+                f"slide {folder} holds {len(volume_series)} DICOM WSI series; put each series (one slide) in a "
+                "folder of its own"
+            )
+        return found
+
+    def _corrupt(self, name: str, detail: str) -> DataError:
+        return DataError(
+            f"cannot open slide {self.path}: DICOM file {name} is truncated or corrupt ({detail}); "
+            "re-copy or re-export the slide"
+        )
+
+    def _open_levels(self, instances: list[Path]) -> None:
+        """Level geometry and mpp, once every instance is known to be read and each level's last tile decodes."""
+        from wsidicom.errors import WsiDicomNoResolutionError
+
+        read = {Path(str(f)).resolve() for f in self._wsi.files or []}
+        for f in instances:
+            if f.resolve() not in read:
+                raise self._corrupt(f.name, "wsidicom cannot read it as a whole-slide image instance")
+        self._levels = sorted(self._wsi.levels.levels, key=lambda lvl: lvl.level)
+        self._level_dimensions = tuple((lvl.size.width, lvl.size.height) for lvl in self._levels)
+        self._level_downsamples = tuple(float(2**lvl.level) for lvl in self._levels)
+        for lvl in self._levels:  # the last tile sits at the end of its file: a cut copy fails to decode it
+            tiles_x = math.ceil(lvl.size.width / lvl.tile_size.width)
+            tiles_y = math.ceil(lvl.size.height / lvl.tile_size.height)
+            try:
+                self._wsi.read_tile(lvl.level, (tiles_x - 1, tiles_y - 1))
+            except self._read_errors as e:
+                last_file = lvl.default_instance.image_data.files[-1].name
+                raise self._corrupt(last_file, f"its last tile of level {lvl.level}: {one_line(e, 200)}") from None
+        try:
+            spacing = self._wsi.mpp
+        except WsiDicomNoResolutionError:
+            self._mpp_problem = "its DICOM instances carry no pixel spacing"
+        else:
+            found = [v for v in (positive_float(spacing.width), positive_float(spacing.height)) if v is not None]
+            self._native_mpp = sum(found) / len(found) if found else None
+            if not found:
+                self._mpp_problem = f"its DICOM pixel spacing is {spacing.width} x {spacing.height} \u00b5m"
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        ds = self._level_downsamples[level]
+        at = (math.floor(location[0] / ds), math.floor(location[1] / ds))  # wsidicom reads in the level's pixels
+        return self._wsi.read_region(at, self._levels[level].level, size)
+
+    def _close(self) -> None:
+        self._wsi.close()
 
 
 class ImageReader(SlideReader):
@@ -374,11 +515,37 @@ def _looks_like_tiff(path: Path) -> bool:
         return False
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM instance file: named ``*.dcm``, or (DICOM files often have no extension, or a UID for a name) any
+    file but a slide extension's with "DICM" after the 128-byte preamble; a ``DICOMDIR`` (an export's index) is
+    none. The one rule for discovery and opening alike."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.name.upper() == _DICOMDIR:
+        return False
+    if suffix == _DICOM_SUFFIX:
+        return True
+    if suffix in SLIDE_EXTENSIONS or file_problem(path) is not None:  # never open a FIFO or device to sniff it
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(_DICM_OFFSET)
+            return f.read(len(_DICM_MAGIC)) == _DICM_MAGIC
+    except OSError:
+        return False
+
+
+def dicom_files(folder: str | Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (hidden files skipped), sorted: the instances of a DICOM slide."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".") and p.is_file() and is_dicom_file(p))
+
+
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> SlideReader:
     """Open a slide; ``auto`` tries OpenSlide, then tiffslide, then Pillow, taking the first that opens it.
 
-    One exception: a generic TIFF that OpenSlide sees as one level but tiffslide as a pyramid (SubIFDs) goes to
-    tiffslide, so coarse tiles come from the pyramid.
+    A folder, or a DICOM file (:func:`is_dicom_file`), is a DICOM WSI series and goes to wsidicom. A generic
+    TIFF that OpenSlide sees as one level but tiffslide as a pyramid (SubIFDs: OME-TIFF, bfconvert, QuPath) goes
+    to tiffslide, so coarse tiles come from the pyramid.
 
     ``mpp`` (microns per level-0 pixel) overrides whatever the file says, for slides whose metadata is missing
     or wrong.
@@ -386,18 +553,29 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
     path = Path(path)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown slide backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if mpp is not None and _positive_float(mpp) is None:
+    if mpp is not None and positive_float(mpp) is None:
         raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
-    if not path.exists():
+    problem = None if path.is_dir() else file_problem(path)
+    if problem == "missing":
         raise DataError(f"slide {path} not found; check the path")
-    if not path.is_file():
-        raise DataError(f"slide {path} is not a file; pass the slide file itself (e.g. the .svs or .mrxs)")
+    if problem is not None:  # a FIFO would block the reader forever; a broken link is a slide that vanished
+        raise DataError(f"slide {path} is {problem}; pass the slide file itself (e.g. the .svs or .mrxs)")
     try:
-        with open(path, "rb"):
-            pass
+        if path.is_dir():
+            next(path.iterdir(), None)
+        else:
+            with open(path, "rb"):
+                pass
     except OSError as e:
         raise DataError(f"cannot read slide {path}: {e.strerror or one_line(e, 200)}; check its permissions") from None
     mpp = None if mpp is None else float(mpp)
+    if backend == "dicom" or (backend == "auto" and (path.is_dir() or is_dicom_file(path))):
+        return DicomReader(path, mpp)
+    if path.is_dir():
+        raise DataError(
+            f"slide {path} is a folder, which only the dicom backend reads (a DICOM WSI series); pass the slide "
+            "file itself"
+        )
     single = {"openslide": _try_openslide, "tiffslide": _try_tiffslide, "image": _try_image}
     chain = [_try_openslide_then_pyramid, _try_tiffslide, _try_image] if backend == "auto" else [single[backend]]
     for attempt in chain:
@@ -417,5 +595,9 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
 def require_mpp(reader: SlideReader) -> float:
     """The slide's mpp, or a DataError telling the user to supply it, since tiling at a physical scale needs it."""
     if reader.mpp is None:
+        if reader.mpp_problem is not None:
+            raise DataError(
+                f"slide {reader.path} has no usable mpp (microns per pixel): {reader.mpp_problem}; pass --mpp"
+            )
         raise DataError(f"slide {reader.path} has no mpp (microns per pixel) in its metadata; pass --mpp")
     return reader.mpp

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from .artifacts import ArtifactConfig, artifact_masks
 from .reader import LEVEL_TOLERANCE, SlideReader, require_mpp
 from .tissue import TissueConfig, tissue_mask
 
@@ -23,6 +24,7 @@ __all__ = [
     "TilePlan",
     "TilingConfig",
     "iter_tiles",
+    "mask_fractions",
     "mpp_for_magnification",
     "plan_from_coords",
     "plan_tiles",
@@ -98,6 +100,9 @@ class TilePlan:
     tissue: (N,) float32 tissue fraction of each kept tile, from ``mask``.
     mask / mask_scale: the tissue mask and level-0 pixels per mask pixel along (x, y).
     n_candidates: grid positions before tissue filtering.
+    artifacts: kind -> artifact mask on the tissue mask's grid (:mod:`.artifacts`), for the kinds computed.
+    artifact_fractions: kind -> (N,) float32 fraction of each kept tile flagged by that kind.
+    n_dropped: tiles with enough tissue that the artifact flags removed (``ArtifactConfig.drop``).
     """
 
     slide: str
@@ -116,6 +121,9 @@ class TilePlan:
     mask_scale: tuple[float, float]
     min_tissue: float
     n_candidates: int
+    artifacts: dict[str, np.ndarray] = field(default_factory=dict)
+    artifact_fractions: dict[str, np.ndarray] = field(default_factory=dict)
+    n_dropped: int = 0
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -139,8 +147,9 @@ def _grid(level_extent: int, read_size: int, stride_level: float) -> np.ndarray:
     return starts[starts + read_size <= level_extent]
 
 
-def _tissue_fractions(mask: np.ndarray, coords: np.ndarray, side: float, scale: tuple[float, float]) -> np.ndarray:
-    """Mean of the mask under each tile, through a summed-area table (one pass however many tiles)."""
+def mask_fractions(mask: np.ndarray, coords: np.ndarray, side: float, scale: tuple[float, float]) -> np.ndarray:
+    """Mean of a mask (tissue, an artifact) under each tile, through a summed-area table (one pass however many
+    tiles); ``scale`` is level-0 pixels per mask pixel along (x, y)."""
     if len(coords) == 0:
         return np.zeros(0, dtype=np.float32)
     mh, mw = mask.shape
@@ -160,11 +169,13 @@ def plan_tiles(
     cfg: TilingConfig | None = None,
     mask: np.ndarray | None = None,
     tissue: TissueConfig | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> TilePlan:
     """Grid the slide at ``cfg.target_mpp`` and keep tiles with enough tissue.
 
     ``mask`` is a boolean tissue mask covering the whole slide at any scale (e.g. from an earlier run or a
     manual annotation); without one it is computed from a ``cfg.mask_size`` thumbnail with ``tissue``.
+    ``artifacts`` flags pen, blur and folds on that thumbnail and drops the tiles its ``drop`` kinds cover.
     """
     cfg = cfg or TilingConfig()
     width, height = reader.dimensions
@@ -193,7 +204,7 @@ def plan_tiles(
     gy, gx = np.meshgrid(ys, xs, indexing="ij")  # row-major order: tiles run left to right, then down
     level_xy = np.stack([gx.ravel(), gy.ravel()], axis=1)
     coords = np.round(level_xy * ds).astype(np.int64)
-    return _kept(reader, cfg, coords, scale, level, read_size, slide_mpp, mask, tissue)
+    return _kept(reader, cfg, coords, scale, level, read_size, slide_mpp, mask, tissue, artifacts)
 
 
 def _kept(
@@ -206,18 +217,32 @@ def _kept(
     slide_mpp: float | None,
     mask: np.ndarray | None,
     tissue: TissueConfig | None,
+    artifacts: ArtifactConfig | None = None,
 ) -> TilePlan:
-    """The plan of the candidate tiles ``coords`` that have at least ``cfg.min_tissue`` tissue in the mask."""
+    """The plan of the candidate tiles ``coords`` that have at least ``cfg.min_tissue`` tissue in the mask and,
+    with ``artifacts``, no more than its ``max_fraction`` flagged by a kind it drops."""
     width, height = reader.dimensions
+    thumb = None
     if mask is None:
-        mask = tissue_mask(reader.thumbnail(cfg.mask_size), **asdict(tissue or TissueConfig()))
+        thumb = reader.thumbnail(cfg.mask_size)
+        mask = tissue_mask(thumb, **asdict(tissue or TissueConfig()))
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"tissue mask must be a non-empty 2-D array, got shape {mask.shape}")
     mask = mask.astype(bool, copy=False)
     mask_scale = (width / mask.shape[1], height / mask.shape[0])
-    fractions = _tissue_fractions(mask, coords, cfg.tile_size * scale, mask_scale)
+    side = cfg.tile_size * scale
+    fractions = mask_fractions(mask, coords, side, mask_scale)
     keep = fractions >= cfg.min_tissue
+    flags: dict[str, np.ndarray] = {}
+    flagged: dict[str, np.ndarray] = {}
+    drop = np.zeros(len(coords), dtype=bool)
+    if artifacts is not None and artifacts.kinds:
+        mask_mpp = None if slide_mpp is None else slide_mpp * (mask_scale[0] + mask_scale[1]) / 2
+        flags = artifact_masks(reader.thumbnail(cfg.mask_size) if thumb is None else thumb, mask, artifacts, mask_mpp)
+        flagged = {kind: mask_fractions(m, coords, side, mask_scale) for kind, m in flags.items()}
+        drop = keep & artifacts.dropped(flagged, len(coords))
+        keep &= ~drop
     return TilePlan(
         slide=str(reader.path),
         dimensions=(width, height),
@@ -235,6 +260,9 @@ def _kept(
         mask_scale=mask_scale,
         min_tissue=cfg.min_tissue,
         n_candidates=int(len(coords)),
+        artifacts=flags,
+        artifact_fractions={kind: f[keep] for kind, f in flagged.items()},
+        n_dropped=int(drop.sum()),
     )
 
 
@@ -245,13 +273,14 @@ def plan_from_coords(
     cfg: TilingConfig,
     mask: np.ndarray | None = None,
     tissue: TissueConfig | None = None,
+    artifacts: ArtifactConfig | None = None,
 ) -> TilePlan:
     """A plan over given level-0 tile corners (another tool's tiles) instead of a grid.
 
     ``cfg.tile_size`` is the tile side in output pixels and ``tile_size_level0`` the same side at level 0, which
     fixes the scale; ``cfg.target_mpp`` is only recorded. Tiles are read, like grid tiles, from the coarsest
     level still at least as fine as that scale. ``cfg.min_tissue`` filters them by the mask as it filters a grid
-    (0 keeps every one).
+    (0 keeps every one), and ``artifacts`` drops tiles as on a grid.
     """
     if not (math.isfinite(tile_size_level0) and tile_size_level0 > 0):
         raise ConfigError(f"tile_size_level0 must be a positive number, got {tile_size_level0}")
@@ -259,7 +288,7 @@ def plan_from_coords(
     scale = tile_size_level0 / cfg.tile_size
     level = reader.best_level_for_downsample(scale)
     read_size = max(1, round(tile_size_level0 / reader.level_downsamples[level]))
-    return _kept(reader, cfg, coords, scale, level, read_size, reader.mpp, mask, tissue)
+    return _kept(reader, cfg, coords, scale, level, read_size, reader.mpp, mask, tissue, artifacts)
 
 
 def read_tile(reader: SlideReader, plan: TilePlan, i: int) -> Image.Image:

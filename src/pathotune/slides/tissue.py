@@ -18,7 +18,7 @@ from skimage.morphology import closing, disk, opening
 from ..errors import ConfigError
 from .reader import to_rgb
 
-__all__ = ["CHANNELS", "METHODS", "TissueConfig", "tissue_mask"]
+__all__ = ["CHANNELS", "METHODS", "TissueConfig", "remove_small_pieces", "rgb_array", "tissue_mask"]
 
 METHODS = ("otsu", "fixed")
 CHANNELS = ("saturation", "darkness")
@@ -68,7 +68,8 @@ class TissueConfig:
                 raise ConfigError(f"tissue {name} must lie in 0..1, got {value}")
 
 
-def _as_rgb_array(thumbnail: Image.Image | np.ndarray) -> np.ndarray:
+def rgb_array(thumbnail: Image.Image | np.ndarray) -> np.ndarray:
+    """A thumbnail (PIL image, or an HxW, HxWx3 or HxWx4 array) as an HxWx3 RGB array."""
     if isinstance(thumbnail, Image.Image):
         return np.asarray(to_rgb(thumbnail))
     arr = np.asarray(thumbnail)
@@ -81,7 +82,8 @@ def _as_rgb_array(thumbnail: Image.Image | np.ndarray) -> np.ndarray:
     return arr
 
 
-def _remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+def remove_small_pieces(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """The mask without its 8-connected pieces smaller than ``min_pixels``."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return mask
@@ -128,7 +130,7 @@ def tissue_mask(
         max_hole_frac=max_hole_frac,
         min_area_frac=min_area_frac,
     )
-    rgb = _as_rgb_array(thumbnail)
+    rgb = rgb_array(thumbnail)
     if rgb.size == 0:
         raise ValueError("thumbnail is empty")
     values = rgb2hsv(rgb)[..., 1] if cfg.channel == "saturation" else 1.0 - rgb2gray(rgb)
@@ -147,5 +149,5 @@ def tissue_mask(
         hole_limit = None if cfg.max_hole_frac is None else cfg.max_hole_frac * mask.size
         mask = _fill(mask, hole_limit)
     if cfg.min_area_frac > 0:
-        mask = _remove_small(mask, cfg.min_area_frac * mask.size)
+        mask = remove_small_pieces(mask, cfg.min_area_frac * mask.size)
     return np.ascontiguousarray(mask, dtype=bool)
