@@ -139,7 +139,10 @@ def test_debug_shows_traceback(unknown_key_runs):
     ("overrides", "expected"),
     [
         ({"epochs": "abc"}, "key 'epochs'"),
-        ({"task": {"colour": "pink"}}, "unknown key 'task.colour'; allowed keys are ['class_descriptions', 'control', 'description', 'name', 'organ'"),
+        (
+            {"task": {"colour": "pink"}},
+            "unknown key 'task.colour'; allowed keys are ['class_descriptions', 'control', 'description', 'name'",
+        ),
         ({"batch_size": 0}, "key 'batch_size'"),
         ({"switches": {"no_such_switch": 1}}, "no_such_switch"),
     ],
