@@ -17,8 +17,8 @@ repetitions it falls below, ties or rises above the probe. The project's claim f
 score at least the probe's, and no more repetitions below the probe than above it.
 
 Cost on 2 CPU cores at 56 px, measured on one repetition: the probe a few seconds, PathoTune, VPT-deep and
-PathoTune (best) 1.6-1.8 min each (early stopping), PathoTune (cv) about 4 trainings of 300 steps (~10 min); about
-15 min per repetition, 2.5 h for the default 10. Finished runs are kept; rerun to resume.
+PathoTune (best) 1.6-1.8 min each (early stopping), PathoTune (cv) 6.8 min (3 folds and the final fit); about 12
+min per repetition, 2-2.5 h for the default 10. Finished runs are kept; rerun to resume.
 """
 
 from __future__ import annotations
