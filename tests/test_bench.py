@@ -149,6 +149,28 @@ def test_report_only_trains_nothing_and_names_missing_cells(grid, monkeypatch):
     assert "Not run" not in (tmp / "BENCHMARKS.md").read_text()
 
 
+def test_only_trains_the_named_methods_and_refuses_unknown_ones(grid, monkeypatch):
+    tmp, cfg, cfg_path, _ = grid
+    tried = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cell, cell_dir):
+        tried.append(cell_dir.relative_to(tmp / "runs" / "tiny").as_posix())
+        raise Stop
+
+    monkeypatch.setattr(bench, "run_cell", record)
+    wider = cfg.model_copy(update={"seeds": [0, 1, 2]})
+    with pytest.raises(Stop):  # linear seed 2 comes first in the grid and is passed over
+        bench.run_bench(wider, str(cfg_path), progress=False, only=["vpt-deep"])
+    assert tried == ["colours/vpt-deep/seed_2"]
+    with pytest.raises(ConfigError, match=r"--only 'vpt-huge' is not a method of grid 'tiny'"):
+        bench.run_bench(wider, str(cfg_path), progress=False, only=["vpt-huge"])
+    with pytest.raises(ConfigError, match=r"--splits 3 is not a split of grid 'tiny'"):
+        bench.run_bench(wider, str(cfg_path), progress=False, splits=[3])
+
+
 def test_config_errors(tmp_path):
     p = tmp_path / "b.yaml"
     p.write_text(yaml.safe_dump({"name": "x", "datasets": {"d": {"data": "x"}}, "methods": ["vpt-huge"]}))

@@ -434,6 +434,15 @@ def bench(
         bool,
         typer.Option("--dry-run", help="Check the grid starts: build its cells and data, list them; train nothing."),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only", help="Train only this method's cells (repeatable); the report covers all finished cells."
+        ),
+    ] = None,
+    splits: Annotated[
+        list[int] | None, typer.Option("--splits", help="Train only this split's cells (repeatable).")
+    ] = None,
 ) -> None:
     """Run (or resume) a grid of methods x datasets x splits x seeds; writes its section of BENCHMARKS.md."""
     from ..engine.bench import load_bench_config, plan_bench, run_bench
@@ -442,7 +451,7 @@ def bench(
     if dry_run:
         console.print(plan_bench(cfg, str(config)))
         return
-    summary = run_bench(cfg, str(config), progress=not quiet, train=not report_only)
+    summary = run_bench(cfg, str(config), progress=not quiet, train=not report_only, only=only, splits=splits)
     console.print(summary.read_text())
     console.print(f"summary: {summary}; merged into {cfg.output}")
 

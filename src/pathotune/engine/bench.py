@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from ..data import load_source
-from ..errors import OutputError, PathoTuneError
+from ..errors import ConfigError, OutputError, PathoTuneError
 from ..report import atomic_write_json, atomic_write_text, check_section, merge_section, progress_bar
 from .bench_config import (
     FEWSHOT_DIR,
@@ -148,18 +148,28 @@ def _jobs(cfg: BenchConfig, root: Path, episodes: dict) -> list[tuple[tuple, str
     return jobs
 
 
-def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True, train: bool = True) -> Path:
+def run_bench(
+    cfg: BenchConfig,
+    config_path: str,
+    progress: bool = True,
+    train: bool = True,
+    only: list[str] | None = None,
+    splits: list[int] | None = None,
+) -> Path:
     """Run (or resume) every grid and few-shot cell, then write the markdown summary and the plots.
 
     With ``train=False`` nothing trains: the summary covers the finished cells and names the missing ones, so a
-    long grid can be reported while (or after) it runs in pieces. With no finished cell at all nothing is written
-    (:class:`NothingToReport`), so an empty report can never replace published numbers.
+    long grid can be reported while (or after) it runs in pieces. ``only`` (method names) and ``splits`` narrow what
+    trains the same way: the most telling cells first, the rest of the grid later, one report over all finished
+    cells. With no finished cell at all nothing is written (:class:`NothingToReport`), so an empty report can never
+    replace published numbers.
     """
 
     root = Path(cfg.runs_dir) / cfg.name
     check_section(Path(cfg.output), f"bench:{cfg.name}")  # a damaged page fails before any work
     episodes = prepare_fewshot(cfg, root)
     jobs = _jobs(cfg, root, episodes)
+    check_subset(cfg, jobs, only, splits)
     results: dict[tuple[str, str], list[dict]] = {}
     shots: dict[str, dict[tuple[str, int], list[dict]]] = {}
     seconds = 0.0
@@ -167,7 +177,8 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True, train: 
     bar = progress_bar(total=len(jobs), desc="benchmark cells", unit="cell", enabled=progress)
     for key, label, cell_dir, make in jobs:
         bar.set_postfix_str(label)
-        if not train and not (cell_dir / "metrics.json").is_file():
+        trains = train and (only is None or key[2] in only) and (splits is None or key[0] != "grid" or key[3] in splits)
+        if not trains and not (cell_dir / "metrics.json").is_file():
             missing.append(label)
             bar.update(1)
             continue
@@ -201,6 +212,17 @@ def run_bench(cfg: BenchConfig, config_path: str, progress: bool = True, train: 
     if strongest:
         atomic_write_json(root / "strongest.json", strongest)
     return out
+
+
+def check_subset(cfg: BenchConfig, jobs: list, only: list[str] | None, splits: list[int] | None) -> None:
+    """A subset must name methods and splits of this grid: a typo would otherwise train nothing, silently."""
+    names = {key[2] for key, *_ in jobs}
+    for name in only or []:
+        if name not in names:
+            raise ConfigError(f"--only '{name}' is not a method of grid '{cfg.name}'; its methods: {sorted(names)}")
+    for split in splits or []:
+        if split not in (cfg.splits or []):
+            raise ConfigError(f"--splits {split} is not a split of grid '{cfg.name}'; its splits: {cfg.splits}")
 
 
 def _val_score(m: dict) -> float | None:
