@@ -71,7 +71,14 @@ def test_version(monkeypatch, capsys):
 
 def test_info_json_and_rounded_metrics(trained, monkeypatch, capsys):
     out = trained[0]
-    stored = json.loads((out / "bundle" / "manifest.json").read_text())["extra"]["metrics"]
+    extra = json.loads((out / "bundle" / "manifest.json").read_text())["extra"]
+    stored, run = extra["metrics"], read_metrics(out)
+    assert extra["evaluation"] == {k: run[v] for k, v in (("split", "eval_split"), ("n", "n_samples"))} | {
+        k: run[k] for k in ("ci_unit", "ci_units") if run.get(k) is not None
+    }
+    assert extra["intervals"] == {k: v for k, v in (run.get("ci") or {}).items() if k in stored and None not in v}
+    assert extra["training"]["method"] == "pathotune" and extra["training"]["lr"] == run["recipe"]["lr"]
+    assert f"n = {run['n_samples']} images" in (out / "bundle" / "README.md").read_text()
     code, stdout, err = run_main(monkeypatch, capsys, "info", out, "--json")
     assert code == 0, err
     info = json.loads(stdout)

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pathotune"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version", "files"),
     ("hub", "listen"),
-    ("report", "backbones", "prompts", "task"),
+    ("report", "backbones", "prompts", "task", "card"),
     ("text", "switches", "features", "records", "cohort"),
     ("methods",),
     ("model",),

@@ -186,6 +186,53 @@ def test_pushing_a_run_folder_takes_its_metrics_and_config(model, tmp_path, fake
     assert "| accuracy | 0.7500 | 0.6000–0.9000 |" in card and "| macro_f1 | 0.7000 | – |" in card
     assert "train_seconds" not in card
     assert "pathotune train --config config.yaml" in card
+    (result,) = front_matter(card)["model-index"][0]["results"][:1]
+    assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == 0.75
+    assert result["metrics"][0]["args"]["ci95"] == [0.6, 0.9]
+
+
+def test_a_resave_keeps_every_metric_and_the_card_its_evidence(model, tmp_path):
+    """Loading a bundle and saving it again keeps its metrics, intervals, split and recipe; new metrics replace
+    them all (the old intervals described the old numbers)."""
+    extra = {
+        "metrics": {"balanced_accuracy": 0.81, "auroc": 0.93},
+        "intervals": {"balanced_accuracy": [0.73, 0.88], "auroc": [0.87, 0.96]},
+        "evaluation": {"split": "test", "n": 220, "ci_unit": "group", "ci_units": 12},
+        "training": {"method": "pathotune", "lr": 0.001, "steps": 200},
+        "command": "pathotune train --config config.yaml",
+    }
+    from pathotune.bundle import save_bundle
+
+    first = save_bundle(model, tmp_path / "first", extra=extra)
+    again = PathoTuneModel.from_pretrained(first).save_pretrained(tmp_path / "again")
+    assert json.loads((again / MANIFEST).read_text())["extra"] == extra
+    card = (again / CARD).read_text()
+    assert "| balanced_accuracy | 0.8100 | 0.7300–0.8800 |" in card
+    assert "split: test, n = 220 images" in card and "bootstrap over 12 groups" in card
+    assert "- lr: 0.0010" in card and "- steps: 200" in card
+    meta = front_matter(card)
+    (metric, auroc) = meta["model-index"][0]["results"][0]["metrics"]
+    assert metric["value"] == 0.81 and metric["args"] == {"ci95": [0.73, 0.88], "ci_unit": "group"}
+    assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"
+    for section in ("## Intended use", "## Limitations", "## Licence", "## Citation", "Lu, Jiaxuan"):
+        assert section in card
+    replaced = PathoTuneModel.from_pretrained(first).save_pretrained(tmp_path / "new", metrics={"accuracy": 0.5})
+    kept = json.loads((replaced / MANIFEST).read_text())["extra"]
+    assert kept["metrics"] == {"accuracy": 0.5} and "intervals" not in kept and "evaluation" not in kept
+    assert kept["training"] == extra["training"]
+
+
+def test_the_card_carries_the_base_models_licence(model, tmp_path):
+    manifest = json.loads((model.save_pretrained(tmp_path / "b") / MANIFEST).read_text())
+    for backbone, licence in (("uni", "cc-by-nc-nd-4.0"), ("dinov2_vits14", "apache-2.0"), ("phikon", "other")):
+        manifest["provenance"]["backbone"] = backbone
+        meta = front_matter(bundle_card(manifest))
+        assert meta["license"] == licence
+        if licence == "other":
+            assert meta["license_name"] == "owkin-non-commercial" and meta["license_link"].startswith("https://")
+    manifest["provenance"]["backbone"] = "pathoduet"  # no licence recorded: the card says so, the Hub sees none
+    card = bundle_card(manifest)
+    assert "license" not in front_matter(card) and "not recorded for this backbone" in card
 
 
 def test_pushing_refuses_a_corrupt_bundle_or_offline(model, tmp_path, fake_api, monkeypatch):

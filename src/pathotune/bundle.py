@@ -23,8 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbones import get_backbone_spec
+from .card import Licence, model_card, run_card_extra
 from .errors import BundleError, ConfigError, PathoTuneError, describe_os_error, write_error
-from .hub import HUB_PREFIX, HubRef, download_folder, is_hub_ref, model_card, parse_hub_ref, upload_folder
+from .hub import HUB_PREFIX, HubRef, download_folder, is_hub_ref, parse_hub_ref, upload_folder
 from .model import BUNDLE_IO, PathoTuneModel, Provenance, create_model
 from .prompts import TextualPrompts
 from .task import Task
@@ -48,7 +49,8 @@ def bundle_state(model: PathoTuneModel) -> dict[str, torch.Tensor]:
 
 def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``path/`` with prompts.safetensors, manifest.json and a model card README.md, atomically (a crash
-    leaves no half bundle). ``extra`` may hold ``metrics`` and ``command``, which the card shows.
+    leaves no half bundle). ``extra`` holds the evidence the card shows (see :func:`pathotune.card.model_card`);
+    None keeps what the model was loaded with.
 
     An existing ``path`` is refused unless ``overwrite``; even then only a bundle folder (or an empty one) is
     replaced, and only once the new bundle is complete. The manifest carries a checksum over everything that
@@ -86,7 +88,7 @@ def save_bundle(model: PathoTuneModel, path: str | Path, extra: dict | None = No
             "normalization": {"mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std]},
             "tensors": {k: list(v.shape) for k, v in state.items()},
             "sha256": _sha256(tmp / TENSORS),
-            "extra": extra or {},
+            "extra": (model.bundle_extra if extra is None else extra) or {},
         }
         manifest = json.loads(json.dumps(manifest))  # the checksum covers what a reader will see
         manifest["manifest_sha256"] = manifest_checksum(manifest)
@@ -153,11 +155,10 @@ def resolve_pretrained(source: str | Path) -> Path:
     return _hub_bundle(ref, f"pass a local bundle folder (there is no folder {text} here)")
 
 
-def bundle_card(
-    manifest: dict, repo_id: str | None = None, metrics: dict | None = None, command: str | None = None
-) -> str:
-    """The model card of a bundle: metrics and command default to what the manifest's ``extra`` holds."""
-    prov, extra = manifest["provenance"], manifest.get("extra") or {}
+def bundle_card(manifest: dict, repo_id: str | None = None) -> str:
+    """The model card of a bundle, from its manifest (the evidence is in its ``extra``) and its backbone's registry
+    entry (the Hub id of the base model, the weights' licence)."""
+    prov = manifest["provenance"]
     try:
         spec = get_backbone_spec(prov["backbone"])
     except ConfigError:  # a backbone this version does not know: the card still describes the bundle
@@ -169,8 +170,7 @@ def bundle_card(
         base_model=base or (spec.hub_repo if spec is not None and spec.hub_repo else None),
         weights_hint="" if spec is None or is_hub_ref(weights) else spec.weights_hint,
         repo_id=repo_id,
-        metrics=metrics if metrics is not None else extra.get("metrics"),
-        command=command if command is not None else extra.get("command"),
+        licence=Licence(spec.license, spec.license_name, spec.license_link) if spec is not None else Licence(),
     )
 
 
@@ -182,8 +182,17 @@ def save_pretrained(
     overwrite: bool = False,
 ) -> Path:
     """peft's ``save_pretrained`` for a PathoTune model: the bundle (the trained tensors only, never the frozen
-    backbone) and its model card, with ``metrics`` and the training ``command`` kept in the manifest's extra."""
-    extra = {k: v for k, v in {"metrics": metrics, "command": command}.items() if v is not None}
+    backbone) and its model card, with ``metrics`` and the training ``command`` kept in the manifest's extra.
+
+    A model loaded from a bundle keeps that bundle's evidence (metrics, intervals, evaluation, recipe) on a re-save;
+    new ``metrics`` replace it all, since the old intervals and split described the old numbers."""
+    extra = dict(model.bundle_extra or {})
+    if metrics is not None:
+        for key in ("metrics", "intervals", "evaluation"):
+            extra.pop(key, None)
+        extra["metrics"] = metrics
+    if command is not None:
+        extra["command"] = command
     return save_bundle(model, path, extra=extra, overwrite=overwrite)
 
 
@@ -216,12 +225,12 @@ def push_bundle(
         raise BundleError(f"bundle file {path / TENSORS} is corrupt (checksum mismatch); re-export the bundle")
     run = path.parent if path.name == "bundle" and (path.parent / "metrics.json").is_file() else None
     run_files = [run / f for f in RUN_FILES if run is not None and (run / f).is_file()]
-    metrics, command = _run_card_inputs(manifest, run_files)
+    card_manifest = {**manifest, "extra": _run_card_extra(manifest, run_files)}
     with tempfile.TemporaryDirectory(prefix=".pathotune-push.") as tmp:
         stage = Path(tmp)
         for f in (path / MANIFEST, path / TENSORS, *run_files):
             shutil.copyfile(f, stage / f.name)
-        (stage / CARD).write_text(bundle_card(manifest, repo_id=repo_id, metrics=metrics, command=command))
+        (stage / CARD).write_text(bundle_card(card_manifest, repo_id=repo_id))
         return upload_folder(
             stage,
             repo_id,
@@ -234,32 +243,23 @@ def push_bundle(
         )
 
 
-def _run_card_inputs(manifest: dict, run_files: list[Path]) -> tuple[dict | None, str | None]:
-    """Metrics (the bundle's summary, with the run's confidence intervals) and command for a pushed card."""
-    extra = manifest.get("extra") or {}
-    metrics = dict(extra.get("metrics") or {}) or None
-    command = extra.get("command")
+def _run_card_extra(manifest: dict, run_files: list[Path]) -> dict:
+    """The bundle's evidence, completed from its run folder (metrics with intervals, the evaluation split and n, the
+    recipe) and pointing at the run's config.yaml, which goes along."""
+    extra = dict(manifest.get("extra") or {})
     for f in run_files:
         try:
             if f.name == "metrics.json":
                 run_metrics = json.loads(f.read_text())
                 if isinstance(run_metrics, dict):
-                    names = list(metrics or {}) or [k for k, v in run_metrics.items() if isinstance(v, float)]
-                    metrics = {k: run_metrics[k] for k in names if k in run_metrics}
-                    if isinstance(run_metrics.get("ci"), dict):
-                        metrics["ci"] = {k: _ci_text(v) for k, v in run_metrics["ci"].items()}
-            elif f.name == "config.yaml" and command is None and isinstance(yaml.safe_load(f.read_text()), dict):
-                command = "pathotune train --config config.yaml  # config.yaml is in this repo"
+                    kept = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
+                    names = list(kept) or [k for k, v in run_metrics.items() if isinstance(v, float)]
+                    extra.update(run_card_extra(run_metrics, names))
+            elif f.name == "config.yaml" and "command" not in extra and isinstance(yaml.safe_load(f.read_text()), dict):
+                extra["command"] = "pathotune train --config config.yaml  # config.yaml is in this repo"
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise BundleError(f"run file {f} is unreadable ({describe_os_error(e)}); fix or remove it") from e
-    return metrics, command
-
-
-def _ci_text(v: object) -> str:
-    """A bootstrap interval as metrics.json stores it, [low, high] (null where it was undefined)."""
-    if isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v):
-        return f"{float(v[0]):.4f}–{float(v[1]):.4f}"
-    return "–"
+    return extra
 
 
 def push_to_hub(
@@ -434,6 +434,7 @@ def load_bundle(
     with torch.no_grad():
         for k, v in state.items():
             (params.get(k) if k in params else buffers[k]).copy_(v)
+    model.bundle_extra = dict(manifest.get("extra") or {})  # its evidence, kept by a re-save
     return model.eval()
 
 

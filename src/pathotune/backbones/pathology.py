@@ -45,6 +45,7 @@ UNI = register_backbone(
         model_kwargs={"init_values": 1e-5, **_DYNAMIC},
         weights_hint="pytorch_model.bin from the MahmoodLab/UNI Hugging Face repo",
         pool="token",
+        license="cc-by-nc-nd-4.0",
         description="UNI (Mahmood Lab): DINOv2 ViT-L/16 trained on 100M tiles from 100k H&E and IHC slides.",
     )
 )
@@ -71,6 +72,7 @@ UNI2_H = register_backbone(
         },
         weights_hint="pytorch_model.bin from the MahmoodLab/UNI2-h Hugging Face repo",
         pool="token",
+        license="cc-by-nc-nd-4.0",
         description="UNI2-h (Mahmood Lab): ViT-H/14, SwiGLU, 8 registers; 200M+ tiles from 350k slides.",
     )
 )
@@ -85,6 +87,7 @@ VIRCHOW2 = register_backbone(
         model_kwargs={"mlp_ratio": 5.3375, "init_values": 1e-5, "reg_tokens": 4, **_SWIGLU, **_DYNAMIC},
         weights_hint="pytorch_model.bin (or model.safetensors) from the paige-ai/Virchow2 Hugging Face repo",
         pool="token+avg",  # Paige's recommended tile embedding: class token ++ mean of patch tokens
+        license="cc-by-nc-nd-4.0",
         description="Virchow2 (Paige): ViT-H/14, SwiGLU, 4 registers; 3.1M slides at mixed magnifications.",
     )
 )
@@ -101,6 +104,9 @@ PHIKON = register_backbone(
         key_map=hf_vit_to_timm,
         weights_hint="pytorch_model.bin (or model.safetensors) from the owkin/phikon Hugging Face repo",
         pool="token",  # last_hidden_state[:, 0], as Owkin's example extracts it
+        license="other",
+        license_name="owkin-non-commercial",
+        license_link="https://github.com/owkin/HistoSSLscaling/blob/main/LICENSE.txt",
         description="Phikon (Owkin): iBOT ViT-B/16 trained on 43M TCGA tiles (HF ViTModel layout).",
     )
 )
@@ -117,6 +123,9 @@ PHIKON_V2 = register_backbone(
         key_map=hf_dinov2_to_timm,
         weights_hint="model.safetensors from the owkin/phikon-v2 Hugging Face repo",
         pool="token",
+        license="other",
+        license_name="owkin-non-commercial",
+        license_link="https://huggingface.co/owkin/phikon-v2/blob/main/LICENSE.pdf",
         description="Phikon-v2 (Owkin): DINOv2 ViT-L/16, 456M tiles from 58k slides (HF Dinov2Model layout).",
     )
 )
@@ -133,6 +142,7 @@ H_OPTIMUS_0 = register_backbone(
         model_kwargs={"init_values": 1e-5},
         weights_hint="pytorch_model.bin or model.safetensors from the bioptimus/H-optimus-0 HF repo",
         pool="token",
+        license="apache-2.0",
         description="H-optimus-0 (Bioptimus): DINOv2 ViT-G/14 with 4 registers, 500k+ H&E slides.",
     )
 )
@@ -155,6 +165,7 @@ GIGAPATH = register_backbone(
         },
         weights_hint="pytorch_model.bin (tile encoder) from the prov-gigapath/prov-gigapath HF repo",
         pool="token",
+        license="apache-2.0",
         description="Prov-GigaPath tile encoder (Microsoft/Providence): DINOv2 ViT-G/16, 1.3B tiles.",
     )
 )
@@ -174,6 +185,7 @@ CONCH = register_backbone(
         weights_hint="pytorch_model.bin from the MahmoodLab/CONCH Hugging Face repo (image tower is used)",
         head=conch_head,
         pool="default",  # the attentional pooler + ln_contrast, CONCH's published 512-d image embedding
+        license="cc-by-nc-nd-4.0",
         description="CONCH (Mahmood Lab): CoCa vision-language model; ViT-B/16 image tower at 448 px, 512-d.",
     )
 )

@@ -41,6 +41,11 @@ class BackboneSpec:
     pool: str = "default"  # "default" (the model's own global_pool), "token", "avg" or "token+avg"
     bundled: bool = False
     description: str = ""
+    # The weights' licence as the Hub names it ("apache-2.0", "cc-by-nc-nd-4.0", or "other" with a name and link):
+    # a bundle trained on these weights is a derivative, so its model card carries the same terms.
+    license: str = ""
+    license_name: str = ""
+    license_link: str = ""
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

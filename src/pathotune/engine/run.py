@@ -20,6 +20,7 @@ from torch import nn
 
 from ..backbones import resolve_weights
 from ..bundle import save_bundle
+from ..card import run_card_extra
 from ..data import PatchDataset, ScanReport, build_transforms, load_source, scan
 from ..errors import ConfigError, DataError, note_interrupt
 from ..methods import Recipe, get_method
@@ -432,7 +433,7 @@ def _train(
     )
     if fabric.is_global_zero:
         with final_outputs(out) as final:  # all of them appear together, metrics.json (a finished run) last
-            bundle_extra = {"metrics": {k: metrics[k] for k in SUMMARY_KEYS}}
+            bundle_extra = {**run_card_extra(metrics, SUMMARY_KEYS), "command": "pathotune train --config config.yaml"}
             if text_info and text_info["control"] != "none":
                 bundle_extra["text_control"] = text_info  # the encoding the bundle carries is not its task text's
             save_bundle(model, final / "bundle", extra=bundle_extra)
