@@ -170,3 +170,8 @@ def toy_slide(path: Path, feats: np.ndarray, coords: np.ndarray | None = None, *
         for k, v in base.items():
             f.attrs[k] = v
     return path
+
+
+def pooled(model, x):
+    """A PathoTuneModel's pooled pre-logits features, as timm spells it."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)

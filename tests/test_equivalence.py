@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import TINY2
+from helpers import TINY2, pooled
 
 from pathotune import create_model
 
@@ -30,7 +30,8 @@ def test_prompts_off_equals_plain_timm(case, name, extra, method, images):
     ref.load_state_dict(model.backbone.vit.state_dict())
     x = images[:, :, :size, :size]
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), ref(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(pooled(model, x), ref(x), atol=1e-6, rtol=0)
     if case == "registers":
         assert model.backbone.num_prefix_tokens == 5
 
@@ -40,7 +41,7 @@ def test_prompted_features_differ_from_plain_once_gates_open(tiny_kwargs, images
     model = create_model("vit_small_patch16_224", "pathotune", 3, text_features=text_features, **tiny_kwargs)
     with torch.no_grad():
         plain = model.backbone(images)
-        assert torch.equal(model.forward_features(images), plain)  # zero-initialised gates: step 0 is frozen
+        assert torch.equal(pooled(model, images), plain)  # zero-initialised gates: step 0 is frozen
         for g in model.gates.values():
             g.fill_(0.5)
-        assert not torch.allclose(plain, model.forward_features(images))
+        assert not torch.allclose(plain, pooled(model, images))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import TINY2, TINY_NAME
+from helpers import TINY2, TINY_NAME, pooled
 
 from pathotune import ConfigError, create_model
 from pathotune.model import GROUP_ORDER
@@ -55,9 +55,9 @@ def test_gated_prompts_start_exactly_at_the_frozen_model(method, tiny_kwargs, im
     model = create_model(NAME, method, 3, text_features=text_features, **tiny_kwargs).eval()
     assert model.groups and set(model.gates) == set(model.groups)
     with torch.no_grad():
-        assert torch.equal(model.forward_features(images), model.backbone(images))
+        assert torch.equal(pooled(model, images), model.backbone(images))
         open_gates(model)
-        assert not torch.allclose(model.forward_features(images), model.backbone(images))
+        assert not torch.allclose(pooled(model, images), model.backbone(images))
 
 
 def test_gated_start_is_exact_on_register_and_avg_pooled_backbones(images, text_features):
@@ -69,7 +69,7 @@ def test_gated_start_is_exact_on_register_and_avg_pooled_backbones(images, text_
         ).eval()
         x = images[:, :, :size, :size]
         with torch.no_grad():
-            assert torch.equal(model.forward_features(x), model.backbone(x))
+            assert torch.equal(pooled(model, x), model.backbone(x))
 
 
 @pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep", "pathotune"])
@@ -78,7 +78,7 @@ def test_joint_attention_equals_prompts_concatenated_into_the_sequence(method, t
     model = create_model(NAME, method, 3, prompt_attn="joint", text_features=text_features, **tiny_kwargs).eval()
     assert not model.gates
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(images), concatenated_forward(model, images))
+        torch.testing.assert_close(pooled(model, images), concatenated_forward(model, images))
 
 
 def test_a_group_with_closed_gates_is_switched_off_exactly(tiny_kwargs, images, text_features):
@@ -91,7 +91,7 @@ def test_a_group_with_closed_gates_is_switched_off_exactly(tiny_kwargs, images, 
         full.gates["ivp"].zero_()
     without.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("ivp.", "gates.ivp"))})
     with torch.no_grad():
-        torch.testing.assert_close(full.forward_features(images), without.forward_features(images), atol=1e-6, rtol=0)
+        torch.testing.assert_close(pooled(full, images), pooled(without, images), atol=1e-6, rtol=0)
 
 
 def test_gated_block_matches_the_zero_init_attention_formula(tiny_kwargs):
@@ -150,9 +150,9 @@ def test_deep_tvp_reads_fresh_tokens_at_each_layer(tiny_kwargs, images):
     assert deep.keep == {0: set(), 1: set(), 2: set()}  # replaced at the next block: keys and values only
     open_gates(deep)
     with torch.no_grad():
-        before = deep.forward_features(images)
+        before = pooled(deep, images)
         deep.tvp.tokens[2].add_(torch.randn_like(deep.tvp.tokens[2]))  # a constant shift would vanish in LN
-        assert not torch.allclose(deep.forward_features(images), before)
+        assert not torch.allclose(pooled(deep, images), before)
     shallow = create_model(NAME, "vpt-shallow", 3, tvp_tokens=3, **tiny_kwargs)
     assert shallow.tvp.tokens.shape == (1, 3, 32) and shallow.keep == {0: {"tvp"}, 1: {"tvp"}, 2: set()}
 
@@ -203,7 +203,7 @@ def test_pooling_ignores_prompts_unless_switched(images):
     normed: list[torch.Tensor] = []
     model.backbone.vit.norm.register_forward_hook(lambda m, a, o: normed.append(o.detach().clone()))
     with torch.no_grad():
-        feats = model.forward_features(images)
+        feats = pooled(model, images)
     p = model.backbone.num_prefix_tokens
     assert normed[0].shape[1] == p + 4  # 2x2 patches, no prompts
     torch.testing.assert_close(feats, model.backbone.vit.fc_norm(normed[0][:, p:].mean(1)))
@@ -211,7 +211,7 @@ def test_pooling_ignores_prompts_unless_switched(images):
     switched.load_state_dict(model.state_dict())
     switched.backbone.vit.norm.register_forward_hook(lambda m, a, o: normed.append(o.detach().clone()))
     with torch.no_grad():
-        assert not torch.allclose(switched.forward_features(images), feats)
+        assert not torch.allclose(pooled(switched, images), feats)
     assert normed[-1].shape[1] == p + 4 + 4
 
 

@@ -6,13 +6,14 @@ import csv
 import multiprocessing
 import pickle
 import shutil
+from functools import partial
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import TINY2, TINY_NAME
+from helpers import TINY2, TINY_NAME, pooled
 from PIL import Image
 from slide_fixtures import cmu_crop, tissue_and_glass, write_pyramid_tiff
 
@@ -75,10 +76,10 @@ def test_h5_holds_plan_coords_and_model_features(model, slides_dir: Path, tmp_pa
     assert path == tmp_path / "a.h5" and not (tmp_path / "a.h5.tmp").exists()
     spec = model.backbone.spec
     tf = TileTransform(spec.mean, spec.std, 32)
-    plan, ref = direct_features(model.forward_features, slide, SMALL, tf)
+    plan, ref = direct_features(partial(pooled, model), slide, SMALL, tf)
     # The split transform is the project's eval transform, so features match what training saw.
     eval_tf = build_transforms(spec.mean, spec.std, 32, train=False)
-    _, ref_eval = direct_features(model.forward_features, slide, SMALL, eval_tf)
+    _, ref_eval = direct_features(partial(pooled, model), slide, SMALL, eval_tf)
     assert 0 < len(plan) < plan.n_candidates  # the glass half was dropped
     with h5py.File(path, "r") as f:
         coords, feats, attrs = f["coords"][()], f["features"][()], dict(f.attrs)
@@ -128,7 +129,7 @@ def test_cmu_workers_match_single_process_and_direct_read(model, tmp_path: Path)
     assert np.array_equal(f0.coords, f2.coords) and np.array_equal(f0.features, f2.features)
     spec = model.backbone.spec
     tf = TileTransform(spec.mean, spec.std, 32)
-    plan, ref = direct_features(model.forward_features, sample_slide(), CMU_COARSE, tf)
+    plan, ref = direct_features(partial(pooled, model), sample_slide(), CMU_COARSE, tf)
     assert np.array_equal(f0.coords, plan.coords)
     np.testing.assert_allclose(f0.features, ref, atol=1e-5, rtol=0)
     assert f0.attrs["mpp"] == pytest.approx(0.499) and f0.attrs["level"] == 0
@@ -221,9 +222,9 @@ def test_bundle_features_are_the_prompted_models(
     assert sf.attrs["bundle_fingerprint"] == ex.bundle_fingerprint and sf.attrs["backbone"] == NAME
     reloaded = load_bundle(bundle)
     tf = TileTransform(ex.mean, ex.std, 32)
-    _, ref = direct_features(reloaded.forward_features, slides_dir / "a.tif", SMALL, tf)
+    _, ref = direct_features(partial(pooled, reloaded), slides_dir / "a.tif", SMALL, tf)
     np.testing.assert_allclose(sf.features, ref, atol=1e-5, rtol=0)
-    _, plain = direct_features(model.forward_features, slides_dir / "a.tif", SMALL, tf)
+    _, plain = direct_features(partial(pooled, model), slides_dir / "a.tif", SMALL, tf)
     assert np.abs(sf.features - plain).max() > 1e-2
     with pytest.raises(BundleError, match="trained on backbone"):
         load_extractor(backbone="dinov2_vits14", bundle=bundle)

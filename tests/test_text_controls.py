@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import TINY_CONFIG, TINY_NAME, write_dataset
+from helpers import TINY_CONFIG, TINY_NAME, pooled, write_dataset
 
 from pathotune import create_model
 from pathotune.task import Task
@@ -76,12 +76,12 @@ def test_per_class_deep_ttp_starts_as_the_frozen_model_and_round_trips(tmp_path)
     assert model.ttp.layers == [0, 1, 2] and model.ttp.num_tokens == 6 and model.layout[0][0] == 6
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.equal(model.forward_features(x), plain.forward_features(x))  # gates shut: the frozen model
+        assert torch.equal(pooled(model, x), pooled(plain, x))  # gates shut: the frozen model
         for p in model.gates.values():
             p.fill_(0.5)
         model.ttp.layer_shift.normal_()
         opened = model(x)
-        assert not torch.allclose(model.forward_features(x), plain.forward_features(x))
+        assert not torch.allclose(pooled(model, x), pooled(plain, x))
     pathotune.save_bundle(model, tmp_path / "b")
     back = pathotune.load_bundle(tmp_path / "b")
     with torch.no_grad():

@@ -7,6 +7,7 @@ model's state; the prompt kinds (``prompts/``), the prompted attention and the b
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,7 +280,11 @@ class PathoTuneModel(nn.Module):
         return (counts, sched, s.ivp_source, s.pool_prompts, s.prompt_attn, self.provenance.instance_fingerprint)
 
     def forward_features(self, x: torch.Tensor, prompts: PromptSource | None = None) -> torch.Tensor:
-        """Pooled features (B, feature_dim). With every prompt off (or gated to 0) this is the frozen backbone's.
+        """Output tokens (B, N, D) after the final norm, as timm's ``VisionTransformer.forward_features``.
+
+        Order: the backbone's prefix tokens (class, registers), then, only with ``pool_prompts``, the prompt
+        outputs carried to the last block (in ``GROUP_ORDER``), then the patch tokens. With every prompt off (or
+        gated to 0) these are the frozen backbone's tokens. Pool them with ``forward_head(tokens, pre_logits=True)``.
 
         ``prompts`` replaces this model as the source of prompt tokens and gates; MultiTaskModel uses it to give
         each sample its own task's prompts.
@@ -306,9 +311,31 @@ class PathoTuneModel(nn.Module):
         if carried:  # only when pool_prompts: avg pooling may read the prompt outputs
             p = bb.num_prefix_tokens
             h = torch.cat([h[:, :p], *carried.values(), h[:, p:]], dim=1)
-        return bb.pool(h)
+        return bb.final_norm(h)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) from ``forward_features`` -> the backbone's pooling (cls, avg, fc_norm, attentional, as
+        configured) -> (B, feature_dim) with ``pre_logits``, else head dropout and head -> (B, num_classes).
+
+        Deprecated, kept for one release: a 2-D ``x`` is taken as already pooled features (the old contract) and
+        gets the head only, with a FutureWarning; call :meth:`logits_from_pooled` for that.
+        """
+        if x.ndim == 2:
+            warnings.warn(
+                "PathoTuneModel.forward_head now takes tokens (B, N, D) from forward_features, as timm does; for "
+                "pooled features (B, D) call model.logits_from_pooled(features) (pooled features are "
+                "model.forward_head(model.forward_features(x), pre_logits=True)). 2-D input stops working in "
+                "the next release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return x if pre_logits else self.logits_from_pooled(x)
+        pooled = self.backbone.pool_tokens(x)
+        return pooled if pre_logits else self.logits_from_pooled(pooled)
+
+    def logits_from_pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Head dropout and head on pooled features (..., feature_dim): cached or stored features need no
+        backbone (the linear probe, slide heatmaps from feature files, per-task heads of a mixed batch)."""
         return self.head(self.head_drop(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

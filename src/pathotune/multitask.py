@@ -120,12 +120,13 @@ def forward_mixed(models: Sequence[PathoTuneModel], x: torch.Tensor, task_ids: t
         mask = torch.isin(task_ids, torch.as_tensor(members, device=x.device))
         rows = mask.nonzero(as_tuple=True)[0]
         lead = models[members[0]]
-        feats = lead.forward_features(
+        tokens = lead.forward_features(
             x[rows], prompts=MixedPrompts([models[i] for i in members], members, task_ids[rows])
         )
+        pooled = lead.forward_head(tokens, pre_logits=True)  # one backbone, so one pooling for every task
         for t in members:
             sel = (task_ids[rows] == t).nonzero(as_tuple=True)[0]
-            for r, logit in zip(rows[sel].tolist(), models[t].forward_head(feats[sel]), strict=True):
+            for r, logit in zip(rows[sel].tolist(), models[t].logits_from_pooled(pooled[sel]), strict=True):
                 out[r] = logit
     return out  # type: ignore[return-value]
 

@@ -119,14 +119,22 @@ class TokenViT(nn.Module):
             x = blk(x)
         return x
 
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm, as timm's ``forward_features`` ends: per token, so prompt tokens may sit among them."""
+        return self.vit.norm(x)
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and the backbone's own pooling over [prefix][patches] tokens (prompts already removed).
+        """Final norm and the backbone's own pooling over [prefix][carried prompts][patches] tokens."""
+        return self.pool_tokens(self.final_norm(x))
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's own pooling over tokens already through the final norm (timm's ``forward_head`` with
+        ``pre_logits=True``): (B, N, D) -> (B, feature_dim). Avg pooling reads every token after the prefix.
 
         The overrides pool as timm does: ``fc_norm`` after pooling (a LayerNorm in models trained on pooled
         features, whose ``norm`` is then Identity; Identity otherwise).
         """
         v = self.vit
-        x = v.norm(x)
         if self.pool_mode == "default":
             return v.forward_head(x, pre_logits=True)
         patches = x[:, self.num_prefix_tokens :]
@@ -138,7 +146,7 @@ class TokenViT(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All output tokens (normalised), used as instance features."""
-        return self.vit.norm(self.run_blocks(self.embed(x)))
+        return self.final_norm(self.run_blocks(self.embed(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.run_blocks(self.embed(x)))

@@ -42,8 +42,8 @@ class HeadOnly(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 3:  # test-time views: average their probabilities (returned as log-probabilities)
-            return self.model.forward_head(features).softmax(-1).mean(1).log()
-        return self.model.forward_head(features)
+            return self.model.logits_from_pooled(features).softmax(-1).mean(1).log()
+        return self.model.logits_from_pooled(features)
 
     def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         return self.model.param_groups(lr, head_lr, weight_decay)

@@ -38,12 +38,15 @@ class FeatureExtractor:
     bundle_path: str = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = getattr(self.module, "forward_features", None)
-        return fn(x) if fn is not None else self.module(x)
+        """Pooled features (B, feature_dim): a model's tokens through its pooling, without the head."""
+        m = self.module
+        if isinstance(m, PathoTuneModel):
+            return m.forward_head(m.forward_features(x), pre_logits=True)
+        return m(x)
 
 
 def as_extractor(model: Any) -> FeatureExtractor:
-    """Wrap a PathoTuneModel (its ``forward_features``) or a TokenViT (its pooled output) for extraction."""
+    """Wrap a PathoTuneModel (its pooled pre-logits features) or a TokenViT (its pooled output) for extraction."""
     if isinstance(model, FeatureExtractor):
         return model
     if isinstance(model, PathoTuneModel):

@@ -340,7 +340,7 @@ class BundleHead:
         sf = read_slide_features(features)
         _check_bundle_features(sf, self.net, self.manifest, self.path)
         with torch.inference_mode():
-            probs = self.net.forward_head(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
+            probs = self.net.logits_from_pooled(torch.from_numpy(sf.features)).float().softmax(-1).numpy()
         return sf, probs
 
 
