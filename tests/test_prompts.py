@@ -9,7 +9,7 @@ import torch
 from helpers import TINY2, TINY_NAME, pooled
 
 from pathotune import ConfigError, create_model
-from pathotune.model import GROUP_ORDER
+from pathotune.prompts import sequence_order
 
 NAME = TINY_NAME
 METHODS_WITH_PROMPTS = ["vpt-shallow", "vpt-deep", "text", "instance", "tvp+ttp", "tvp+ivp", "ttp+ivp", "pathotune"]
@@ -35,7 +35,8 @@ def concatenated_forward(model, images):
     for i, blk in enumerate(bb.blocks):
         for group in model.schedule.get(i, ()):
             tokens = model.group_tokens(group, i, _image_tokens(h, p, lengths), inst)
-            offset = p + sum(lengths.get(g, 0) for g in GROUP_ORDER[: GROUP_ORDER.index(group)])
+            order = sequence_order()
+            offset = p + sum(lengths.get(g, 0) for g in order[: order.index(group)])
             old = lengths.get(group, 0)
             lengths[group] = tokens.shape[1]
             h = torch.cat([h[:, :offset], tokens, h[:, offset + old :]], dim=1)
@@ -146,7 +147,7 @@ def test_deep_tvp_reads_fresh_tokens_at_each_layer(tiny_kwargs, images):
     """Deep TVP: each layer's tokens matter; shallow TVP: only layer 0's exist and they travel on."""
     torch.manual_seed(0)
     deep = create_model(NAME, "vpt-deep", 3, tvp_tokens=3, **tiny_kwargs).eval()
-    assert deep.tvp.tokens.shape == (3, 3, 32) and deep.tvp_layers == [0, 1, 2]
+    assert deep.tvp.tokens.shape == (3, 3, 32) and deep.tvp.layers == [0, 1, 2]
     assert deep.keep == {0: set(), 1: set(), 2: set()}  # replaced at the next block: keys and values only
     open_gates(deep)
     with torch.no_grad():
@@ -159,7 +160,7 @@ def test_deep_tvp_reads_fresh_tokens_at_each_layer(tiny_kwargs, images):
 
 def test_deep_tvp_depth_and_entry_layer(tiny_kwargs, images):
     model = create_model(NAME, "vpt-deep", 3, tvp_tokens=2, tvp_layer=1, tvp_depth=1, **tiny_kwargs).eval()
-    assert model.tvp_layers == [1]
+    assert model.tvp.layers == [1]
     assert model.gates["tvp"].shape == (2, 2)  # blocks 1 and 2, two heads each
     entered: list[int] = []
     model.backbone.blocks[0].register_forward_pre_hook(lambda m, a: entered.append(0))
@@ -247,15 +248,15 @@ def test_separate_instance_encoder_cnn_pools_the_whole_feature_map(tiny_kwargs, 
     with torch.no_grad():
         out = model(images)
     assert out.shape == (4, 3)
-    assert model.instance_encoder.dim == 512
+    assert model.ivp.encoder.dim == 512
     assert model.provenance.instance_fingerprint
     # A CNN has no prefix token: the MLP VRM must read the mean of the map, not its top-left cell.
-    assert model.instance_prefix_tokens == 0
+    assert model.ivp.prefix_tokens == 0
     seen: list[torch.Tensor] = []
     model.ivp.vrm.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
         model(images)
-        fmap = model.instance_encoder(images)
+        fmap = model.ivp.encoder(images)
     torch.testing.assert_close(seen[0], fmap.mean(1))
 
 
@@ -291,6 +292,6 @@ def test_instance_cache_skips_the_second_pass_for_seen_images(tiny_kwargs, image
         torch.testing.assert_close(second, plain(images[[2, 0]]))
     # first call: instance pass (4) + prompted pass (4); second: prompted pass only (2)
     assert passes == [4, 4, 2]
-    assert (cached.instance_cache.hits, cached.instance_cache.misses) == (2, 4)
+    assert (cached.ivp.cache.hits, cached.ivp.cache.misses) == (2, 4)
     with pytest.raises(ConfigError, match="ivp_cache needs a frozen backbone"):
         create_model(NAME, "full", 3, ivp_cache=8, ivp_tokens=2, **tiny_kwargs)

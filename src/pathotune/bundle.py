@@ -27,7 +27,7 @@ from .card import Licence, model_card, run_card_extra
 from .errors import BundleError, ConfigError, PathoTuneError, describe_os_error, write_error
 from .hub import HUB_PREFIX, HubRef, download_folder, is_hub_ref, parse_hub_ref, upload_folder
 from .model import BUNDLE_IO, PathoTuneModel, Provenance, create_model
-from .prompts import TextualPrompts
+from .prompts import saved_text_features
 from .task import Task
 from .version import __version__
 
@@ -376,7 +376,7 @@ def load_bundle(
         switches["ivp_encoder_weights"] = str(instance_weights)
     if manifest["format_version"] < 2:
         state = _format1_state(state)
-    text_features = TextualPrompts.saved_encoding(state)
+    text_features = saved_text_features(state)
     try:
         model = create_model(
             prov.backbone,

@@ -1,14 +1,13 @@
-"""PathoTuneModel: a frozen ViT with TTP, IVP and TVP tokens inserted between its blocks, and a head.
+"""PathoTuneModel: a frozen ViT with prompt groups (TTP, IVP, TVP...) inserted between its blocks, and a head.
 
 About 450 lines on purpose: composing the prompt groups, the block walk and the parameter bookkeeping share the
-model's state; the prompt kinds (``prompts/``), the prompted attention and the backbones live elsewhere.
+model's state; the prompt kinds (``prompts/``: each builds itself from the switches, the model names none), the
+prompted attention and the backbones live elsewhere.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -26,12 +25,12 @@ from .backbones import TokenViT, bundled_cnn_file, create_backbone, get_backbone
 from .backbones.loading import fingerprint, read_state_dict
 from .errors import ConfigError
 from .methods import get_method
-from .prompts import GROUP_ORDER, InstanceEncoder, InstancePrompts, PromptGroup, TextualPrompts, VisualPrompts
+from .prompts import BuildContext, InstanceEncoder, PromptGroup, prompt_kinds, sequence_order
 from .prompts.attention import check_block, prompted_block
 from .report import trainable_percent
 from .switches import Switches
 from .task import Task
-from .text import encode_task_text, encode_texts
+from .text import encode_texts
 
 # How a model is saved, loaded and shared as a bundle: ``pathotune.bundle`` (a higher layer, imported by the
 # package's __init__) fills it with "save", "load" and "push", so the methods below need no upward import.
@@ -50,7 +49,7 @@ def _bundle_io(name: str) -> Callable:
 class PromptSource(Protocol):
     """Where a forward takes prompt tokens and gates from: a model itself, or MultiTaskModel's per-sample mix."""
 
-    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor: ...
+    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     def group_gate(self, group: str, layer: int) -> torch.Tensor: ...
 
@@ -82,41 +81,22 @@ class PathoTuneModel(nn.Module):
         method: str,
         task: Task,
         provenance: Provenance,
-        text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
-        instance_encoder: InstanceEncoder | None = None,
+        context: BuildContext | None = None,
     ) -> None:
+        """``context``: what the prompt kinds build from besides the switches (``create_model`` supplies the text
+        encoder and the second-encoder factory; without them, kinds that need one refuse)."""
         super().__init__()
         s = switches
         self.switches, self.method, self.task, self.provenance = s, method, task, provenance
         self.num_classes = num_classes
         self.backbone = backbone
-        dim, depth = backbone.embed_dim, backbone.depth
-        entries = {"tvp_layer": s.tvp_layer, "ttp_layer": s.ttp_layer, "ivp_layer": s.ivp_entry(depth)}
-        for name, layer in entries.items():
-            if getattr(s, f"{name[:3]}_tokens") and layer >= depth:
-                raise ConfigError(f"switch {name}={layer} must be < the backbone depth {depth}")
-
-        self.tvp = self.ttp = self.ivp = None
-        if s.tvp_tokens:
-            n = (s.tvp_depth or depth) if s.tvp_deep else 1
-            layers = list(range(s.tvp_layer, min(depth, s.tvp_layer + n)))
-            self.tvp = VisualPrompts(s.tvp_tokens, dim, layers, backbone.patch_size, s.tvp_dropout)
-        if s.ttp_tokens:
-            if text_features is None:
-                raise ConfigError("textual prompts need the encoded task text; build the model with create_model")
-            pooled, tokens = text_features
-            n = (s.ttp_depth or depth) if s.ttp_deep else 1
-            layers = list(range(s.ttp_layer, min(depth, s.ttp_layer + n)))
-            if s.ttp_text == "classes" and (pooled.ndim != 2 or pooled.shape[0] != num_classes):
-                raise ConfigError(f"ttp_text='classes' needs one text encoding per class ({num_classes})")
-            self.ttp = TextualPrompts(s.ttp_tokens, pooled, tokens, dim, layers, s.ttp_hidden, s.ttp_mode)
-        self.instance_encoder = instance_encoder
-        if s.ivp_tokens:
-            in_dim = instance_encoder.dim if instance_encoder is not None else dim
-            self.ivp = InstancePrompts(
-                s.ivp_vrm, in_dim, dim, s.ivp_tokens, s.ivp_entry(depth), s.ivp_hidden, s.ivp_dropout,
-                backbone.patch_size,
-            )  # fmt: skip
+        depth = backbone.depth
+        ctx = context or BuildContext(backbone, num_classes, task, provenance)
+        kinds = prompt_kinds()
+        for kind in kinds:  # every kind prepares before any builds: one fixed order of random draws
+            ctx.prepared[kind.kind] = kind.prepare(s, ctx)
+        for kind in kinds:  # each kind's group is the attribute of its name (tensors are "tvp.tokens"...)
+            self.register_module(kind.kind, kind.build(s, ctx))
 
         self._plan_layers()
         if self.groups:
@@ -129,7 +109,6 @@ class PathoTuneModel(nn.Module):
             else {}
         )
 
-        self.instance_cache = InstanceCache(s.ivp_cache) if s.ivp_cache and self.ivp is not None else None
         self.head_drop = nn.Dropout(s.head_dropout)
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         self._set_trainable()
@@ -148,21 +127,17 @@ class PathoTuneModel(nn.Module):
             after = present - set(self.schedule.get(i + 1, ())) if i + 1 < depth else set()
             self.keep[i] = present if i + 1 == depth and self.switches.pool_prompts else after
 
-    @property
-    def tvp_layers(self) -> list[int]:
-        return self.tvp.layers if self.tvp is not None else []
-
     def drop_groups(self, names: list[str]) -> None:
         """Remove prompt groups for good (validation found they do not help): no tensors, no inference cost."""
+        off: dict = {}
         for g in names:
+            group = self.prompt_groups[g]
+            group.release(self.provenance)
+            off.update(type(group).off)
             setattr(self, g, None)
             if g in self.gates:
                 del self.gates[g]
-            if g == "ivp":
-                self.instance_encoder = self.instance_cache = None
-                prov = self.provenance
-                prov.instance_encoder = prov.instance_weights = prov.instance_fingerprint = None
-        self.switches = self.switches.update(**{f"{g}_tokens": 0 for g in names})
+        self.switches = self.switches.update(**off)
         self._plan_layers()
 
     def param_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
@@ -207,8 +182,6 @@ class PathoTuneModel(nn.Module):
         super().train(mode)
         if self.switches.train not in ("all", "lora"):
             self.backbone.eval()  # frozen: keep dropout/drop-path off even while prompts train
-        if self.instance_encoder is not None:
-            self.instance_encoder.eval()
         return self
 
     def trainable_parameters(self) -> dict:
@@ -233,39 +206,26 @@ class PathoTuneModel(nn.Module):
         print(f"trainable params: {t['trainable']:,} || all params: {t['total']:,} || trainable%: {t['percent']:.4f}")
 
     # forward
-    def _encode_instances(self, x: torch.Tensor) -> torch.Tensor:
-        if self.instance_encoder is not None:
-            return self.instance_encoder(x)
-        with torch.no_grad():
-            return self.backbone.forward_tokens(x)
-
-    def _instance_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.ivp is None or self.switches.ivp_source == "early":
-            return None
-        if self.instance_cache is None:
-            return self._encode_instances(x)
-        return self.instance_cache.lookup(x, self._encode_instances)
+    def _instance_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each per-image group reads from the whole image before the blocks run, by group (a second frozen
+        pass); groups that read the image tokens entering their block are absent."""
+        read = {g: group.read_image(x, self.backbone) for g, group in self.prompt_groups.items()}
+        return {g: t for g, t in read.items() if t is not None}
 
     @property
     def prompt_groups(self) -> dict[str, PromptGroup]:
         """This model's prompt groups by kind, in sequence order."""
-        return {g: getattr(self, g) for g in GROUP_ORDER if getattr(self, g, None) is not None}
+        return {g: getattr(self, g) for g in sequence_order() if getattr(self, g, None) is not None}
 
     @property
     def groups(self) -> list[str]:
         """The kinds of prompt this model has, in sequence order (empty: the plain frozen model and its head)."""
         return list(self.prompt_groups)
 
-    @property
-    def instance_prefix_tokens(self) -> int:
-        """Prefix tokens of whatever the VRM reads: the instance encoder's, else the backbone's."""
-        enc = self.instance_encoder
-        return enc.num_prefix_tokens if enc is not None else self.backbone.num_prefix_tokens
-
-    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
-        """Tokens of ``group`` entering before block ``layer``. Per-image groups read ``inst``, else ``h``."""
-        features = h if inst is None else inst
-        return getattr(self, group)(layer, h.shape[0], features, self.instance_prefix_tokens).to(h.dtype)
+    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens of ``group`` entering before block ``layer``: it reads its entry of ``inst`` (what it read from
+        the image), else the image tokens ``h``."""
+        return getattr(self, group)(layer, h.shape[0], inst.get(group, h)).to(h.dtype)
 
     def group_gate(self, group: str, layer: int) -> torch.Tensor:
         """The (H,) gate of ``group`` in block ``layer``, through tanh."""
@@ -274,16 +234,17 @@ class PathoTuneModel(nn.Module):
     @property
     def layout(self) -> tuple:
         """Everything that fixes the token sequence; models with equal layouts can share one batched forward."""
-        s = self.switches
-        counts = tuple(getattr(self, g).num_tokens if getattr(self, g, None) is not None else 0 for g in GROUP_ORDER)
+        s, groups = self.switches, self.prompt_groups
+        counts = tuple(groups[g].num_tokens if g in groups else 0 for g in sequence_order())
         sched = tuple(sorted((k, tuple(v)) for k, v in self.schedule.items()))
-        return (counts, sched, s.ivp_source, s.pool_prompts, s.prompt_attn, self.provenance.instance_fingerprint)
+        keys = tuple((g, group.layout_key()) for g, group in groups.items())
+        return (counts, sched, keys, s.pool_prompts, s.prompt_attn, self.provenance.instance_fingerprint)
 
     def forward_features(self, x: torch.Tensor, prompts: PromptSource | None = None) -> torch.Tensor:
         """Output tokens (B, N, D) after the final norm, as timm's ``VisionTransformer.forward_features``.
 
         Order: the backbone's prefix tokens (class, registers), then, only with ``pool_prompts``, the prompt
-        outputs carried to the last block (in ``GROUP_ORDER``), then the patch tokens. With every prompt off (or
+        outputs carried to the last block (in the kinds' order), then the patch tokens. With every prompt off (or
         gated to 0) these are the frozen backbone's tokens. Pool them with ``forward_head(tokens, pre_logits=True)``.
 
         ``prompts`` replaces this model as the source of prompt tokens and gates; MultiTaskModel uses it to give
@@ -302,7 +263,7 @@ class PathoTuneModel(nn.Module):
             if not carried:
                 h = checkpoint(blk, h, use_reentrant=False) if use_ckpt else blk(h)
                 continue
-            names = [g for g in GROUP_ORDER if g in carried]
+            names = [g for g in self.groups if g in carried]
             gates = [src.group_gate(g, i) for g in names] if gated else None
             keep = [g in self.keep[i] for g in names]
             args = (blk, h, [carried[g] for g in names], gates, keep)
@@ -414,39 +375,6 @@ class PathoTuneModel(nn.Module):
         )
 
 
-class InstanceCache:
-    """Instance tokens keyed by image content (an LRU of ``size`` images).
-
-    The instance encoder is frozen, so an image seen again (un-augmented training epochs, repeated inference,
-    several tasks on one image) needs no second encoder pass.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(img: torch.Tensor) -> bytes:
-        return hashlib.blake2b(img.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
-
-    def lookup(self, x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        keys = [self.key(img) for img in x]
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            fresh = encode(x[missing]).detach()
-            for i, tok in zip(missing, fresh, strict=True):
-                self.store[keys[i]] = tok.cpu()
-        out = torch.stack([self.store[k] for k in keys]).to(x.device)
-        for k in keys:
-            self.store.move_to_end(k)
-        while len(self.store) > self.size:
-            self.store.popitem(last=False)
-        return out
-
-
 def build_instance_encoder(name: str, weights: str | Path | None, backbone: TokenViT) -> tuple[InstanceEncoder, str]:
     """A frozen encoder for IVP: any registered ViT, or any timm model (CNNs give their feature map)."""
     spec = get_backbone_spec(name)
@@ -515,13 +443,9 @@ def create_model(
         img_size=bb.img_size,
         backbone_kwargs=backbone_kwargs,
     )
-    if s.ttp_tokens and text_features is None and s.ttp_text == "classes":
-        text_features = encode_texts(task.class_texts(), s.text_encoder, s.text_weights)
-    elif s.ttp_tokens and text_features is None:
-        text_features = encode_task_text(task.render(), s.text_encoder, s.text_weights)
-    inst = None
-    if s.ivp_tokens and s.ivp_source == "encoder":
-        inst, prov.instance_fingerprint = build_instance_encoder(s.ivp_encoder, s.ivp_encoder_weights, bb)
-        prov.instance_encoder = s.ivp_encoder
-        prov.instance_weights = None if s.ivp_encoder_weights is None else str(s.ivp_encoder_weights)
-    return PathoTuneModel(bb, num_classes, s, method, task, prov, text_features, inst)
+    context = BuildContext(
+        bb, num_classes, task, prov, text_features,
+        encode_texts=encode_texts,
+        build_encoder=lambda name, enc_weights: build_instance_encoder(name, enc_weights, bb),
+    )  # fmt: skip
+    return PathoTuneModel(bb, num_classes, s, method, task, prov, context)

@@ -138,7 +138,7 @@ class MixedPrompts:
         self.models = models
         self.local = torch.as_tensor([members.index(int(t)) for t in task_ids], device=task_ids.device)
 
-    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
+    def group_tokens(self, group: str, layer: int, h: torch.Tensor, inst: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.models[0].prompt_groups[group].per_image:  # task-level tokens: one row per task, gathered
             return torch.cat([m.group_tokens(group, layer, h[:1], inst) for m in self.models])[self.local]
         out = None
@@ -146,7 +146,7 @@ class MixedPrompts:
             rows = (self.local == j).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            tok = m.group_tokens(group, layer, h[rows], None if inst is None else inst[rows])
+            tok = m.group_tokens(group, layer, h[rows], {g: t[rows] for g, t in inst.items()})
             if out is None:
                 out = h.new_zeros(h.shape[0], *tok.shape[1:])
             out[rows] = tok

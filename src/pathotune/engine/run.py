@@ -25,6 +25,7 @@ from ..data import PatchDataset, ScanReport, build_transforms, load_source, scan
 from ..errors import ConfigError, DataError, note_interrupt
 from ..methods import Recipe, get_method
 from ..model import create_model
+from ..prompts import prompt_texts
 from ..records import read_marker, write_marker
 from ..report import (
     atomic_write_json,
@@ -138,12 +139,10 @@ def task_text_features(cfg: TrainConfig, task: Task) -> tuple[tuple | None, dict
     """The text encodings TTP reads (the task text, or one per class) under the config's text control, and the
     record of what was encoded with its cosine to the real text; (None, None) for methods without TTP."""
     s = get_method(cfg.method).resolve(**cfg.switches)
-    if not s.ttp_tokens:
+    texts = prompt_texts(s, task)
+    if texts is None:
         return None, None
-    texts = task.class_texts() if s.ttp_text == "classes" else [task.render()]
     pooled, tokens, info = text_encoding(texts, s.text_encoder, s.text_weights, cfg.task.control, cfg.seed)
-    if s.ttp_text == "task":
-        pooled, tokens = pooled[0], tokens[0]
     return (pooled, tokens), info
 
 

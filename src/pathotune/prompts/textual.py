@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .group import PromptGroup
+from ..errors import ConfigError
+from .group import BuildContext, PromptGroup, check_entry
+from .options import Option, at_least, one_of
+from .visual import entry_layers
 
 TTP_MODES = ("pooled", "attn")
 TTP_TEXTS = ("task", "classes")
@@ -23,7 +28,20 @@ class TextualPrompts(PromptGroup):
     """
 
     kind = "ttp"
+    order = 10
     no_decay = ("context", "layer_shift")
+    off = {"ttp_tokens": 0}
+    options = (
+        Option("ttp_tokens", "int", 0, at_least(0), "tokens per text (0: off)"),
+        Option("ttp_mode", "str", "pooled", one_of(TTP_MODES), "context added to the pooled text, or attending"),
+        Option("ttp_hidden", "int", 128),
+        Option("ttp_layer", "int", 0, at_least(0)),
+        Option("ttp_text", "str", "task", one_of(TTP_TEXTS), "the task description, or one text per class"),
+        Option("ttp_deep", "bool", False, doc="re-enter before each of ttp_depth blocks (a shift per block)"),
+        Option("ttp_depth", "int | None", None, at_least(1, " or None"), "deep only: how many blocks (None: all)"),
+        Option("text_encoder", "str", "minilm"),
+        Option("text_weights", "str | None", None),
+    )
 
     def __init__(
         self,
@@ -56,15 +74,44 @@ class TextualPrompts(PromptGroup):
         )
 
     @classmethod
-    def saved_encoding(cls, state: dict[str, torch.Tensor], prefix: str = "ttp.") -> tuple | None:
-        """The (pooled, tokens) text encoding a bundle's tensors carry, if any: a bundle needs no text encoder."""
-        keys = (f"{prefix}text_pooled", f"{prefix}text_tokens")
+    def texts(cls, switches: Any, task: Any) -> list[str] | None:
+        if not switches.ttp_tokens:
+            return None
+        return task.class_texts() if switches.ttp_text == "classes" else [task.render()]
+
+    @classmethod
+    def prepare(cls, switches: Any, ctx: BuildContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The texts' encoding: the one given (a bundle's, the engine's), else encoded now."""
+        texts = cls.texts(switches, ctx.task)
+        if texts is None or ctx.text_features is not None:
+            return ctx.text_features
+        if ctx.encode_texts is None:
+            raise ConfigError("textual prompts need the encoded task text; build the model with create_model")
+        return ctx.encode_texts(texts, switches.text_encoder, switches.text_weights)
+
+    @classmethod
+    def build(cls, switches: Any, ctx: BuildContext) -> TextualPrompts | None:
+        s, bb = switches, ctx.backbone
+        if not s.ttp_tokens:
+            return None
+        check_entry("ttp_layer", s.ttp_layer, bb.depth)
+        pooled, tokens = ctx.prepared[cls.kind]
+        if s.ttp_text == "task" and pooled.ndim == 2 and pooled.shape[0] == 1:
+            pooled, tokens = pooled[0], tokens[0]  # one text is kept as (D,), (L, D), as bundles hold it
+        if s.ttp_text == "classes" and (pooled.ndim != 2 or pooled.shape[0] != ctx.num_classes):
+            raise ConfigError(f"ttp_text='classes' needs one text encoding per class ({ctx.num_classes})")
+        layers = entry_layers(s.ttp_layer, s.ttp_deep, s.ttp_depth, bb.depth)
+        return cls(s.ttp_tokens, pooled, tokens, bb.embed_dim, layers, s.ttp_hidden, s.ttp_mode)
+
+    @classmethod
+    def saved_text_features(cls, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        keys = (f"{cls.kind}.text_pooled", f"{cls.kind}.text_tokens")
         return (state[keys[0]], state[keys[1]]) if keys[0] in state else None
 
     def bundle_buffers(self) -> dict[str, torch.Tensor]:
         return {"text_pooled": self.text_pooled, "text_tokens": self.text_tokens}
 
-    def forward(self, layer: int, batch: int, features: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    def forward(self, layer: int, batch: int, features: torch.Tensor) -> torch.Tensor:
         """The same tokens for every image of the task (the texts are constant per task)."""
         tokens = self.task_tokens()
         if len(self.layers) > 1:
