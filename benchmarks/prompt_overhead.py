@@ -19,7 +19,7 @@ import torch
 
 from pathotune import create_model
 from pathotune.backbones import get_backbone_spec
-from pathotune.engine.allocator import allocator_note, retain_freed_memory
+from pathotune.core.allocator import allocator_note, retain_freed_memory
 
 CONFIGS = {
     "plain backbone": ("linear", {}),

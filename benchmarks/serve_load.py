@@ -46,7 +46,7 @@ from multitask_throughput import EARLY, make_bundles, timed
 from PIL import Image
 
 from pathotune.bundle import load_bundle
-from pathotune.engine.allocator import retain_freed_memory
+from pathotune.core.allocator import retain_freed_memory
 from pathotune.engine.infer import eval_transform
 from pathotune.multitask import MultiTaskModel
 from pathotune.serve.images import Upload, decode_rgb

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pathotune.engine.allocator import allocator_note, retain_freed_memory
+from pathotune.core.allocator import allocator_note, retain_freed_memory
 from pathotune.slides import TilingConfig, open_slide, plan_tiles, read_tile, sample_slide
 from pathotune.slides.extract import TileTransform, default_num_workers, extract_slides, load_extractor
 

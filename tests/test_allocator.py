@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pathotune.engine import allocator
+from pathotune.core import allocator
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -18,7 +18,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 FAULTS = """
 import resource, sys
 import torch
-from pathotune.engine.allocator import retain_freed_memory
+from pathotune.core.allocator import retain_freed_memory
 print(retain_freed_memory() if sys.argv[1] == "retain" else False)
 for i in range(10):
     if i == 5:

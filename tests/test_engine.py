@@ -29,11 +29,11 @@ from helpers import (
     write_dataset,
 )
 
-from pathotune.engine import loop as loop_mod
+from pathotune.core import loop as loop_mod
+from pathotune.core.budget import plan_budget
+from pathotune.core.loop import TrainingError
 from pathotune.engine import run as run_mod
-from pathotune.engine.budget import plan_budget
 from pathotune.engine.config import TrainConfig, load_config
-from pathotune.engine.loop import TrainingError
 from pathotune.engine.run import SUMMARY_KEYS, train_run
 from pathotune.errors import ConfigError
 

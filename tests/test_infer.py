@@ -13,10 +13,10 @@ import torch
 from helpers import CLASSES, write_dataset, write_image
 
 from pathotune import Task, create_model, save_bundle
+from pathotune.core.metrics import METRIC_NAMES, classification_metrics
+from pathotune.core.runtime import Runtime, infer_dataset
 from pathotune.data import load_rgb
 from pathotune.engine.infer import eval_transform, evaluate, predict_to_csv, write_evaluation
-from pathotune.engine.metrics import METRIC_NAMES, classification_metrics
-from pathotune.engine.runtime import Runtime, infer_dataset
 from pathotune.errors import DataError, OutputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

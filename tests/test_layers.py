@@ -16,12 +16,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("hub", "listen"),
     ("report", "backbones", "prompts", "task", "card"),
     ("text", "switches", "features", "records", "cohort"),
+    ("core",),  # what any run needs, generic: below every model, data and slide unit, so it cannot reach them
     ("methods",),
     ("model",),
     ("bundle", "data"),
     ("multitask", "inference"),
-    ("engine",),
-    ("slides", "mil", "serve"),
+    ("engine", "slides", "mil", "serve"),  # one layer: MIL, slides and serve use core, never the patch engine
     ("heatmaps",),
     ("viewer",),
     ("cli", "__init__", "__main__"),
@@ -34,9 +34,9 @@ LAZY = {
     ("slides/reader.py", "tiffslide"),
     ("slides/reader.py", "wsidicom"),  # ~0.8 s to import (with pydicom); only DICOM WSI folders need it
     ("slides/reader.py", "pydicom"),
-    ("engine/runtime.py", "lightning_fabric"),  # ~1 s to import; the feature readers never need it
-    ("engine/runtime.py", "pytorch_lightning"),  # optional dependency: MLflow logger (--logger mlflow)
-    ("engine/runtime.py", "wandb"),  # optional dependency: W&B's Fabric logger (--logger wandb)
+    ("core/runtime.py", "lightning_fabric"),  # ~1 s to import; the feature readers never need it
+    ("core/runtime.py", "pytorch_lightning"),  # optional dependency: MLflow logger (--logger mlflow)
+    ("core/runtime.py", "wandb"),  # optional dependency: W&B's Fabric logger (--logger wandb)
     ("backbones/bundled.py", "onnx"),  # only to fill the weights cache once
     ("text/encoders.py", "open_clip"),  # optional dependency (the [clip] extra)
     ("data/layouts/hgsc.py", "pyarrow"),  # optional dependency (the [hgsc] extra)

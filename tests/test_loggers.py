@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from helpers import one_line_error, read_log, run_main, write_config, write_dataset
 
+from pathotune.core.runtime import parse_loggers
 from pathotune.engine.config import load_config
 from pathotune.engine.runfolder import HARMLESS_ON_RESUME
-from pathotune.engine.runtime import parse_loggers
 from pathotune.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pathotune.engine.metrics import (
+from pathotune.core.metrics import (
     METRIC_NAMES,
     _bootstrap_values,
     _resample_indices,
@@ -192,7 +192,7 @@ def test_aggregate_seeds_single_run_and_errors() -> None:
 
 
 def test_weighted_values_match_sklearn_per_resample() -> None:
-    from pathotune.engine.metrics import weighted_metric_values
+    from pathotune.core.metrics import weighted_metric_values
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, 40)
@@ -208,7 +208,7 @@ def test_weighted_values_match_sklearn_per_resample() -> None:
 
 
 def test_group_bootstrap_resamples_groups_and_refuses_too_few() -> None:
-    from pathotune.engine.metrics import MIN_GROUPS, group_bootstrap_ci
+    from pathotune.core.metrics import MIN_GROUPS, group_bootstrap_ci
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 60)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pathotune.engine.significance import gain_bounds
+from pathotune.core.significance import gain_bounds
 
 
 def onehot(pred: np.ndarray, k: int = 3) -> np.ndarray:
@@ -76,8 +76,8 @@ class _Data(torch.utils.data.Dataset):
 def _fit(tmp_path, val_y, rule: str, feature_y=None):
     from lightning_fabric import Fabric
 
-    from pathotune.engine.budget import Budget
-    from pathotune.engine.loop import fit
+    from pathotune.core.budget import Budget
+    from pathotune.core.loop import fit
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 120)

@@ -13,7 +13,7 @@ HEAD_INITS = ("probe", "random")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a method trains. Budgets count optimizer steps (see ``engine/budget.py``).
+    """How a method trains. Budgets count optimizer steps (see ``core/budget.py``).
 
     ``trainer``: ``probe`` fits the head alone, in closed form to convergence (L-BFGS logistic regression);
     ``steps`` runs AdamW steps. ``head_init``: ``probe`` starts the head from the fitted probe (LP-FT, Kumar

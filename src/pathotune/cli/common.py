@@ -99,9 +99,9 @@ def parse_devices(devices: str) -> int | str:
 
 
 def inference_runtime(accelerator: str, devices: str, precision: str) -> Any:
-    """The Runtime ``eval`` and ``predict`` run on: the engine's one Fabric factory, as training uses it."""
+    """The Runtime ``eval`` and ``predict`` run on: core's one Fabric factory, as training uses it."""
+    from ..core.runtime import Runtime, make_fabric
     from ..engine.config import PRECISIONS
-    from ..engine.runtime import Runtime, make_fabric
 
     if precision not in (*PRECISIONS, "auto"):
         raise ConfigError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)} or auto")

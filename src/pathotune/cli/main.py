@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..engine.allocator import retain_freed_memory
+from ..core.allocator import retain_freed_memory
 from ..version import __version__
 from .common import console, fmt, human_output, inference_runtime, parse_switches, print_json, print_table
 from .errors import run_cli
@@ -218,9 +218,9 @@ def evaluate(
     json_out: JsonOpt = False,
 ) -> None:
     """Judge a trained bundle on labelled data."""
+    from ..core.metrics import METRIC_NAMES
     from ..engine.infer import evaluate as run_eval
     from ..engine.infer import write_evaluation
-    from ..engine.metrics import METRIC_NAMES
     from ..engine.runfolder import check_out_usable
 
     if out is not None:
@@ -468,7 +468,7 @@ _register_groups()
 
 
 def main() -> None:
-    retain_freed_memory()  # a CLI process owns its allocator: keep freed buffers for reuse (engine/allocator.py)
+    retain_freed_memory()  # a CLI process owns its allocator: keep freed buffers for reuse (core/allocator.py)
     run_cli(app)
 
 

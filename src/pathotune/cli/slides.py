@@ -338,7 +338,7 @@ def extract(
 ) -> int | None:
     """Tile features per slide into <out>/<slide_id>.h5; finished slides are skipped on a rerun, and a slide that
     was interrupted resumes from its last finished chunk."""
-    from ..engine.runtime import make_fabric
+    from ..core.runtime import make_fabric
     from ..slides.extract import extract_slides
     from ..slides.extractor import load_extractor
     from ..slides.inputs import slide_inputs
@@ -432,7 +432,7 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Slide-level MIL on extracted features; prints each fold and the mean ± std over folds."""
-    from ..engine.metrics import METRIC_NAMES
+    from ..core.metrics import METRIC_NAMES
     from ..mil import load_mil_config, train_mil
 
     with human_output(json_out):

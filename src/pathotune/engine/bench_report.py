@@ -12,12 +12,12 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..core.metrics import MIN_GROUPS, aggregate_seeds
 from ..report import markdown_table, plot_metric_vs_params, trainable_percent
 from ..report.plots import plot_fewshot_curves
 from .bench_config import BENCH_KEYS, TTA_SUFFIX, BenchConfig
 from .compare import N_RESAMPLES
 from .fewshot import fewshot_table, t_interval
-from .metrics import MIN_GROUPS, aggregate_seeds
 
 TTA_RECIPE = ", test-time augmentation (8 views)"
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..core import runtime
 from ..data import PatchDataset
 from ..model import PathoTuneModel
-from . import runtime
 from .config import TrainConfig
 
 

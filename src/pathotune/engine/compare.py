@@ -7,7 +7,7 @@ With several splits of the data it is hierarchical: each resample draws splits w
 each drawn split its test groups and its seeds (independently for every drawn copy), and averages the splits'
 differences; so the interval covers which data trained the models, which groups tested them, and the seed.
 There is no interval with fewer than ``MIN_GROUPS`` units at the top level (splits when there are several, else
-the test groups): the result says so instead. It says nothing about other datasets. ``metrics.py`` says why this
+the test groups): the result says so instead. It says nothing about other datasets. ``core/metrics.py`` says why this
 is written out rather than run through ``scipy.stats.bootstrap``.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..core.metrics import MIN_GROUPS, interval_note, resampling_units, unit_weights
 from ..errors import PathoTuneError
-from .metrics import MIN_GROUPS, interval_note, resampling_units, unit_weights
 
 N_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

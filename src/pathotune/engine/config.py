@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import ConfigError
+from ..core.config import build_config
+from ..core.runtime import parse_loggers
 from ..switches import check_keys
-from .runtime import parse_loggers
 
-M = TypeVar("M", bound=BaseModel)
 # What Lightning Fabric accepts, checked here so that a typo fails on one line before Fabric starts.
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -214,61 +213,6 @@ class TrainConfig(BaseModel):
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
         return self
-
-
-def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(root)"
-    if err["type"] == "extra_forbidden":
-        allowed = _allowed_at(model, err["loc"][:-1])
-        return f"{source}: unknown key '{key}'; allowed keys are {allowed}"
-    if err["type"] == "missing":
-        return f"{source}: missing required key '{key}'"
-    msg = err["msg"].removeprefix("Value error, ")
-    if not err["loc"]:
-        return f"{source}: {msg}"
-    return f"{source}: key '{key}': {msg} (got {err.get('input')!r})"
-
-
-def _allowed_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            break
-        model = field.annotation
-    return sorted(model.model_fields)
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def build_config(model: type[M], path: str | Path | None = None, **overrides) -> M:
-    """A typed config from YAML (optional) with flag overrides on top; None-valued overrides are ignored.
-
-    Nested mappings merge key by key. Any bad key fails on one line naming the file (or "flags") and the key.
-    """
-    data = read_yaml_mapping(path) if path is not None else {}
-    source = str(path) if path is not None else "flags"
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
-    try:
-        return model(**data)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e, source, model)) from None
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
 
 
 def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:

@@ -22,14 +22,14 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 
+from ..core.budget import Budget
+from ..core.loop import FitState, fit, load_trainable_state, trainable_state
+from ..core.metrics import classification_metrics
+from ..core.significance import gain_bounds
 from ..data import PatchDataset
-from .budget import Budget
 from .cached import FeatureSet
 from .config import TrainConfig
-from .loop import FitState, fit, load_trainable_state, trainable_state
-from .metrics import classification_metrics
 from .probe import fit_probe
-from .significance import gain_bounds
 
 NO_EARLY_STOP = 10**9
 

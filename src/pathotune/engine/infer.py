@@ -1,7 +1,7 @@
 """Judging and applying a trained bundle: evaluation on labelled data, prediction on image files.
 
-Both run through the engine's inference loop (:func:`engine.runtime.infer_dataset`) on a :class:`Runtime`: a
-single CPU process by default, or the one a Fabric from :func:`engine.runtime.make_fabric` gives (``--accelerator``,
+Both run through the one inference loop (:func:`core.runtime.infer_dataset`) on a :class:`Runtime`: a
+single CPU process by default, or the one a Fabric from :func:`core.runtime.make_fabric` gives (``--accelerator``,
 ``--devices``, ``--precision``), with the data sharded over its processes and the outputs gathered back in order.
 ``pathotune eval`` and ``pathotune predict`` are :func:`evaluate` + :func:`write_evaluation` and
 :func:`predict_to_csv`.
@@ -19,15 +19,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ..bundle import load_bundle, resolve_bundle
+from ..core.metrics import METRIC_NAMES, classification_metrics, group_bootstrap_ci
+from ..core.runtime import Runtime, infer_dataset
 from ..data import PatchDataset, Sample, check_source, list_images, load_source, quiet_native_stderr
 from ..errors import DataError, OutputError
 from ..inference import transforms
 from ..model import PathoTuneModel
 from ..multitask import MultiTaskModel
 from ..report import atomic_path, atomic_write_json, write_run_report
-from .metrics import METRIC_NAMES, classification_metrics, group_bootstrap_ci
 from .runfolder import check_out_usable, is_run_output, run_state
-from .runtime import Runtime, infer_dataset
 from .tta import averaged
 
 __all__ = [

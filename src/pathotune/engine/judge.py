@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..core.loop import FitState, predict, sharded_loader
+from ..core.metrics import METRIC_NAMES, classification_metrics, group_bootstrap_ci
 from ..report import csv_text
 from .cached import FeatureSet, HeadOnly, extract_features
 from .config import TrainConfig
-from .loop import FitState, predict, sharded_loader
-from .metrics import METRIC_NAMES, classification_metrics, group_bootstrap_ci
 from .tta import TTAModel, stacked
 
 

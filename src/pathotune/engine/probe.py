@@ -30,10 +30,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
+from ..core.metrics import classification_metrics
 from ..errors import ConfigError
 from ..methods import Recipe
 from .config import TrainConfig
-from .metrics import classification_metrics
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 3, 15))  # inverse L2 strength, 10^-4 .. 10^3
 MAX_ITER = 3000

@@ -21,6 +21,10 @@ from torch import nn
 from ..backbones import resolve_weights
 from ..bundle import save_bundle
 from ..card import run_card_extra
+from ..core import runtime
+from ..core.budget import plan_budget
+from ..core.loop import FitState, fit
+from ..core.metrics import METRIC_NAMES, aggregate_seeds
 from ..data import PatchDataset, ScanReport, build_transforms, load_source, scan
 from ..errors import ConfigError, DataError, note_interrupt
 from ..methods import Recipe, get_method
@@ -37,14 +41,10 @@ from ..report import (
 )
 from ..task import Task
 from ..text import text_encoding
-from . import runtime
-from .budget import plan_budget
 from .cached import FeatureSet, HeadOnly, augmented_views, frozen_features
 from .config import TrainConfig, dump_config
 from .crossval import cv_select_and_fit
 from .judge import headline, judged, kept_val_score, monitored, predictions_csv, split_probs, tta_probs
-from .loop import FitState, fit
-from .metrics import METRIC_NAMES, aggregate_seeds
 from .probe import check_probe_settings, fit_probe_head
 from .runfolder import CHECKPOINT, RunFolder, check_resume_settings, final_outputs, open_run_folder
 from .selection import drop_all_groups, select_prompt_groups
@@ -71,7 +71,7 @@ def write_bad_files(folder: Path, report: ScanReport, stops: bool, staged: bool)
 
 
 def make_fabric(cfg: TrainConfig, log_dir: str | Path | None = None):
-    """The engine's Fabric (:func:`runtime.make_fabric`) for the config's accelerator, devices and precision,
+    """The shared Fabric (:func:`runtime.make_fabric`) for the config's accelerator, devices and precision,
     carrying the config's experiment loggers under ``log_dir`` (none without one)."""
     loggers = runtime.make_loggers(cfg.logger, log_dir, Path(cfg.out).name) if log_dir is not None else []
     return runtime.make_fabric(cfg.accelerator, cfg.devices, cfg.strategy, cfg.precision, cfg.num_nodes, loggers)

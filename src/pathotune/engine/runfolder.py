@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from ..core.checkpoint import load_checkpoint
+from ..core.loop import TrainingError
 from ..errors import ConfigError, PathoTuneError, describe_os_error, write_error
 from ..records import KINDS, check_out_usable, kind_of, recover, refuse_existing, swap_in, write_marker
-from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .loop import TrainingError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 FINAL = ".pathotune-final"  # a run's final outputs, moved into its folder together once all are written

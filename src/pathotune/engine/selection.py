@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..core.loop import predict, sharded_loader
+from ..core.metrics import classification_metrics
+from ..core.significance import gain_bounds
 from ..model import PathoTuneModel
 from .config import TrainConfig
-from .loop import predict, sharded_loader
-from .metrics import classification_metrics
-from .significance import gain_bounds
 
 
 def _significant_choice(candidates: list[dict], labels, reference, groups, cfg: TrainConfig) -> dict:

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.config import build_config
-from ..engine.runtime import parse_loggers
+from ..core.config import build_config
+from ..core.runtime import parse_loggers
 from ..errors import ConfigError
 from .aggregators import aggregator_options, list_aggregators
 
@@ -39,7 +39,7 @@ class MILConfig(BaseModel):
     seed: int = 0
     bootstrap: int = 1000  # resamples for CIs on the pooled out-of-fold predictions; 0 skips them
     accelerator: str = "cpu"
-    logger: list[str] = Field(default_factory=lambda: ["csv"])  # Fabric loggers under OUT/logs (see engine.runtime)
+    logger: list[str] = Field(default_factory=lambda: ["csv"])  # Fabric loggers under OUT/logs (see core.runtime)
     out: str = "runs/mil"
     overwrite: bool = False  # replace the MIL run in ``out`` once the new one has finished
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cohort import Cohort
-from ..engine.runtime import Runtime
+from ..core.runtime import Runtime
 from ..errors import DataError, WeightsError, note_interrupt, one_line
 from ..features import check_feature_compatibility, check_unique_slides, list_feature_files
 from ..records import claim_file, mark_file

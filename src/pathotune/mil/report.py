@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.metrics import METRIC_NAMES
+from ..core.metrics import METRIC_NAMES
 from ..report import markdown_table
 from .config import MILConfig
 

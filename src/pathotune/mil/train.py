@@ -3,9 +3,9 @@
 Folds come from the labels CSV (:func:`.labels.plan_folds`): a ``split`` column (train/val/test) gives one fold,
 a ``fold`` column gives its folds, otherwise a seeded stratified k-fold. Inside every fold a stratified, seeded
 share of the training slides is held out as validation for early stopping and model selection; the test part
-is only scored once, with the selected model. Training runs one bag per step through the engine's ``fit`` on a
-single-process Lightning Fabric from the engine's factory (one device: bags differ in length, and MIL models
-are small); test bags go through the engine's inference loop.
+is only scored once, with the selected model. Training runs one bag per step through ``core.loop.fit`` on a
+single-process Lightning Fabric from ``core.runtime.make_fabric`` (one device: bags differ in length, and MIL
+models are small); test bags go through the shared inference loop (``core.runtime.infer``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..engine.budget import epoch_budget
-from ..engine.loop import fit
-from ..engine.metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
-from ..engine.runtime import Runtime, infer, make_fabric, make_loggers
+from ..core.budget import epoch_budget
+from ..core.loop import fit
+from ..core.metrics import METRIC_NAMES, aggregate_seeds, bootstrap_ci, classification_metrics
+from ..core.runtime import Runtime, infer, make_fabric, make_loggers
 from ..errors import note_interrupt
 from ..records import staged
 from ..report import atomic_write_csv, atomic_write_json, atomic_write_text, plot_confusion_matrix, plot_training_curves
@@ -38,7 +38,7 @@ __all__ = ["train_mil"]
 
 
 class _LogitsOnly(nn.Module):
-    """The engine's loop expects ``forward(x) -> logits``; tile scores are not needed while training."""
+    """``core.loop.fit`` expects ``forward(x) -> logits``; tile scores are not needed while training."""
 
     def __init__(self, aggregator: MILAggregator) -> None:
         super().__init__()

@@ -168,7 +168,7 @@ def write_run_report(
 ) -> Path:
     """Write ``report.md`` plus ``figures/confusion_matrix.png`` and ``figures/training_curves.png``.
 
-    ``metrics`` is a :func:`~pathotune.engine.metrics.classification_metrics` dict, optionally with
+    ``metrics`` is a :func:`~pathotune.core.metrics.classification_metrics` dict, optionally with
     ``ci`` ({name: (low, high)}, level ``ci_level``, default 0.95) and ``trainable_params`` /
     ``total_params``. Values may be numbers or mean ± std dicts. Figures are linked by relative path so
     the run folder can be moved or zipped whole.

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ..bundle import MANIFEST, load_bundle, read_manifest, resolve_bundle
-from ..engine.infer import eval_transform
 from ..errors import BundleError, ConfigError, PathoTuneError
 from ..hub import is_hub_ref, parse_hub_ref
+from ..inference import transforms
 from ..model import PathoTuneModel
 from ..multitask import backbone_recipe, describe_recipe
 from .errors import RequestError
@@ -142,7 +142,7 @@ class BundleStore:
         if model.switches.train in ("all", "lora"):
             raise ConfigError(f"the reference task {name} ({model.method}) changes the backbone; pass --reference")
         self.backbone = model.backbone.to(self.device).eval()
-        self.transform = eval_transform(model)  # what `pathotune predict` applies to a decoded image
+        self.transform = transforms(model)  # what `pathotune predict` applies to a decoded image (its eval_transform)
         self.recipe = backbone_recipe(ref.manifest)
         self.shared = {t.data_ptr() for t in chain(self.backbone.parameters(), self.backbone.buffers())}
         self.tasks = {n: self._check(t) for n, t in self.tasks.items()}  # now against the served backbone

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
-from ..engine.runtime import collate, guarded
+from ..core.runtime import collate, guarded
 from ..errors import ConfigError
 from .reader import SlideReader, open_slide
 from .tiling import TilePlan, read_tile

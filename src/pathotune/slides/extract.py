@@ -9,7 +9,7 @@ aside and swaps it in once it is complete.
 This module only orchestrates. The file is :mod:`pathotune.features` (schema, all-or-nothing writer, the
 check that an existing file is this request's result); the model comes from :mod:`.extractor`, the tiles from
 :mod:`.dataset` (decoded in DataLoader workers, normalised on the device), and the device loop from
-:mod:`pathotune.engine.runtime` (``torch.inference_mode`` and, on a GPU, the Fabric's autocast), the plans from
+:mod:`pathotune.core.runtime` (``torch.inference_mode`` and, on a GPU, the Fabric's autocast), the plans from
 :mod:`.planning` and the per-slide log is :mod:`.extract_log`. A rerun skips slides whose file exists and matches
 the request, and refuses to mix in one made by another request. Slides may come as :class:`.inputs.SlideInput`,
 with their own mpp, another tool's tiles (TRIDENT, CLAM) or a tissue GeoJSON; those are matched and checked
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..cohort import ERRORS, Cohort, read_errors
-from ..engine.runtime import Runtime, infer_batches
+from ..core.runtime import Runtime, infer_batches
 from ..errors import ConfigError, DataError, note_interrupt
 from ..features import (
     REQUEST_KEYS,

@@ -1,4 +1,4 @@
-"""What every engine path shares: the one Fabric factory, where a model runs, and the one inference loop.
+"""What every run shares (patches, slides, MIL): the one Fabric factory, where a model runs, the one inference loop.
 
 - :func:`make_fabric` builds the Lightning Fabric for training, ``eval``, ``predict``, slide extraction and MIL
   alike; :func:`make_loggers` the experiment loggers it carries (CSV and TensorBoard built in, MLflow and W&B
@@ -8,7 +8,7 @@
 - :func:`infer_batches` (and :func:`infer`, which concatenates) runs ``fn(x)`` over a DataLoader on the
   runtime's device under inference mode and autocast, and hands outputs back as float32 on the CPU.
   :func:`infer_dataset` shards a dataset over the runtime's processes and gathers the outputs back in dataset
-  order (``eval`` and ``predict``); training's validation uses :func:`engine.loop.predict`, its labelled variant.
+  order (``eval`` and ``predict``); training's validation uses :func:`core.loop.predict`, its labelled variant.
 - :func:`guarded` and :func:`collate` bring a dataset's :class:`~pathotune.errors.PathoTuneError` raised in a
   loader worker back to the main process as itself (one line, its own type), not as the worker's traceback.
 """

@@ -163,7 +163,7 @@ def sharded_loader(fabric, dataset: Dataset, batch_size: int, shuffle: bool, see
 def predict(fabric, model: nn.Module, loader: DataLoader, n: int) -> tuple[np.ndarray, float]:
     """Probabilities for all ``n`` samples, gathered across ranks and ordered by dataset index, and the mean loss.
 
-    The forward pass is the engine's one inference loop (``runtime.infer_batches``); batches are
+    The forward pass is the one inference loop (``runtime.infer_batches``); batches are
     ``(input, label, index)``.
     """
     model.eval()
