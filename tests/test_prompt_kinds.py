@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import IMG, TINY2, TINY_NAME
+from helpers import IMG, TINY2, TINY_NAME, pooled
 
 from pathotune import ConfigError, create_model, load_bundle, save_bundle
 from pathotune.multitask import forward_mixed
@@ -65,7 +65,7 @@ def test_a_kind_defined_in_a_test_builds_runs_and_trains_alone(toy_kind, images)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"xvp.tokens", "gates.xvp", "head.weight", "head.bias"}
     with torch.no_grad():
-        assert torch.equal(model.eval().forward_features(images), model.backbone(images))  # gates shut: frozen model
+        assert torch.equal(pooled(model.eval(), images), model.backbone(images))  # gates shut: frozen model
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     tokens = model.xvp.tokens.detach().clone()
     open_gates(model)
