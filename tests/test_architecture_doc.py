@@ -24,7 +24,8 @@ def doc_layers() -> list[tuple[str, ...]]:
     for line in section("Layers").splitlines():
         m = re.match(r"\|\s*(\d+)\s*\|([^|]+)\|", line)
         if m:
-            rows.append((int(m.group(1)), tuple(u.strip().strip("`") for u in m.group(2).split(","))))
+            units = tuple(u.strip().strip("`").replace("\\_", "_") for u in m.group(2).split(","))
+            rows.append((int(m.group(1)), units))
     rows.sort()
     assert [n for n, _ in rows] == list(range(len(rows))), "the table numbers its layers 0, 1, 2... once each"
     return [units for _, units in rows]
