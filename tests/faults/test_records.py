@@ -151,12 +151,20 @@ def test_bad_files_listing_is_the_same_in_every_run(base: Base, tmp_path: Path, 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(base: Base, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = base_train_args(base, out, "--steps", "100000", "--method", "vpt-deep")
-    proc = subprocess.Popen(cli_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    # faulthandler prints every thread's stack on SIGABRT: if the run ever hangs, the failure shows where
+    env = {**cli_env(), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cli_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+    while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGINT if (out / "checkpoints" / "last.pt").exists() else signal.SIGABRT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the run did not stop within 120 s of Ctrl-C; its stacks:\n{err}")
+    assert (out / "checkpoints" / "last.pt").exists(), f"no checkpoint within 240 s; the run's stacks:\n{err}"
     assert proc.returncode == 130
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [
