@@ -53,7 +53,7 @@ def make_bundles(
             len(classes),
             task=Task(name=f"task {t}", classes=classes),
             weights="bundled",
-            img_size=image_size,
+            image_size=image_size,
             text_features=(torch.randn(384), torch.randn(8, 384)),
             backbone_module=backbone,
             **switches,

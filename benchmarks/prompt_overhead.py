@@ -67,7 +67,7 @@ def main() -> None:
     text = (torch.randn(384), torch.randn(16, 384))
     models = {
         name: create_model(
-            args.backbone, method, 3, weights=weights, img_size=args.image_size, text_features=text, **switches
+            args.backbone, method, 3, weights=weights, image_size=args.image_size, text_features=text, **switches
         ).eval()
         for name, (method, switches) in CONFIGS.items()
     }

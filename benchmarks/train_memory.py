@@ -45,7 +45,7 @@ def child(method: str, switches: dict, size: int, batch: int, steps: int) -> dic
             method,
             3,
             weights="bundled",
-            img_size=size,
+            image_size=size,
             text_features=(torch.randn(384), torch.randn(8, 384)),
             **switches,
         )

@@ -22,7 +22,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def tiny_kwargs() -> dict:
-    return {"backbone_kwargs": dict(TINY), "img_size": IMG}
+    return {"backbone_kwargs": dict(TINY), "image_size": IMG}
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ IVP_EARLY = {"ivp_source": "early", "ivp_layer": 1, "ttp_layer": 1, "tvp_layer":
 
 def tiny_weights(path: Path, seed: int) -> Path:
     """A tiny backbone's weights as safetensors: bundles made on it carry a real fingerprint."""
-    model = create_model(TINY_NAME, "linear", 2, img_size=IMG, backbone_kwargs=TINY)  # random init, fixed seed
+    model = create_model(TINY_NAME, "linear", 2, image_size=IMG, backbone_kwargs=TINY)  # random init, fixed seed
     g = torch.Generator().manual_seed(seed)
     state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in model.backbone.vit.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -48,7 +48,7 @@ def tiny_bundle(
         n_classes,
         task=Task(name=path.name, classes=tuple(f"{path.name}_c{j}" for j in range(n_classes))),
         weights=weights,
-        img_size=IMG,
+        image_size=IMG,
         backbone_kwargs=TINY,
         text_features=(torch.randn(24, generator=g), torch.randn(7, 24, generator=g)),
         **switches,

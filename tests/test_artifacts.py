@@ -273,7 +273,7 @@ def test_drop_artifacts_removes_exactly_the_flagged_tiles(monkeypatch, capsys, s
 
 
 def test_extract_drops_the_same_tiles_and_a_rerun_must_match(slides_dir: Path, tmp_path: Path) -> None:
-    model = create_model(TINY_NAME, "linear", 2, img_size=32, backbone_kwargs=dict(TINY2)).eval()
+    model = create_model(TINY_NAME, "linear", 2, image_size=32, backbone_kwargs=dict(TINY2)).eval()
     tiling = TilingConfig(2.0, 32, mask_size=192)
     drop = ArtifactConfig(kinds=("blur",), drop=("blur",))
     slide = slides_dir / "s1.tif"

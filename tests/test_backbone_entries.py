@@ -48,7 +48,7 @@ def _seed() -> None:
 
 
 def tiny(name: str, weights: str | Path | None = None, img: int | None = None, **kw) -> nn.Module:
-    return create_backbone(name, weights=weights, img_size=img or TINY_IMG[name], **{**TINY, **kw})
+    return create_backbone(name, weights=weights, image_size=img or TINY_IMG[name], **{**TINY, **kw})
 
 
 def assert_landed(backbone: nn.Module, expected: dict[str, torch.Tensor]) -> None:

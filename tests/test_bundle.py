@@ -10,7 +10,7 @@ from helpers import TINY, TINY_NAME
 from safetensors.torch import load_file, save_file
 
 from pathotune import BundleError, Task, create_model, load_bundle, save_bundle
-from pathotune.bundle import MANIFEST, TENSORS, manifest_checksum
+from pathotune.bundle import MANIFEST, TENSORS, manifest_checksum, read_manifest
 
 NAME = TINY_NAME
 
@@ -19,7 +19,7 @@ NAME = TINY_NAME
 def weights(tmp_path):
     """A local backbone checkpoint, as a user would have one."""
     torch.manual_seed(1)
-    model = create_model(NAME, "linear", 2, img_size=32, backbone_kwargs=TINY)
+    model = create_model(NAME, "linear", 2, image_size=32, backbone_kwargs=TINY)
     path = tmp_path / "backbone.safetensors"
     save_file({k: v.contiguous() for k, v in model.backbone.vit.state_dict().items()}, str(path))
     return path
@@ -34,7 +34,7 @@ def trained(method: str, weights, text_features=None, **switches):
         3,
         task=task,
         weights=weights,
-        img_size=32,
+        image_size=32,
         backbone_kwargs=TINY,
         text_features=text_features,
         **switches,
@@ -58,6 +58,7 @@ def test_round_trip_gives_identical_logits(method, weights, tmp_path, images, te
     assert manifest["class_names"] == ["background", "pen", "tissue"]
     assert manifest["provenance"]["backbone"] == NAME
     assert manifest["provenance"]["fingerprint"] == model.provenance.fingerprint
+    assert manifest["provenance"]["image_size"] == 32 and "img_size" not in manifest["provenance"]
     assert "pen-mark QC" in manifest["task_text"]
     saved = set(load_file(str(out / TENSORS)))
     assert all(k.startswith(("head.", "tvp.", "ttp.", "ivp.", "gates.", "backbone.")) for k in saved)
@@ -82,7 +83,7 @@ def test_default_pathotune_bundle_is_under_5_percent_of_vit_s(tmp_path, text_fea
         "vit_small_patch14_dinov2",
         "pathotune",
         3,
-        img_size=224,
+        image_size=224,
         text_features=(torch.randn(384), torch.randn(12, 384)),
     )
     out = save_bundle(model, tmp_path / "b")
@@ -174,3 +175,38 @@ def test_format_1_bundles_still_load_and_predict_as_they_did(name):
     ref = load_file(str(folder / "reference.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(model(ref["images"]), ref["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_manifest_naming_the_size_img_size_still_loads(weights, tmp_path, images):
+    """Bundles written before the input size was called ``image_size`` name it ``img_size`` in their provenance
+    (format 1, and format 2 up to that change): the manifest reader takes either, and a re-save writes the new
+    name."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "data" / "format1_bundles" / "pathotune_attn"
+    stored = json.loads((fixture / MANIFEST).read_text())["provenance"]
+    assert stored["img_size"] == 32 and "image_size" not in stored
+    prov = read_manifest(fixture)["provenance"]
+    assert prov["image_size"] == 32 and "img_size" not in prov
+    assert list(prov)[:4] == ["backbone", "weights", "fingerprint", "image_size"]  # same place, new name
+    old = load_bundle(fixture)
+    assert old.provenance.image_size == old.backbone.image_size == 32
+
+    model = trained("vpt-deep", weights)  # a format-2 bundle as the code before the rename wrote it
+    out = save_bundle(model, tmp_path / "b")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["provenance"] = {("img_size" if k == "image_size" else k): v for k, v in manifest["provenance"].items()}
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    loaded = load_bundle(out)
+    assert loaded.provenance.image_size == 32
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))
+    again = json.loads((save_bundle(loaded, tmp_path / "c") / MANIFEST).read_text())["provenance"]
+    assert again["image_size"] == 32 and "img_size" not in again
+
+    manifest["provenance"]["image_size"] = 64  # both names: not guessed between
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"unknown key 'provenance\.img_size'"):
+        load_bundle(out)

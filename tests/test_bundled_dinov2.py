@@ -51,7 +51,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def backbone(cache: Path) -> TokenViT:
-    return create_backbone(NAME, weights="bundled", img_size=224)
+    return create_backbone(NAME, weights="bundled", image_size=224)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_cache_file_records_its_source(cache: Path) -> None:
 
 def test_loads_strictly_with_real_weights(backbone: TokenViT) -> None:
     n = sum(p.numel() for p in backbone.parameters())
-    assert backbone.depth == 12 and backbone.embed_dim == 384 and backbone.img_size == 224
+    assert backbone.depth == 12 and backbone.embed_dim == 384 and backbone.image_size == 224
     assert n == 21_628_800  # 22.06 M at 518 px, less the position rows dropped by resampling to 16x16
     assert 0 < backbone.vit.blocks[0].ls1.gamma.abs().mean() < 1  # trained layer scale, not timm's 1e-5 init
 

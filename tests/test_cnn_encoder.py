@@ -26,7 +26,7 @@ def test_a_checkpoint_in_other_key_names_loads_by_position(tmp_path) -> None:
     renamed = {f"_x{i}.{k.replace('.', '_')}": v for i, (k, v) in enumerate(ref.state_dict().items())}
     torch.save(renamed, tmp_path / "lite0.pth")
     backbone = create_model(TINY_NAME, "linear", 2, backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
-                            img_size=32).backbone  # fmt: skip
+                            image_size=32).backbone  # fmt: skip
     enc, fp = build_instance_encoder("efficientnet_lite0", tmp_path / "lite0.pth", backbone)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_a_checkpoint_in_other_key_names_loads_by_position(tmp_path) -> None:
 def test_bundled_weights_feed_ivp_and_round_trip(tmp_path) -> None:
     import pathotune
 
-    kwargs = {"backbone_kwargs": {"embed_dim": 32, "depth": 3, "num_heads": 2}, "img_size": 32}
+    kwargs = {"backbone_kwargs": {"embed_dim": 32, "depth": 3, "num_heads": 2}, "image_size": 32}
     model = create_model(TINY_NAME, "pathotune-fm", 3, text_features=(torch.randn(24), torch.randn(4, 24)),
                          ivp_encoder="efficientnet_lite0", ivp_encoder_weights="bundled", **kwargs).eval()  # fmt: skip
     assert model.provenance.instance_encoder == "efficientnet_lite0"

@@ -71,7 +71,7 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = create_model(TINY_NAME, "vpt-deep", num_classes=2, img_size=32, backbone_kwargs=TINY2)
+    model = create_model(TINY_NAME, "vpt-deep", num_classes=2, image_size=32, backbone_kwargs=TINY2)
     return save_bundle(model, tmp_path_factory.mktemp("b") / "bundle")
 
 
@@ -146,7 +146,7 @@ def test_an_interrupted_slide_resumes_from_its_chunks_and_ends_equal(tmp_path: P
     slide = tmp_path / "s.tif"
     write_pyramid_tiff(slide, tissue_and_glass(384, 768, seed=0), mpp=0.5, levels=3, tile=64)
     torch.manual_seed(0)
-    model = create_model(TINY_NAME, "linear", num_classes=2, img_size=32, backbone_kwargs=TINY2)
+    model = create_model(TINY_NAME, "linear", num_classes=2, image_size=32, backbone_kwargs=TINY2)
     tiling = TilingConfig(target_mpp=1.0, tile_size=32)
     whole = extract_slides(model, [slide], tmp_path / "whole", tiling, batch_size=4, num_workers=0, progress=False)
     n = whole[0].n_tiles

@@ -25,7 +25,7 @@ def test_prompts_off_equals_plain_timm(case, name, extra, method, images):
     # vpt-shallow with zero tokens: the prompted code path with nothing to insert.
     switches = {"tvp_tokens": 0} if method == "vpt-shallow" else {}
     size = 28 if "patch14" in name else 32  # a multiple of the patch size (anything else is refused)
-    model = create_model(name, method, 3, img_size=size, backbone_kwargs=kwargs, **switches).eval()
+    model = create_model(name, method, 3, image_size=size, backbone_kwargs=kwargs, **switches).eval()
     ref = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, **kwargs).eval()
     ref.load_state_dict(model.backbone.vit.state_dict())
     x = images[:, :, :size, :size]

@@ -197,7 +197,11 @@ def test_today_writes_what_0_1_0_wrote(tmp_path: Path) -> None:
     write_pyramid_tiff(slide, tissue_and_glass(128, 256, seed=3), mpp=0.5, levels=2, tile=64)
     torch.manual_seed(0)
     model = create_model(
-        "vit_small_patch16_224", "linear", 2, img_size=32, backbone_kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2}
+        "vit_small_patch16_224",
+        "linear",
+        2,
+        image_size=32,
+        backbone_kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2},
     ).eval()
     tiling = TilingConfig(target_mpp=1.0, tile_size=32, min_tissue=0.5)
     assert set(request_attrs(as_extractor(model), tiling)) == set(REQUEST_KEYS)

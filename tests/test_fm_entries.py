@@ -83,7 +83,7 @@ def test_pathoduet_pools_the_mean_patch_token_through_fc_norm(layout: str, tmp_p
         wrapped = {f"module.base_encoder.{k}": v for k, v in sd.items()}
         wrapped.update({f"module.momentum_encoder.{k}": v + 1 for k, v in sd.items()})
         torch.save({"state_dict": wrapped}, path)
-    bb = create_backbone("pathoduet", weights=path, img_size=32, **TINY)
+    bb = create_backbone("pathoduet", weights=path, image_size=32, **TINY)
     assert isinstance(bb.vit.norm, nn.Identity)
     assert torch.equal(bb.vit.fc_norm.weight, sd["fc_norm.weight"])
     assert torch.equal(bb.vit.reg_token, sd["pretext_token"])
@@ -150,7 +150,7 @@ def test_conch_image_embedding_is_the_attentional_pooler(tmp_path: Path) -> None
     sd = conch.state_dict()
     assert "visual.attn_pool_contrast.attn.k_proj_weight" in sd  # kdim != d_model: separate q/k/v weights
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    bb = create_backbone("conch", weights=tmp_path, img_size=32, **TINY)
+    bb = create_backbone("conch", weights=tmp_path, image_size=32, **TINY)
     assert bb.feature_dim == 512
     got = bb.vit.state_dict()
     assert torch.equal(got["blocks.1.attn.qkv.weight"], sd["visual.trunk.blocks.1.attn.qkv.weight"])
@@ -169,7 +169,7 @@ def test_conch_file_without_the_pooler_is_refused(tmp_path: Path) -> None:
     sd = {k: v for k, v in _Conch().state_dict().items() if "attn_pool_contrast" not in k}
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(WeightsError, match=r"visual\.attn_pool_contrast\.query.*MahmoodLab/CONCH"):
-        create_backbone("conch", weights=tmp_path, img_size=32, **TINY)
+        create_backbone("conch", weights=tmp_path, image_size=32, **TINY)
 
 
 # ------------------------------------------------------------------------------ fc_norm after pooling
@@ -189,7 +189,7 @@ def _timm_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("pool", ["default", "avg"])
 def test_avg_pool_goes_through_fc_norm_as_timm(pool: str, tmp_path: Path) -> None:
     ref, path = _avg_trained(tmp_path)
-    bb = create_backbone("vit_small_patch16_224", weights=path, img_size=32, pool=pool, global_pool="avg", **TINY)
+    bb = create_backbone("vit_small_patch16_224", weights=path, image_size=32, pool=pool, global_pool="avg", **TINY)
     x = pixels(32)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), _timm_features(ref, x), atol=ATOL, rtol=0)
@@ -203,7 +203,7 @@ def test_token_pools_go_through_fc_norm_as_timm(tmp_path: Path) -> None:
     ).eval()
     tok.load_state_dict(ref.state_dict())
     x = pixels(32)
-    kw = {"weights": path, "img_size": 32, "global_pool": "avg", **TINY}
+    kw = {"weights": path, "image_size": 32, "global_pool": "avg", **TINY}
     with torch.no_grad():
         token = create_backbone("vit_small_patch16_224", pool="token", **kw)(x)
         both = create_backbone("vit_small_patch16_224", pool="token+avg", **kw)(x)
@@ -215,7 +215,7 @@ def test_plain_model_pools_unchanged(tmp_path: Path) -> None:
     """A token-trained model (final norm, fc_norm Identity): the avg override is the mean of normalised patches."""
     ref = randomize(timm.create_model("vit_small_patch16_224", img_size=32, num_classes=0, **TINY))
     save_file(ref.state_dict(), str(tmp_path / "model.safetensors"))
-    bb = create_backbone("vit_small_patch16_224", weights=tmp_path, img_size=32, pool="avg", **TINY)
+    bb = create_backbone("vit_small_patch16_224", weights=tmp_path, image_size=32, pool="avg", **TINY)
     x = pixels(32)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), ref.forward_features(x)[:, 1:].mean(1), atol=ATOL, rtol=0)
@@ -236,7 +236,7 @@ RESAMPLED = [
 
 def _vendor_file(name: str, img: int, tmp_path: Path) -> dict[str, torch.Tensor]:
     """A randomised tiny model of the entry at ``img`` px, saved in the vendor's layout; its timm state dict."""
-    src = create_backbone(name, img_size=img, **TINY)
+    src = create_backbone(name, image_size=img, **TINY)
     sd = randomize(src.vit).state_dict()
     if name == "conch":
         layout = {}
@@ -258,7 +258,7 @@ def test_position_table_resampled_as_the_vendor(
     name: str, native: int, img: int, antialias: bool, tmp_path: Path
 ) -> None:
     sd = _vendor_file(name, native, tmp_path)
-    bb = create_backbone(name, weights=tmp_path, img_size=img, **TINY)
+    bb = create_backbone(name, weights=tmp_path, image_size=img, **TINY)
     grid = list(bb.vit.patch_embed.grid_size)
     n_prefix = 0 if bb.vit.no_embed_class else bb.num_prefix_tokens
     table = sd["pos_embed"]
@@ -278,7 +278,7 @@ def test_uni_at_half_size_matches_the_vendor_model_run_dynamically(tmp_path: Pat
         )
     )
     torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
-    bb = create_backbone("uni", weights=tmp_path, img_size=32, **TINY)
+    bb = create_backbone("uni", weights=tmp_path, image_size=32, **TINY)
     x = pixels(32)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), ref(x), atol=ATOL, rtol=0)

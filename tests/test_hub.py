@@ -20,7 +20,7 @@ from pathotune.bundle import MANIFEST
 from pathotune.hub import HubRef, parse_hub_ref
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-KW = {"img_size": 32, "backbone_kwargs": TINY2}  # the tiny backbone of TINY_CONFIG
+KW = {"image_size": 32, "backbone_kwargs": TINY2}  # the tiny backbone of TINY_CONFIG
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def http_error(cls: type[Exception], message: str) -> Exception:
 
 def tiny_state(seed: int = 3) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = create_model(TINY_NAME, "linear", 2, img_size=32, backbone_kwargs=TINY2)
+    model = create_model(TINY_NAME, "linear", 2, image_size=32, backbone_kwargs=TINY2)
     return {k: v.contiguous() for k, v in model.backbone.vit.state_dict().items()}
 
 

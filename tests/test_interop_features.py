@@ -141,7 +141,7 @@ def test_extracted_files_carry_tridents_coords_attributes(tmp_path: Path) -> Non
     """A 0.25 mpp (40x) slide tiled at 0.5 mpp (20x), 32 px: TRIDENT's attributes with TRIDENT's arithmetic."""
     slide = tmp_path / "s40x.tif"
     write_pyramid_tiff(slide, tissue_and_glass(128, 256, seed=1), mpp=0.25, levels=2, tile=64)
-    model = create_model(TINY_NAME, "linear", 2, img_size=32, backbone_kwargs=dict(TINY2))
+    model = create_model(TINY_NAME, "linear", 2, image_size=32, backbone_kwargs=dict(TINY2))
     tiling = TilingConfig(target_mpp=0.5, tile_size=32, overlap=8, min_tissue=0.0)
     (r,) = extract_slides(model, [slide], tmp_path / "f", tiling=tiling, num_workers=0, progress=False)
     with h5py.File(r.path, "r") as f:

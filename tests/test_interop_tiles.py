@@ -54,7 +54,7 @@ def slides_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return create_model(TINY_NAME, "linear", 2, img_size=32, backbone_kwargs=dict(TINY2)).eval()
+    return create_model(TINY_NAME, "linear", 2, image_size=32, backbone_kwargs=dict(TINY2)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def make_bundles(tmp_path, text_features, specs):
             method,
             n_classes,
             task=task,
-            img_size=32,
+            image_size=32,
             backbone_kwargs=TINY,
             text_features=text_features,
             **switches,
@@ -63,13 +63,13 @@ def test_mixed_batch_equals_each_task_alone(tmp_path, text_features, early):
 def test_refuses_other_backbone_weights(tmp_path, text_features):
     a, b = make_bundles(tmp_path, text_features, [("vpt-deep", 2, {}), ("vpt-deep", 2, {})])
     torch.manual_seed(3)
-    other = create_model(NAME, "linear", 2, img_size=32, backbone_kwargs=TINY)
+    other = create_model(NAME, "linear", 2, image_size=32, backbone_kwargs=TINY)
     w = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() + 1.0 for k, v in other.backbone.vit.state_dict().items()}, str(w))
-    model_b = create_model(NAME, "vpt-deep", 2, weights=w, img_size=32, backbone_kwargs=TINY)
+    model_b = create_model(NAME, "vpt-deep", 2, weights=w, image_size=32, backbone_kwargs=TINY)
     with pytest.raises(BundleError, match="share backbone weights"):
         MultiTaskModel([load_bundle(a), model_b])
-    full = create_model(NAME, "full", 2, img_size=32, backbone_kwargs=TINY)
+    full = create_model(NAME, "full", 2, image_size=32, backbone_kwargs=TINY)
     with pytest.raises(BundleError, match="changes the backbone"):
         MultiTaskModel([load_bundle(a), full])
 

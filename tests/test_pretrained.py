@@ -25,7 +25,7 @@ def model(tmp_path, text_features) -> PathoTuneModel:
     """A tiny prompt-tuned model on a local checkpoint, its trainable tensors moved off their init."""
     torch.manual_seed(1)
     weights = tmp_path / "backbone.safetensors"
-    base = create_model(TINY_NAME, "linear", 2, img_size=32, backbone_kwargs=TINY)
+    base = create_model(TINY_NAME, "linear", 2, image_size=32, backbone_kwargs=TINY)
     save_file({k: v.contiguous() for k, v in base.backbone.vit.state_dict().items()}, str(weights))
     torch.manual_seed(0)
     task = Task(name="pen-mark QC", organ="skin", classes=CLASSES)
@@ -35,7 +35,7 @@ def model(tmp_path, text_features) -> PathoTuneModel:
         3,
         task=task,
         weights=weights,
-        img_size=32,
+        image_size=32,
         backbone_kwargs=TINY,
         text_features=text_features,
     )
@@ -297,7 +297,7 @@ def test_save_pretrained_works_whatever_was_imported_first(tmp_path):
 
     code = (
         "from pathotune.model import create_model, PathoTuneModel\n"
-        f"m = create_model('vit_small_patch16_224', 'vpt-deep', 3, img_size=32, backbone_kwargs={TINY2!r})\n"
+        f"m = create_model('vit_small_patch16_224', 'vpt-deep', 3, image_size=32, backbone_kwargs={TINY2!r})\n"
         f"m.save_pretrained({str(tmp_path / 'b')!r})\n"
         f"print(type(PathoTuneModel.from_pretrained({str(tmp_path / 'b')!r})).__name__)\n"
     )

@@ -14,7 +14,7 @@ from pathotune.multitask import forward_mixed
 from pathotune.prompts import BuildContext, Option, PromptGroup, at_least, check_entry, unregister_kind
 from pathotune.switches import Switches, switch_names
 
-KWARGS = {"backbone_kwargs": dict(TINY2), "img_size": IMG}
+KWARGS = {"backbone_kwargs": dict(TINY2), "image_size": IMG}
 NO_BUILT_IN = {"tvp_tokens": 0}  # vpt-shallow trains prompts; with its TVP off, only the test kind is left
 
 

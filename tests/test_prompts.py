@@ -66,7 +66,7 @@ def test_gated_start_is_exact_on_register_and_avg_pooled_backbones(images, text_
     for name, size, extra in [("vit_small_patch14_reg4_dinov2", 28, {}), (NAME, 32, {"global_pool": "avg"})]:
         kwargs = {**TINY2, **extra}
         model = create_model(
-            name, "pathotune", 3, img_size=size, backbone_kwargs=kwargs, text_features=text_features
+            name, "pathotune", 3, image_size=size, backbone_kwargs=kwargs, text_features=text_features
         ).eval()
         x = images[:, :, :size, :size]
         with torch.no_grad():
@@ -196,7 +196,7 @@ def test_vrm_starts_as_plain_learnable_tokens(tiny_kwargs, images):
 def test_pooling_ignores_prompts_unless_switched(images):
     kwargs = {
         "backbone_kwargs": {**TINY2, "global_pool": "avg"},
-        "img_size": 32,
+        "image_size": 32,
     }
     torch.manual_seed(0)
     model = create_model(NAME, "vpt-shallow", 3, tvp_tokens=4, **kwargs).eval()

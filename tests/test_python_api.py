@@ -14,13 +14,16 @@ from helpers import IMG, TINY2, TINY_NAME, run_main, write_image
 from PIL import Image
 
 import pathotune
-from pathotune import Task, create_model, save_bundle
+from pathotune import ConfigError, Task, create_model, save_bundle
+from pathotune.backbones import create_backbone
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = create_model(TINY_NAME, "vpt-deep", 3, task=Task(classes=("a", "b", "c")), img_size=IMG, backbone_kwargs=TINY2)
+    m = create_model(
+        TINY_NAME, "vpt-deep", 3, task=Task(classes=("a", "b", "c")), image_size=IMG, backbone_kwargs=TINY2
+    )
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
@@ -82,3 +85,21 @@ def test_a_forward_on_an_image_says_what_to_do(model, folder, tmp_path):
         model.predict(tmp_path)
     with pytest.raises(pathotune.DataError, match="cannot read image .*gone.png"):
         model.predict(tmp_path / "gone.png")
+
+
+def test_the_old_img_size_keyword_warns_and_still_works() -> None:
+    """``image_size`` is the one name; ``img_size=`` (the old keyword) works for one release, with a FutureWarning
+    that points at the caller's line."""
+    with pytest.warns(FutureWarning, match=r"create_model\(img_size=\.\.\.\) is now create_model\(image_size") as got:
+        m = create_model(TINY_NAME, "linear", 2, img_size=IMG, backbone_kwargs=TINY2)
+    assert got[0].filename == __file__
+    assert m.backbone.image_size == m.provenance.image_size == IMG
+    with pytest.warns(FutureWarning, match=r"create_backbone\(img_size=\.\.\.\) is now") as got:
+        bb = create_backbone(TINY_NAME, img_size=2 * IMG, **TINY2)
+    assert got[0].filename == __file__
+    assert bb.image_size == 2 * IMG and bb.vit.patch_embed.img_size == (2 * IMG, 2 * IMG)
+    with (
+        pytest.raises(ConfigError, match="image_size=32 and img_size=64; pass image_size only"),
+        pytest.warns(FutureWarning),
+    ):
+        create_model(TINY_NAME, "linear", 2, image_size=IMG, img_size=2 * IMG, backbone_kwargs=TINY2)

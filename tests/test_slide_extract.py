@@ -42,7 +42,7 @@ CMU_COARSE = TilingConfig(target_mpp=4.0, tile_size=32)  # one-level SVS: 257 px
 
 
 def tiny_model(method: str = "linear", **kw) -> pathotune.PathoTuneModel:
-    return create_model(NAME, method, 2, img_size=32, backbone_kwargs=dict(TINY), **kw)
+    return create_model(NAME, method, 2, image_size=32, backbone_kwargs=dict(TINY), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_mismatching_file_is_an_error_unless_overwrite(model, slides_dir: Path, 
     coarser = TilingConfig(target_mpp=4.0, tile_size=32)
     with pytest.raises(ConfigError, match=r"target_mpp=2\.0.*--overwrite"):
         extract_slides(model, [a], tmp_path, tiling=coarser, num_workers=0, progress=False)
-    other = create_model(NAME, "linear", 2, img_size=32, backbone_kwargs={**TINY, "depth": 1})
+    other = create_model(NAME, "linear", 2, image_size=32, backbone_kwargs={**TINY, "depth": 1})
     with pytest.raises(ConfigError, match="backbone_fingerprint"):
         extract_slides(other, [a], tmp_path, tiling=SMALL, num_workers=0, progress=False)
     (r,) = extract_slides(model, [a], tmp_path, tiling=coarser, num_workers=0, overwrite=True, progress=False)

@@ -424,7 +424,7 @@ def test_cli_tile_extract_heatmap_over_every_format(mixed, tmp_path, monkeypatch
 
     g = torch.Generator().manual_seed(0)
     text = (torch.randn(24, generator=g), torch.randn(7, 24, generator=g))
-    model = create_model(TINY_NAME, "pathotune", 3, img_size=32, backbone_kwargs=dict(TINY2), text_features=text)
+    model = create_model(TINY_NAME, "pathotune", 3, image_size=32, backbone_kwargs=dict(TINY2), text_features=text)
     bundle = save_bundle(model, tmp_path / "bundle")
     feats = tmp_path / "feats"
     code, _, err = run_main(

@@ -62,7 +62,7 @@ def slides_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = torch.Generator().manual_seed(123)
     text = (torch.randn(24, generator=g), torch.randn(7, 24, generator=g))
-    model = create_model(NAME, "pathotune", 3, img_size=32, backbone_kwargs=dict(TINY), text_features=text)
+    model = create_model(NAME, "pathotune", 3, image_size=32, backbone_kwargs=dict(TINY), text_features=text)
     return save_bundle(model, tmp_path_factory.mktemp("b") / "bundle")
 
 
@@ -256,7 +256,7 @@ def test_plain_backbone_features_refused_by_prompted_bundle(
 
 def test_linear_probe_bundle_reads_plain_backbone_features(slides_dir: Path, tmp_path: Path) -> None:
     """A head-only bundle leaves the backbone as it was, so plain features of the same weights suit its head."""
-    probe = create_model(NAME, "linear", 2, img_size=32, backbone_kwargs=dict(TINY))
+    probe = create_model(NAME, "linear", 2, image_size=32, backbone_kwargs=dict(TINY))
     bundle = save_bundle(probe, tmp_path / "probe")
     extract_slides(
         probe,
@@ -283,7 +283,7 @@ def mil_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         path.parent.mkdir(exist_ok=True)
         write_pyramid_tiff(path, cmu_crop(x, y, 256, 256), mpp=0.5, levels=2, tile=64)
         slides.append(path)
-    model = create_model(NAME, "linear", 2, img_size=32, backbone_kwargs=dict(TINY))
+    model = create_model(NAME, "linear", 2, image_size=32, backbone_kwargs=dict(TINY))
     extract_slides(
         model,
         slides,

@@ -70,7 +70,7 @@ def _class_features(n: int = 3, dim: int = 24, length: int = 5):
 def test_per_class_deep_ttp_starts_as_the_frozen_model_and_round_trips(tmp_path) -> None:
     import pathotune
 
-    kwargs = {"backbone_kwargs": {"embed_dim": 32, "depth": 3, "num_heads": 2}, "img_size": 32}
+    kwargs = {"backbone_kwargs": {"embed_dim": 32, "depth": 3, "num_heads": 2}, "image_size": 32}
     model = create_model(TINY_NAME, "text-classes", 3, task=TASK, text_features=_class_features(), **kwargs).eval()
     plain = create_model(TINY_NAME, "linear", 3, **kwargs).eval()
     assert model.ttp.layers == [0, 1, 2] and model.ttp.num_tokens == 6 and model.layout[0][0] == 6

@@ -20,7 +20,7 @@ PATCHES = 4  # 32 px in 16 px patches
 
 def tiny(method: str = "pathotune", name: str = TINY_NAME, size: int = 32, open_gates: bool = True, **kw):
     torch.manual_seed(0)
-    model = create_model(name, method, 3, img_size=size, backbone_kwargs={**TINY2, **kw.pop("extra", {})}, **kw)
+    model = create_model(name, method, 3, image_size=size, backbone_kwargs={**TINY2, **kw.pop("extra", {})}, **kw)
     with torch.no_grad():
         for g in model.gates.values():
             g.fill_(0.7 if open_gates else 0.0)
@@ -103,7 +103,7 @@ def test_prompts_off_equals_the_frozen_timm_model(name, size, extra, method, tex
 def test_internal_pooled_callers_do_not_warn(text_features, x) -> None:
     """Cached-feature heads and mixed-task batches run the head on pooled features without the deprecated path."""
     a = tiny("pathotune", text_features=text_features)
-    b = create_model(TINY_NAME, "vpt-shallow", 4, img_size=32, backbone_module=a.backbone, backbone_kwargs=TINY2)
+    b = create_model(TINY_NAME, "vpt-shallow", 4, image_size=32, backbone_module=a.backbone, backbone_kwargs=TINY2)
     b.eval()
     with torch.no_grad():
         feats = pooled(a, x)

@@ -71,7 +71,7 @@ def is_hot(coords: np.ndarray) -> np.ndarray:
 def hot_bundle(path: Path) -> Path:
     """A linear bundle on the tiny backbone whose head reads feature 0 only: class 'hot' when it is positive."""
     task = Task(classes=CLASSES)
-    model = create_model(TINY_NAME, "linear", 2, task=task, img_size=32, backbone_kwargs=dict(TINY2))
+    model = create_model(TINY_NAME, "linear", 2, task=task, image_size=32, backbone_kwargs=dict(TINY2))
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()

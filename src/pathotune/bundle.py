@@ -127,7 +127,7 @@ def _os_error(e: BaseException) -> BaseException:
 
 
 REQUIRED_KEYS = ("method", "num_classes", "class_names", "task", "switches", "provenance", "tensors", "sha256")
-PROVENANCE_KEYS = ("backbone", "weights", "fingerprint", "img_size")
+PROVENANCE_KEYS = ("backbone", "weights", "fingerprint", "image_size")
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -327,6 +327,8 @@ def read_manifest(path: str | Path) -> dict:
         raise BundleError(f"bundle manifest {mf} has a malformed provenance, switches or tensors entry; re-export it")
     if not all(isinstance(v, list) and all(isinstance(d, int) for d in v) for v in tensors.values()):
         raise BundleError(f"bundle manifest {mf} has malformed tensor shapes; re-export it")
+    if "img_size" in prov and "image_size" not in prov:  # bundles written before the input size was image_size
+        manifest["provenance"] = prov = {("image_size" if k == "img_size" else k): v for k, v in prov.items()}
     lost = [k for k in PROVENANCE_KEYS if k not in prov]
     if lost:
         raise BundleError(f"bundle manifest {mf} lacks key 'provenance.{lost[0]}'; it is incomplete, re-export it")
@@ -384,7 +386,7 @@ def load_bundle(
             manifest["num_classes"],
             task=Task.from_dict(manifest["task"]),
             weights=weights if weights is not None else prov.weights,
-            img_size=prov.img_size,
+            image_size=prov.image_size,
             text_features=text_features,
             backbone_kwargs=prov.backbone_kwargs,
             backbone_module=backbone_module,

@@ -182,7 +182,7 @@ def model_card(
         "",
         f"Research on {task.get('name', 'classification')} of {task.get('stain', '')} stained "
         f"{task.get('organ', '')} image tiles into {len(classes)} classes ({', '.join(map(str, classes))}), at "
-        f"{prov['img_size']} px with the backbone's normalisation. Not a medical device: not for diagnosis or any "
+        f"{prov['image_size']} px with the backbone's normalisation. Not a medical device: not for diagnosis or any "
         "clinical decision.",
         "",
         "## Limitations",
@@ -203,7 +203,7 @@ def model_card(
         "",
         "## Backbone",
         "",
-        f"- id: `{backbone}`, {prov['img_size']} px",
+        f"- id: `{backbone}`, {prov['image_size']} px",
         f"- weights: {_weights_text(weights, weights_hint)}",
         f"- weights fingerprint (blake2b): `{prov['fingerprint']}`",
     ]

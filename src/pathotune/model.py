@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbones import TokenViT, bundled_cnn_file, create_backbone, get_backbone_spec
 from .backbones.loading import fingerprint, read_state_dict
+from .backbones.vit import take_old_image_size
 from .errors import ConfigError
 from .methods import get_method
 from .prompts import BuildContext, InstanceEncoder, PromptGroup, prompt_kinds, sequence_order
@@ -61,7 +62,7 @@ class Provenance:
     backbone: str
     weights: str | None
     fingerprint: str
-    img_size: int
+    image_size: int
     backbone_kwargs: dict = field(default_factory=dict)
     instance_encoder: str | None = None
     instance_weights: str | None = None
@@ -315,7 +316,7 @@ class PathoTuneModel(nn.Module):
     def pretrained_cfg(self) -> dict:
         """timm's description of the input this model takes (``timm.data.resolve_data_config`` reads it): the
         backbone's size and normalisation, bilinear resampling, the whole tile centred."""
-        size = int(self.backbone.img_size)
+        size = int(self.backbone.image_size)
         spec = self.backbone.spec
         return {
             "input_size": (3, size, size),
@@ -397,7 +398,7 @@ def build_instance_encoder(name: str, weights: str | Path | None, backbone: Toke
         n_prefix, dim = 0, int(enc.num_features)
         fp = fingerprint(enc)
     wrapped = InstanceEncoder(
-        enc, n_prefix, dim, backbone.spec.mean, backbone.spec.std, spec.mean, spec.std, spec.img_size
+        enc, n_prefix, dim, backbone.spec.mean, backbone.spec.std, spec.mean, spec.std, spec.image_size
     )
     return wrapped, fp
 
@@ -408,7 +409,7 @@ def create_model(
     num_classes: int = 2,
     task: Task | None = None,
     weights: str | Path | None = None,
-    img_size: int | None = None,
+    image_size: int | None = None,
     text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     backbone_kwargs: dict | None = None,
     backbone_module: TokenViT | None = None,
@@ -421,6 +422,7 @@ def create_model(
     ``backbone_kwargs``: architecture overrides passed to timm (tiny test models, drop-path rates...).
     ``backbone_module``: an already built frozen backbone to share (serving many tasks on one backbone).
     """
+    image_size = take_old_image_size(image_size, switches, "create_model")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes must be an integer >= 2 (a classifier needs two classes), got {num_classes!r}")
     s = get_method(method).resolve(**switches)
@@ -433,14 +435,14 @@ def create_model(
             raise ConfigError(f"method '{method}' changes the backbone, so it cannot share one")
         bb = backbone_module
     else:
-        bb = create_backbone(backbone, weights=weights, img_size=img_size, pool=s.pool, **backbone_kwargs)
+        bb = create_backbone(backbone, weights=weights, image_size=image_size, pool=s.pool, **backbone_kwargs)
     if getattr(bb, "fingerprint", None) is None:
         bb.fingerprint = fingerprint(bb.vit)
     prov = Provenance(
         backbone=backbone,
         weights=None if weights is None else str(weights),
         fingerprint=bb.fingerprint,
-        img_size=bb.img_size,
+        image_size=bb.image_size,
         backbone_kwargs=backbone_kwargs,
     )
     context = BuildContext(

@@ -28,14 +28,14 @@ def backbone_recipe(manifest: dict) -> tuple:
         with contextlib.suppress(ConfigError):  # a backbone this version does not know: compare the setting as written
             pool = get_backbone_spec(prov["backbone"]).pool
     weights = prov["fingerprint"] if prov["weights"] is not None else f"random init {prov.get('backbone_kwargs') or {}}"
-    return prov["backbone"], weights, prov["img_size"], pool
+    return prov["backbone"], weights, prov["image_size"], pool
 
 
 def describe_recipe(recipe: tuple) -> str:
     """A recipe in words, e.g. 'dinov2_vits14' (weights 3f2a9c01d4e7, 224 px, token pooling)."""
-    backbone, weights, img_size, pool = recipe
+    backbone, weights, image_size, pool = recipe
     shown = weights if weights.startswith("random init") else f"weights {weights[:12]}"
-    return f"'{backbone}' ({shown}, {img_size} px, {pool} pooling)"
+    return f"'{backbone}' ({shown}, {image_size} px, {pool} pooling)"
 
 
 class MultiTaskModel(nn.Module):
@@ -54,14 +54,14 @@ class MultiTaskModel(nn.Module):
         for m in models[1:]:
             if (
                 m.provenance.fingerprint != first.provenance.fingerprint
-                or m.backbone.img_size != first.backbone.img_size
+                or m.backbone.image_size != first.backbone.image_size
                 or m.backbone.pool_mode != first.backbone.pool_mode
             ):
                 raise BundleError(
                     f"tasks must share backbone weights, image size and pooling: '{m.provenance.backbone}' "
-                    f"({m.provenance.fingerprint[:12]}, {m.backbone.img_size} px, {m.backbone.pool_mode}) vs "
+                    f"({m.provenance.fingerprint[:12]}, {m.backbone.image_size} px, {m.backbone.pool_mode}) vs "
                     f"'{first.provenance.backbone}' ({first.provenance.fingerprint[:12]}, "
-                    f"{first.backbone.img_size} px, {first.backbone.pool_mode})"
+                    f"{first.backbone.image_size} px, {first.backbone.pool_mode})"
                 )
             if m.switches.train in ("all", "lora"):
                 raise BundleError(f"method '{m.method}' changes the backbone; it cannot share one with other tasks")

@@ -217,7 +217,7 @@ def other_backbone_bundle(ctx: Ctx) -> list:
         "linear",
         len(names),
         task=Task(classes=tuple(names)),
-        img_size=32,
+        image_size=32,
         backbone_kwargs=TINY2,
     )
     save_bundle(other, ctx.root / "other")
@@ -303,7 +303,7 @@ def create_with_classes(n: int) -> Callable[[Ctx], Callable[[], object]]:
     def setup(ctx: Ctx) -> Callable[[], object]:
         from pathotune import create_model
 
-        return lambda: create_model("vit_small_patch16_224", "linear", n, img_size=32, backbone_kwargs={"depth": 1})
+        return lambda: create_model("vit_small_patch16_224", "linear", n, image_size=32, backbone_kwargs={"depth": 1})
 
     return setup
 
@@ -327,7 +327,7 @@ def api_switch_type(ctx: Ctx) -> Callable[[], object]:
 def api_image_size(ctx: Ctx) -> Callable[[], object]:
     from pathotune import create_model
 
-    return lambda: create_model("vit_small_patch16_224", "linear", 2, img_size=40, backbone_kwargs={"depth": 1})
+    return lambda: create_model("vit_small_patch16_224", "linear", 2, image_size=40, backbone_kwargs={"depth": 1})
 
 
 def garbage_checkpoint(ctx: Ctx) -> list:

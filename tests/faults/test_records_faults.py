@@ -62,7 +62,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = create_model(TINY_NAME, "vpt-deep", num_classes=2, img_size=32, backbone_kwargs=TINY2)
+        model = create_model(TINY_NAME, "vpt-deep", num_classes=2, image_size=32, backbone_kwargs=TINY2)
         bundle = save_bundle(model, root / "bundle")
         features = root / "features"
         extract_slides(

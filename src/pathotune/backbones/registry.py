@@ -30,7 +30,7 @@ class BackboneSpec:
     name: str
     timm_name: str
     family: str  # "natural", "pathology", "timm", or "cnn" (an IVP instance encoder only, never prompted)
-    img_size: int = 224
+    image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     model_kwargs: dict = field(default_factory=dict)
@@ -75,7 +75,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
         std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
         size = int(cfg.input_size[-1]) if cfg is not None else 224
-        return BackboneSpec(name=name, timm_name=timm_name, family="timm", img_size=size, mean=mean, std=std)
+        return BackboneSpec(name=name, timm_name=timm_name, family="timm", image_size=size, mean=mean, std=std)
     raise ConfigError(
         f"unknown backbone '{name}'; use one of {list_backbones()} or a timm ViT model name (see `pathotune backbones`)"
     )

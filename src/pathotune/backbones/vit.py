@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,7 @@ class TokenViT(nn.Module):
         return int(self.vit.patch_embed.patch_size[0])
 
     @property
-    def img_size(self) -> int:
+    def image_size(self) -> int:
         return int(self.vit.patch_embed.img_size[0])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,10 +153,27 @@ class TokenViT(nn.Module):
         return self.pool(self.run_blocks(self.embed(x)))
 
 
-def create_vit(spec: BackboneSpec, img_size: int | None = None, **overrides) -> nn.Module:
+def take_old_image_size(image_size: int | None, kwargs: dict, where: str) -> int | None:
+    """Deprecated, kept for one release: ``img_size=`` as the old name of ``image_size=`` in ``where`` (taken out of
+    ``kwargs``, with a FutureWarning)."""
+    if "img_size" not in kwargs:
+        return image_size
+    old = kwargs.pop("img_size")
+    warnings.warn(
+        f"{where}(img_size=...) is now {where}(image_size=...), the name the CLI, config and bundles use; "
+        "img_size= stops working in the next release.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if image_size is not None and image_size != old:
+        raise ConfigError(f"{where} got image_size={image_size!r} and img_size={old!r}; pass image_size only")
+    return old
+
+
+def create_vit(spec: BackboneSpec, image_size: int | None = None, **overrides) -> nn.Module:
 
     kwargs = {**spec.model_kwargs, **overrides}
-    kwargs.setdefault("img_size", img_size or spec.img_size)
+    kwargs.setdefault("img_size", image_size or spec.image_size)
     try:
         vit = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as e:
@@ -168,7 +186,7 @@ def create_vit(spec: BackboneSpec, img_size: int | None = None, **overrides) -> 
 def create_backbone(
     name: str,
     weights: str | Path | None = None,
-    img_size: int | None = None,
+    image_size: int | None = None,
     pool: str = "default",
     **overrides,
 ) -> TokenViT:
@@ -177,12 +195,13 @@ def create_backbone(
     Random init is seeded with a fixed seed, so a bundle trained on a random backbone (smoke tests, tiny
     configurations) reloads onto the same weights in any process.
     """
+    image_size = take_old_image_size(image_size, overrides, "create_backbone")
     spec = get_backbone_spec(name)
-    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
-        raise ConfigError(f"image size must be a positive number of pixels, got {img_size!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ConfigError(f"image size must be a positive number of pixels, got {image_size!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        vit = create_vit(spec, img_size=img_size, **overrides)
+        vit = create_vit(spec, image_size=image_size, **overrides)
     grid_size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
     size = int(grid_size[0]) if grid_size else 0
     patch = int(vit.patch_embed.patch_size[0]) if size else 1

@@ -330,7 +330,7 @@ def backbones() -> None:
                 "id": name,
                 "family": s.family,
                 "timm arch": s.timm_name,
-                "px": s.img_size,
+                "px": s.image_size,
                 "pool": s.pool,
                 "weights": "bundled" if s.bundled else s.weights_hint,
             }
@@ -379,7 +379,7 @@ def info(
                 "path": str(path),
                 "method": m["method"],
                 "backbone": prov["backbone"],
-                "img_size": prov["img_size"],
+                "image_size": prov["image_size"],
                 "weights": prov["weights"],
                 "fingerprint": prov["fingerprint"],
                 "classes": m["class_names"],
@@ -395,7 +395,7 @@ def info(
         return
     rows = [
         {"field": "method", "value": m["method"]},
-        {"field": "backbone", "value": f"{prov['backbone']} ({prov['img_size']} px)"},
+        {"field": "backbone", "value": f"{prov['backbone']} ({prov['image_size']} px)"},
         {"field": "weights", "value": str(prov["weights"])},
         {"field": "fingerprint", "value": prov["fingerprint"]},
         {"field": "classes", "value": ", ".join(m["class_names"])},

@@ -243,7 +243,7 @@ def _train(
         len(classes),
         task=task,
         weights=resolve_weights(cfg.backbone, cfg.weights),
-        img_size=cfg.image_size,
+        image_size=cfg.image_size,
         text_features=text_features,
         backbone_kwargs=cfg.backbone_kwargs,
         **cfg.switches,
@@ -255,7 +255,7 @@ def _train(
         if warning:
             print(warning)
     spec = model.backbone.spec
-    size = model.backbone.img_size
+    size = model.backbone.image_size
     train_tf = build_transforms(spec.mean, spec.std, size, train=True, augment=cfg.augment)
     eval_tf = build_transforms(spec.mean, spec.std, size, train=False, augment="none")
     plain = {split: PatchDataset(source.split(split), eval_tf) for split in dict.fromkeys(("train", "val", eval_split))}

@@ -38,13 +38,13 @@ class InstanceEncoder(nn.Module):
         src_std: tuple[float, ...],
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        img_size: int | None,
+        image_size: int | None,
     ) -> None:
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
         self.num_prefix_tokens = num_prefix_tokens
         self.dim = dim
-        self.img_size = img_size
+        self.image_size = image_size
         # x_enc = (x * src_std + src_mean - mean) / std, as one affine map per channel.
         s_std, s_mean = torch.tensor(src_std), torch.tensor(src_mean)
         e_std, e_mean = torch.tensor(std), torch.tensor(mean)
@@ -59,8 +59,8 @@ class InstanceEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.scale + self.shift
-        if self.img_size is not None and x.shape[-1] != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        if self.image_size is not None and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         if hasattr(self.encoder, "forward_tokens"):
             return self.encoder.forward_tokens(x)
         fmap = self.encoder.forward_features(x)

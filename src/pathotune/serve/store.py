@@ -64,7 +64,7 @@ class Task:
             "task_text": m.get("task_text", ""),
             "backbone": prov["backbone"],
             "fingerprint": prov["fingerprint"],
-            "img_size": prov["img_size"],
+            "image_size": prov["image_size"],
             "metrics": extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {},
             "bundle_sha256": self.sha256,
         }
@@ -346,6 +346,6 @@ class BundleStore:
 
     def describe_backbone(self) -> dict:
         """The served backbone, as ``GET /v1/tasks`` reports it."""
-        backbone, _, img_size, pool = self.recipe  # type: ignore[misc]
+        backbone, _, image_size, pool = self.recipe  # type: ignore[misc]
         fingerprint = self.backbone.fingerprint
-        return {"backbone": backbone, "fingerprint": fingerprint, "img_size": img_size, "pool": pool}
+        return {"backbone": backbone, "fingerprint": fingerprint, "image_size": image_size, "pool": pool}

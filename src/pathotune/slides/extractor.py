@@ -57,7 +57,7 @@ def as_extractor(model: Any) -> FeatureExtractor:
             model.provenance.fingerprint,
             tuple(bb.spec.mean),
             tuple(bb.spec.std),
-            bb.img_size,
+            bb.image_size,
             bb.feature_dim,
         )
     if isinstance(model, TokenViT):
@@ -67,7 +67,7 @@ def as_extractor(model: Any) -> FeatureExtractor:
             fingerprint(model.vit),
             tuple(model.spec.mean),
             tuple(model.spec.std),
-            model.img_size,
+            model.image_size,
             model.feature_dim,
         )
     raise ConfigError(f"cannot extract features with a {type(model).__name__}; pass a PathoTuneModel or TokenViT")
@@ -87,7 +87,7 @@ def load_extractor(
     if bundle is not None:
         path = resolve_bundle(bundle)
         manifest = read_manifest(path)
-        size = int(manifest["provenance"]["img_size"])
+        size = int(manifest["provenance"]["image_size"])
         if image_size is not None and image_size != size:
             raise ConfigError(f"bundle {path} was trained at {size} px; drop --image-size {image_size} or use {size}")
         ex = as_extractor(load_bundle(path, weights=weights, backbone=backbone))
@@ -96,4 +96,4 @@ def load_extractor(
         return ex
     if backbone is None:
         raise ConfigError("pass --backbone (a backbone id) or --bundle (a prompt bundle) to extract features")
-    return as_extractor(create_backbone(backbone, weights=resolve_weights(backbone, weights), img_size=image_size))
+    return as_extractor(create_backbone(backbone, weights=resolve_weights(backbone, weights), image_size=image_size))

@@ -244,7 +244,7 @@ def paint_slide(
 def _check_bundle_features(sf: SlideFeatures, model: PathoTuneModel, manifest: dict, bundle: Path) -> None:
     """The features must be the bundle's own (:func:`pathotune.features.h5.bundle_mismatch`)."""
     probe = model.switches.train == "head" and not model.groups
-    probe_of = (model.provenance.fingerprint, model.backbone.img_size) if probe else None
+    probe_of = (model.provenance.fingerprint, model.backbone.image_size) if probe else None
     if bundle_mismatch(sf.attrs, manifest.get("sha256", ""), probe_of) is not None:
         raise DataError(
             f"features {sf.path} were not extracted with bundle {bundle}; run `pathotune slides extract --bundle "
