@@ -45,9 +45,9 @@ import torch
 from multitask_throughput import EARLY, make_bundles, timed
 from PIL import Image
 
+from pathotune import transforms
 from pathotune.bundle import load_bundle
 from pathotune.core.allocator import retain_freed_memory
-from pathotune.engine.infer import eval_transform
 from pathotune.multitask import MultiTaskModel
 from pathotune.serve.images import Upload, decode_rgb
 
@@ -177,7 +177,7 @@ def run_load(args: argparse.Namespace) -> dict:
     paths = [folder / f"task{t}" for t in range(args.tasks)]
     multi = MultiTaskModel.from_bundles(paths)
     bodies = tiles(args.tiles, args.image_size)
-    transform = eval_transform(multi.tasks[0])
+    transform = transforms(multi.tasks[0])
     x = torch.stack([transform(decode_rgb(Upload(f"tile {i}", b), 10**8)) for i, b in enumerate(bodies)])
     expected = {}
     with torch.inference_mode():

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import CLASSES, write_dataset, write_image
 
-from pathotune import Task, create_model, save_bundle
+from pathotune import Task, create_model, save_bundle, transforms
 from pathotune.core.metrics import METRIC_NAMES, classification_metrics
 from pathotune.core.runtime import Runtime, infer_dataset
 from pathotune.data import load_rgb
-from pathotune.engine.infer import eval_transform, evaluate, predict_to_csv, write_evaluation
+from pathotune.engine.infer import evaluate, predict_to_csv, write_evaluation
 from pathotune.errors import DataError, OutputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,7 +48,7 @@ def run(model, tmp_path: Path) -> Path:
 def reference(model, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Labels (by class name, into the model's classes) and probabilities, one image at a time."""
     files = sorted(folder.rglob("*.png"))
-    tf = eval_transform(model)
+    tf = transforms(model)
     with torch.no_grad():
         probs = torch.cat([model(tf(load_rgb(f))[None]).softmax(-1) for f in files]).numpy()
     return np.array([model.class_names.index(f.parent.name) for f in files]), probs

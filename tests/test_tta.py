@@ -40,9 +40,8 @@ def data(tmp_path_factory):
 def test_cached_probe_and_image_model_average_the_same_views(data, tmp_path) -> None:
     """The probe's TTA goes through the features of each view; the same bundle run image by image through
     TTAModel gives the same probabilities, so every method really gets the same views."""
-    from pathotune import load_bundle
+    from pathotune import load_bundle, transforms
     from pathotune.data import PatchDataset, load_source
-    from pathotune.engine.infer import eval_transform
 
     base = {**TINY_CONFIG, "accelerator": "cpu", "augment": "none", "bootstrap": 0, "data": str(data)}
     m = train_run(TrainConfig(**base, method="linear", tta=True, out=str(tmp_path / "lin")), progress=False)
@@ -50,7 +49,7 @@ def test_cached_probe_and_image_model_average_the_same_views(data, tmp_path) -> 
     rows = read_predictions(tmp_path / "lin" / "predictions_tta.csv")
     got = np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in rows])
     model = load_bundle(tmp_path / "lin" / "bundle")
-    ds = PatchDataset(load_source(data).split("test"), eval_transform(model))
+    ds = PatchDataset(load_source(data).split("test"), transforms(model))
     with torch.no_grad():
         ref = TTAModel(model)(torch.stack([ds[i][0] for i in range(len(ds))])).softmax(-1).numpy()
     np.testing.assert_allclose(got, ref, atol=2e-5)

@@ -47,11 +47,6 @@ __all__ = [
 EVAL_IDENTITY = ("bundle", "data", "split")
 
 
-def eval_transform(model: PathoTuneModel):
-    """The model's evaluation pipeline (:func:`pathotune.inference.transforms`)."""
-    return transforms(model)
-
-
 def run_probs(
     model: PathoTuneModel,
     dataset: Dataset,
@@ -125,7 +120,7 @@ def evaluate(
         raise DataError(f"data {data} has classes {unknown} that bundle {bundle} does not know (it has {names})")
     remap = {i: names.index(c) for i, c in enumerate(source.classes)}
     labels = np.array([remap[s.label] for s in samples])
-    probs = run_probs(model, PatchDataset(samples, eval_transform(model)), batch_size, workers, progress, rt, tta)
+    probs = run_probs(model, PatchDataset(samples, transforms(model)), batch_size, workers, progress, rt, tta)
     metrics = classification_metrics(labels, probs, names)
     if bootstrap:
         groups = [s.unit for s in samples] if source.has_groups() else None
@@ -230,7 +225,7 @@ def predict_files(
     multi.eval().to(rt.device)
     n_tasks = len(multi.tasks)
     sizes = [len(task.class_names) for task in multi.tasks]
-    dataset = PatchDataset([Sample(f, 0, "test") for f in files], eval_transform(multi.tasks[0]))
+    dataset = PatchDataset([Sample(f, 0, "test") for f in files], transforms(multi.tasks[0]))
 
     def every_task(x: torch.Tensor) -> torch.Tensor:
         # Every image once per task, in one batch: each sample carries its own task's prompts and head.

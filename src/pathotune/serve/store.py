@@ -142,7 +142,7 @@ class BundleStore:
         if model.switches.train in ("all", "lora"):
             raise ConfigError(f"the reference task {name} ({model.method}) changes the backbone; pass --reference")
         self.backbone = model.backbone.to(self.device).eval()
-        self.transform = transforms(model)  # what `pathotune predict` applies to a decoded image (its eval_transform)
+        self.transform = transforms(model)  # what `pathotune predict` applies to a decoded image
         self.recipe = backbone_recipe(ref.manifest)
         self.shared = {t.data_ptr() for t in chain(self.backbone.parameters(), self.backbone.buffers())}
         self.tasks = {n: self._check(t) for n, t in self.tasks.items()}  # now against the served backbone
