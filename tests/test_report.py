@@ -263,3 +263,23 @@ def test_write_run_report(tmp_path: Path) -> None:
     assert leftovers(path.parent) == []
     with pytest.raises(ValueError, match="confusion_matrix"):
         write_run_report(tmp_path / "run2", {"accuracy": 1.0}, [], ["a", "b"], {}, "x")
+
+
+def test_metric_vs_params_names_each_method_once_in_a_legend(tmp_path: Path, monkeypatch) -> None:
+    """Methods of similar size sit a few pixels apart: their names go in the legend, not on the points."""
+    from pathotune.report import plots
+
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    rows = [
+        {"method": m, "trainable_params": p, "balanced_accuracy": {"mean": 0.8, "std": 0.01}}
+        for m, p in [("vpt-deep", 47_307), ("instance", 74_291), ("text", 102_347), ("pathotune", 221_635)]
+    ]
+    plot_metric_vs_params(rows, tmp_path / "scatter.png")
+    (fig,) = drawn
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["vpt-deep", "instance", "text", "pathotune"]
+    assert len(fig.axes[0].texts) == 0
+    styles = {(ln.get_color(), ln.get_marker()) for ln in fig.axes[0].get_lines() if ln.get_marker() != "_"}  # not caps
+    assert len(styles) == 4

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,6 +18,7 @@ from .io import atomic_path
 
 _DPI = 150
 _MAX_ANNOTATED_CLASSES = 25
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # with tab20's colours: 140 distinct methods
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -164,7 +166,8 @@ def plot_metric_vs_params(
     yerr: str | None = None,
     title: str | None = None,
 ) -> Path:
-    """Accuracy-versus-cost scatter on a log parameter axis, each point labelled with its method.
+    """Accuracy-versus-cost scatter on a log parameter axis, one colour and marker per method, named in a legend
+    beside the axes: methods of similar size sit a few pixels apart, where labels written on the points overlap.
 
     ``y`` may hold plain numbers or ``{'mean', 'std'}`` dicts (as from ``aggregate_seeds``), whose std
     becomes the error bar unless a ``yerr`` key is given. Rows missing ``x`` or ``y`` are skipped.
@@ -182,18 +185,19 @@ def plot_metric_vs_params(
         else:
             err = _number(raw.get("std")) if isinstance(raw, Mapping) else None
         points.append((xv, yv, err or 0.0, str(row.get(label, ""))))
-    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    fig = Figure(figsize=(9.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
     if points:
-        xs, ys, errs, names = zip(*points, strict=True)
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o", capsize=3, color="tab:blue")
-        for xv, yv, name in zip(xs, ys, names, strict=True):
-            ax.annotate(name, (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        colours = matplotlib.colormaps["tab20"].colors
+        for i, (xv, yv, err, name) in enumerate(points):
+            style = {"color": colours[i % len(colours)], "marker": _MARKERS[i % len(_MARKERS)]}
+            ax.errorbar([xv], [yv], yerr=[err] if err else None, capsize=3, linestyle="none", label=name, **style)
         ax.set_xscale("log")
-        ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
+        ax.margins(x=0.08, y=0.1)
         ax.set_xlabel(x.replace("_", " ") + " (log scale)")
         ax.set_ylabel(y.replace("_", " "))
         ax.grid(alpha=0.3, which="both")
+        fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     else:
         _no_data(ax, f"no rows with both {x} and {y}")
     ax.set_title(title or f"{y.replace('_', ' ')} vs {x.replace('_', ' ')}")
