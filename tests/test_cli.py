@@ -163,7 +163,7 @@ def test_bad_config_values_name_the_key(data, tmp_path, monkeypatch, capsys, ove
         (["--data", "/no/such/tiles"], "data path /no/such/tiles does not exist"),
         (["--backbone", "not_a_backbone"], "unknown backbone 'not_a_backbone'"),
         (["--method", "no-such-method"], "unknown method 'no-such-method'"),
-        (["--augment", "sideways"], "key 'augment'"),
+        (["--augment", "sideways"], "Invalid value for '--augment': 'sideways' is not one of 'pathology', 'none'"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(data, tmp_path, monkeypatch, capsys, flags, expected):

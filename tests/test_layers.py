@@ -42,6 +42,9 @@ LAZY = {
     ("data/layouts/hgsc.py", "pyarrow"),  # optional dependency (the [hgsc] extra)
     ("data/layouts/hgsc.py", "shapely"),
     ("data/demo.py", "importlib"),  # a TYPE_CHECKING-only import
+    # pathotune.switches loads the prompt kinds (torch): the switches validator imports it when it runs, so that the
+    # CLI can build train's flags from the config before it parses (cli/config_flags.py)
+    ("engine/config.py", "pathotune"),
     # the package root's public names load on first use (PEP 562); these are its TYPE_CHECKING-only imports
     ("__init__.py", "pathotune"),
 }

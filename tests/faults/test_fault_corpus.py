@@ -596,6 +596,18 @@ CASES: list[Case] = [
     Case("eval_into_other_results_in_a_run", eval_into_other_results, ("already holds other results",)),
     # Tracebacks that must be one line ---------------------------------------------------------------------------
     Case("precision_bad_value", train_with("--precision", "bogus"), ("precision", "32-true")),
+    # flags built from the config's fields (cli/config_flags.py): a bad value names the flag, before any work
+    Case(
+        "generated_flag_not_a_number",
+        train_with("--probe-views", "two"),
+        ("'--probe-views'", "integer"),
+        check=no_results(),
+    ),
+    Case(
+        "generated_flag_bad_choice",
+        train_with("--selection", "bogus"),
+        ("'--selection'", "'significant', 'best', 'cv'"),
+    ),
     Case("devices_not_a_number", train_with("--devices", "abc"), ("devices", "'auto'")),
     Case("devices_0", train_with("--devices", "0"), ("devices",)),
     Case("accelerator_unknown", train_with("--accelerator", "quantum"), ("accelerator",)),

@@ -7,18 +7,24 @@ import json
 import math
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import yaml
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from ..engine.config import PRECISION_HELP, check_precision
 from ..errors import ConfigError
 from ..report import to_jsonable
 
 console = Console()
 UNBOUNDED = 100_000  # columns a table may take when measured for a pipe
+
+# --precision of every command that runs a model: one help text, one default (engine.config.DEFAULT_PRECISION;
+# train's comes from its config field, which carries the same two).
+PrecisionOpt = Annotated[str, typer.Option(help=PRECISION_HELP)]
 
 
 def parse_switches(items: list[str] | None) -> dict:
@@ -101,10 +107,11 @@ def parse_devices(devices: str) -> int | str:
 def inference_runtime(accelerator: str, devices: str, precision: str) -> Any:
     """The Runtime ``eval`` and ``predict`` run on: core's one Fabric factory, as training uses it."""
     from ..core.runtime import Runtime, make_fabric
-    from ..engine.config import PRECISIONS
 
-    if precision not in (*PRECISIONS, "auto"):
-        raise ConfigError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)} or auto")
+    try:
+        check_precision(precision)
+    except ValueError as e:
+        raise ConfigError(f"--precision '{precision}': {e}") from None
     return Runtime.of(make_fabric(accelerator, parse_devices(devices), "auto", precision))
 
 

@@ -69,7 +69,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes data, runs and its report.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="PathoTune's budget in optimizer steps (default: its own).")] = None,
     image_size: Annotated[int, typer.Option(help="Input size (multiple of 14); the tiles are 32 px.")] = 56,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the demo tiles and of both trainings.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Real weights, real images: PathoTune (TVP+TTP+IVP) against the strong linear probe on slide-QC tiles.

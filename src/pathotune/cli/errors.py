@@ -72,7 +72,8 @@ def _run(app: Callable[[], object], debug: bool) -> int | str | None:
             raise
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        print(f"error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
+        message = _one_line(e.format_message()).replace(": Value error, ", ": ")  # typer's Literal check says so
+        print(f"error: {message}{hint}", file=sys.stderr)
         return 2
     except aborts:
         print(interrupt_message(), file=sys.stderr)

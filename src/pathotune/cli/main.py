@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..core.allocator import retain_freed_memory
+from ..engine.config import DEFAULT_PRECISION, TrainConfig
 from ..version import __version__
-from .common import console, fmt, human_output, inference_runtime, parse_switches, print_json, print_table
+from .common import (
+    PrecisionOpt,
+    console,
+    fmt,
+    human_output,
+    inference_runtime,
+    parse_switches,
+    print_json,
+    print_table,
+)
+from .config_flags import config_flags, overrides
 from .errors import run_cli
 
 app = typer.Typer(
@@ -43,134 +54,27 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Results as JSON on stdout
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars (TQDM_DISABLE=1 does the same).")]
 DevicesOpt = Annotated[str, typer.Option(help="Devices: a count, -1 (all), 'auto' or indices such as '0,1'.")]
 AcceleratorOpt = Annotated[str, typer.Option(help="auto, cpu, gpu...")]
-PrecisionOpt = Annotated[str, typer.Option(help="32-true, bf16-mixed, 16-mixed... or auto (bf16 on a GPU).")]
 WorkersOpt = Annotated[int, typer.Option(help="Image-decoding loader processes.")]
 
 
 @app.command()
+@config_flags(TrainConfig, after="config")
 def train(
-    data: Annotated[str | None, typer.Option(help="Folder, CSV manifest, or layout:<name>:<path>.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone id (see `pathotune backbones`).")] = None,
-    method: Annotated[str | None, typer.Option(help="Method (see `pathotune methods`).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            help="Local weights file/folder (the default), 'bundled', 'random', or hf-hub:owner/repo[@rev][:file] "
-            "via the Hugging Face cache ('hf-hub': the backbone's own repo; HF_TOKEN, HF_HUB_OFFLINE apply)."
-        ),
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Budget in optimizer steps (default: the method's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Budget in epochs, converted to steps (with a floor).")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between validation passes.")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    image_size: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate of prompts/adapters/backbone.")] = None,
-    head_lr: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
     seeds: Annotated[list[int] | None, typer.Option(help="Repeat over seeds: --seeds 0 1 2 3 4.")] = None,
-    task_text: Annotated[str | None, typer.Option(help="Free text describing the task for TTP.")] = None,
-    organ: Annotated[str | None, typer.Option()] = None,
-    stain: Annotated[str | None, typer.Option()] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
-    test_fraction: Annotated[float | None, typer.Option()] = None,
-    augment: Annotated[str | None, typer.Option(help="pathology or none.")] = None,
     switch: Annotated[list[str] | None, typer.Option(help="Prompt switch KEY=VALUE (repeatable).")] = None,
-    head_init: Annotated[str | None, typer.Option(help="probe (LP-FT, default) or random.")] = None,
-    probe_refit: Annotated[
-        bool | None, typer.Option("--probe-refit", help="linear: refit on train+val with the C chosen on val.")
-    ] = None,
-    skip_bad: Annotated[bool | None, typer.Option("--skip-bad", help="Go on without unreadable files.")] = None,
-    split_seed: Annotated[
-        int | None, typer.Option(help="Draw a group k-fold split with this seed (default: the data's own split).")
-    ] = None,
-    tta: Annotated[
-        bool | None, typer.Option("--tta", help="Also score with the 8 rot90 x flip views averaged.")
-    ] = None,
-    probe_features: Annotated[str | None, typer.Option(help="Probe features: standardized or raw.")] = None,
-    probe_c: Annotated[
-        str | None, typer.Option(help="Probe C: val (grid on validation), cv, uni (UNI's rule), or a number.")
-    ] = None,
-    probe_views: Annotated[
-        int | None, typer.Option(help="Probe on K augmented views of each training tile (augmentation-matched).")
-    ] = None,
-    selection: Annotated[
-        str | None, typer.Option(help="Step/group selection: significant (default), best, or cv (small data).")
-    ] = None,
-    text_control: Annotated[
-        str | None, typer.Option(help="TTP control: none, empty, random (same norm) or unrelated (a sentence).")
-    ] = None,
-    num_workers: Annotated[int | None, typer.Option()] = None,
-    devices: Annotated[str | None, typer.Option(help="Devices per node: a count or 'auto'.")] = None,
-    accelerator: Annotated[str | None, typer.Option(help="auto, cpu, gpu...")] = None,
-    strategy: Annotated[str | None, typer.Option(help="auto, ddp...")] = None,
-    num_nodes: Annotated[int | None, typer.Option()] = None,
-    precision: Annotated[str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed.")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory.")] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume", help="Continue the unfinished run in --out (same settings).")
-    ] = None,
-    overwrite: Annotated[
-        bool | None,
-        typer.Option("--overwrite", help="Replace the run in --out, once the new one has finished."),
-    ] = None,
-    logger: Annotated[
-        list[str] | None,
-        typer.Option(help="Experiment logger: csv (default), tensorboard, mlflow, wandb, none; repeat or a,b."),
-    ] = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    **flags: Any,
 ) -> None:
-    """Train a method on a backbone; writes config, metrics, report, bundle, checkpoints and a CSV log."""
+    """Train a method on a backbone; writes config, metrics, report, bundle, checkpoints and a CSV log.
+
+    Every other option is a field of the run's config (engine/config.py), built by cli/config_flags.py."""
     from ..engine.config import load_config
     from ..engine.run import train_seeds
     from ..report import format_percent, trainable_percent
 
-    task = {
-        k: v
-        for k, v in {"text": task_text, "organ": organ, "stain": stain, "control": text_control}.items()
-        if v is not None
-    }
-    probe = {k: v for k, v in {"features": probe_features, "c": _number_or(probe_c), "views": probe_views}.items()}
-    probe = {k: v for k, v in probe.items() if v is not None}
-    dev = None if devices is None else (int(devices) if devices.isdigit() else devices)
-    cfg = load_config(
-        config,
-        data=data,
-        backbone=backbone,
-        method=method,
-        weights=weights,
-        steps=steps,
-        epochs=epochs,
-        eval_every=eval_every,
-        batch_size=batch_size,
-        image_size=image_size,
-        lr=lr,
-        head_lr=head_lr,
-        seed=seed,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        augment=augment,
-        switches=parse_switches(switch) or None,
-        head_init=head_init,
-        probe_refit=probe_refit,
-        probe=probe or None,
-        selection=selection,
-        tta=tta,
-        split_seed=split_seed,
-        task=task or None,
-        skip_bad=skip_bad,
-        num_workers=num_workers,
-        devices=dev,
-        accelerator=accelerator,
-        strategy=strategy,
-        num_nodes=num_nodes,
-        precision=precision,
-        out=out,
-        resume=resume,
-        overwrite=overwrite,
-        logger=logger,
-    )
+    cfg = load_config(config, **overrides(TrainConfig, flags), switches=parse_switches(switch) or None)
     with human_output(json_out):
         result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
         keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
@@ -184,16 +88,6 @@ def train(
         print_json({**result, "out": cfg.out})
 
 
-def _number_or(text: str | None) -> str | float | None:
-    """A flag that is a keyword or a number (``--probe-c 0.1``)."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 @app.command("eval")
 def evaluate(
     bundle: Annotated[str, typer.Argument(help="A bundle folder or a run folder.")],
@@ -203,11 +97,11 @@ def evaluate(
         str | None,
         typer.Option(help="Backbone weights (a local path or hf-hub:owner/repo[:file]), if not where the bundle says."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     num_workers: WorkersOpt = 0,
     devices: DevicesOpt = "1",
     accelerator: AcceleratorOpt = "auto",
-    precision: PrecisionOpt = "32-true",
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Go on without unreadable files.")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average the 8 rot90 x flip views of every image.")] = False,
     out: Annotated[
@@ -269,7 +163,7 @@ def predict(
     num_workers: WorkersOpt = 0,
     devices: DevicesOpt = "1",
     accelerator: AcceleratorOpt = "auto",
-    precision: PrecisionOpt = "32-true",
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     tta: Annotated[bool, typer.Option("--tta", help="Average the 8 rot90 x flip views of every image.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,

@@ -12,8 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ..engine.config import DEFAULT_PRECISION
 from ..errors import ConfigError
-from .common import cohort_exit, console, human_output, print_json, print_table
+from .common import PrecisionOpt, cohort_exit, console, human_output, print_json, print_table
 
 app = typer.Typer(
     name="slides",
@@ -327,7 +328,7 @@ def extract(
     num_nodes: Annotated[int, typer.Option(min=1, help="Machines (SLURM: one srun task per device).")] = 1,
     accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu...")] = "auto",
     strategy: Annotated[str, typer.Option(help="auto, ddp...; slides are shared out across ranks.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 autocast on GPU), 32-true...")] = "auto",
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     skip_errors: SkipErrorsOpt = False,
     overwrite: Annotated[
         bool,

@@ -6,6 +6,7 @@ builds it here, so a bad key reads the same whichever command met it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,9 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
 
-__all__ = ["build_config", "read_yaml_mapping"]
+__all__ = ["LOGGERS", "build_config", "parse_loggers", "read_yaml_mapping"]
 
 M = TypeVar("M", bound=BaseModel)
+
+# Experiment loggers a run can stream its validation curves to (``--logger`` / ``logger:``; core/runtime.py
+# builds them). Here, not there, so that a config module can check the names without importing torch.
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 
 
 def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
@@ -72,3 +77,16 @@ def build_config(model: type[M], path: str | Path | None = None, **overrides) ->
         raise ConfigError(_one_line(e, source, model)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_loggers(value: str | Sequence[str] | None) -> list[str]:
+    """Logger names from ``"csv,tensorboard"``, a list of names or comma lists, or None (none); ``none`` is none.
+
+    Raises ValueError naming an unknown logger (the config turns it into one line naming the key).
+    """
+    items = [value] if isinstance(value, str) else list(value or [])
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in (*LOGGERS, "none")]
+    if unknown:
+        raise ValueError(f"unknown logger '{unknown[0]}'; choose from {', '.join(LOGGERS)} or none")
+    return list(dict.fromkeys(n for n in names if n != "none"))

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from ..errors import ConfigError, PathoTuneError, one_line
 from ..report import progress_bar
+from .config import LOGGERS, parse_loggers
 
 __all__ = [
     "LOGGERS",
@@ -42,9 +43,6 @@ __all__ = [
     "make_loggers",
     "parse_loggers",
 ]
-
-# Experiment loggers a run can stream its validation curves to (``--logger`` / ``logger:``).
-LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 
 # Precisions under which autocast changes nothing, so none is entered (a CPU run at 32-true needs none).
 FULL_PRECISION = frozenset({"32-true", "32", "64-true", "64"})
@@ -93,19 +91,6 @@ def make_fabric(
         ) from e
     fabric.launch()
     return fabric
-
-
-def parse_loggers(value: str | Sequence[str] | None) -> list[str]:
-    """Logger names from ``"csv,tensorboard"``, a list of names or comma lists, or None (none); ``none`` is none.
-
-    Raises ValueError naming an unknown logger (the config turns it into one line naming the key).
-    """
-    items = [value] if isinstance(value, str) else list(value or [])
-    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
-    unknown = [n for n in names if n not in (*LOGGERS, "none")]
-    if unknown:
-        raise ValueError(f"unknown logger '{unknown[0]}'; choose from {', '.join(LOGGERS)} or none")
-    return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 def make_loggers(names: Sequence[str], root: str | Path, run_name: str = "pathotune") -> list[Any]:
