@@ -137,7 +137,7 @@ def main() -> None:
     resumed = run(command(args, cut), cut, chunk, watch=kept)
     with h5py.File(cut / f"{sid}.h5") as f:
         equal = bool(np.array_equal(f["features"][()], reference))
-    line = next((x for x in resumed["stdout"].splitlines() if "resuming" in x), "")
+    line = next((x for x in resumed["stderr"].splitlines() if "resuming" in x), "")
     result = {
         "tiles": n,
         "chunk_tiles": chunk,

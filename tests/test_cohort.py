@@ -142,7 +142,7 @@ def test_a_tile_broken_deep_inside_fails_that_slide_only(monkeypatch, capsys, bu
     assert not (out / "b.h5").exists()
 
 
-def test_an_interrupted_slide_resumes_from_its_chunks_and_ends_equal(tmp_path: Path) -> None:
+def test_an_interrupted_slide_resumes_from_its_chunks_and_ends_equal(tmp_path: Path, capsys) -> None:
     slide = tmp_path / "s.tif"
     write_pyramid_tiff(slide, tissue_and_glass(384, 768, seed=0), mpp=0.5, levels=3, tile=64)
     torch.manual_seed(0)
@@ -169,7 +169,10 @@ def test_an_interrupted_slide_resumes_from_its_chunks_and_ends_equal(tmp_path: P
     assert chunks == ["chunk_000000.npy"]  # batches 1-2 made chunk 0; batch 3 was in chunk 1 when it died
     assert not (out / "s.h5").exists()
     calls["n"] = -10_000
+    capsys.readouterr()
     extract_slides(ex, [slide], out, tiling, batch_size=4, num_workers=0, progress=False, chunk_tiles=8)
+    said = capsys.readouterr()  # even without progress, and on stderr (stdout may be --json)
+    assert "s: resuming, 1 of" in said.err and "resuming" not in said.out
     assert calls["n"] == -10_000 + (n - 8 + 3) // 4  # only the tiles after the first chunk ran again
     a, b = read_slide_features(tmp_path / "whole" / "s.h5"), read_slide_features(out / "s.h5")
     np.testing.assert_array_equal(a.coords, b.coords)

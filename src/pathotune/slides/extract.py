@@ -18,6 +18,7 @@ before the first slide is extracted.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -157,8 +158,11 @@ def _extract_one(
     partial = PartialFeatures(out_dir, sid, len(plan), dim, chunk, key)
     todo = partial.open()
     indices = partial.pending_tiles(todo)
-    if progress and 0 < len(todo) < partial.n_chunks:
-        print(f"{sid}: resuming, {partial.n_chunks - len(todo)} of {partial.n_chunks} chunks already computed")
+    if 0 < len(todo) < partial.n_chunks:  # said even with --quiet (on stderr, so --json stays clean)
+        print(
+            f"{sid}: resuming, {partial.n_chunks - len(todo)} of {partial.n_chunks} chunks already computed",
+            file=sys.stderr,
+        )
     transform = TileTransform(ex.mean, ex.std, ex.image_size)
     dataset = SlideTileDataset(slide.path, plan, transform.to_uint8, slide.mpp, planned.backend, indices)
     t1 = time.perf_counter()
