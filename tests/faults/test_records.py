@@ -151,9 +151,18 @@ def test_bad_files_listing_is_the_same_in_every_run(base: Base, tmp_path: Path, 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(base: Base, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = base_train_args(base, out, "--steps", "100000", "--method", "vpt-deep")
-    # faulthandler prints every thread's stack on SIGABRT: if the run ever hangs, the failure shows where
+    # faulthandler prints every thread's stack on SIGABRT: if the run ever hangs, the failure shows where.
+    # The run gets Ctrl-C's default disposition, as at a terminal: a shell starting the tests in the background
+    # (`make test &`, nohup) hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt.
     env = {**cli_env(), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(cli_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cli_cmd(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
