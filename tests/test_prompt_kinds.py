@@ -110,7 +110,7 @@ def test_it_bundles_and_serves_beside_the_built_in_kinds(toy_kind, images, tmp_p
 def test_a_kind_or_a_switch_is_registered_once(toy_kind):
     with pytest.raises(ConfigError, match="prompt kind 'xvp' is already registered"):
         type("Again", (PromptGroup,), {"kind": "xvp", "order": 50, "off": {}})
-    with pytest.raises(ConfigError, match="prompt kind 'yvp' must set off"):
+    with pytest.raises(ConfigError, match=r"prompt kind 'yvp' must set off and build\(\) and forward\(\)$"):
         type("Incomplete", (PromptGroup,), {"kind": "yvp", "order": 50})
 
     class Clash(PromptGroup):
@@ -118,6 +118,13 @@ def test_a_kind_or_a_switch_is_registered_once(toy_kind):
         order = 60
         off: dict = {}
         options = (Option("xvp_layer", "int", 0),)
+
+        @classmethod
+        def build(cls, switches, ctx):
+            return None
+
+        def forward(self, layer, batch, features):
+            return features
 
     try:
         with pytest.raises(ConfigError, match=r"switch\(es\) \['xvp_layer'\] are declared twice"):

@@ -83,6 +83,12 @@ class BuildContext:
     prepared: dict[str, Any] = field(default_factory=dict)
 
 
+def _function(cls: type, name: str) -> Any:
+    """The function behind a method or classmethod, so that inherited and own ones compare by identity."""
+    attr = getattr(cls, name)
+    return getattr(attr, "__func__", attr)
+
+
 class PromptGroup(nn.Module):
     """One kind of prompt tokens.
 
@@ -112,6 +118,10 @@ class PromptGroup(nn.Module):
         if cls.kind in _KINDS:
             raise ConfigError(f"prompt kind '{cls.kind}' is already registered ({_KINDS[cls.kind].__qualname__})")
         missing = [name for name in ("order", "off") if not hasattr(cls, name)]
+        # the two hooks every kind writes itself: refused here, at import, never found missing mid-training
+        missing += [
+            f"{name}()" for name in ("build", "forward") if _function(cls, name) is _function(PromptGroup, name)
+        ]
         if missing:
             raise ConfigError(f"prompt kind '{cls.kind}' must set {' and '.join(missing)}")
         _KINDS[cls.kind] = cls
@@ -135,7 +145,8 @@ class PromptGroup(nn.Module):
 
     @classmethod
     def build(cls, switches: Any, ctx: BuildContext) -> PromptGroup | None:
-        """This kind's group for a model, or None when the switches leave it off."""
+        """This kind's group for a model, or None when the switches leave it off (every kind defines it: checked
+        when the kind registers)."""
         raise NotImplementedError(f"prompt kind '{cls.kind}' does not say how to build itself")
 
     @classmethod
@@ -151,8 +162,9 @@ class PromptGroup(nn.Module):
     # The group at work.
     def forward(self, layer: int, batch: int, features: torch.Tensor) -> torch.Tensor:
         """(batch, num_tokens, dim) for block ``layer``. ``features``: what a per-image group reads (what
-        ``read_image`` gave, else the image tokens entering this block); other groups ignore it."""
-        raise NotImplementedError
+        ``read_image`` gave, else the image tokens entering this block); other groups ignore it. Every kind
+        defines it (checked when the kind registers)."""
+        raise NotImplementedError(f"prompt kind '{type(self).kind}' does not say what its tokens are")
 
     def read_image(self, x: torch.Tensor, backbone: nn.Module) -> torch.Tensor | None:
         """What this group reads from the input image before the blocks run, or None (it reads the image tokens
