@@ -1,6 +1,6 @@
 """`pathotune train`'s flags come from TrainConfig's fields (cli/config_flags.py): every exposed field has a flag
-and help, the flags given reach the config, every option of every command has help, and --precision has one
-default and one help text wherever it appears."""
+and help, the flags given reach the config, a value the config rejects names its flag, every option of every
+command has help, and --precision has one default and one help text wherever it appears."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import typing
 import pytest
 import typer
 import typer.main
-from helpers import run_main
+from helpers import one_line_error, run_main
 
-from pathotune.cli.config_flags import _flag_type, _without_none, flags_of, overrides
+from pathotune.cli.config_flags import _flag_type, _without_none, flag_names, flags_of, overrides
 from pathotune.cli.main import app
 from pathotune.engine.config import DEFAULT_PRECISION, PRECISION_HELP, ProbeConfig, TaskConfig, TrainConfig
 
@@ -164,6 +164,46 @@ def test_flags_not_given_keep_the_defaults(captured_config, monkeypatch, capsys)
     assert code == 0, err
     (cfg, seeds), *_ = captured_config
     assert cfg == TrainConfig(data="tiles") and seeds == [0]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--probe-views", "-1"], ("Invalid value for '--probe-views' (key 'probe.views'): must be >= 0", "(got -1)")),
+        (["--probe-c", "abc"], ("'--probe-c' (key 'probe.c'): must be val, cv, uni or a number > 0",)),
+        (["--devices", "0"], ("'--devices' (key 'devices')", "'auto'")),
+        (["--logger", "csv", "--logger", "neptune"], ("'--logger' (key 'logger')", "unknown logger 'neptune'")),
+        (["--precision", "bogus"], ("'--precision' (key 'precision')", "32-true")),
+        (["--selection-alpha", "0.7"], ("'--selection-alpha' (key 'selection_alpha'): must be in (0, 0.5)",)),
+    ],
+)
+def test_a_value_the_config_rejects_names_its_flag(captured_config, tmp_path, monkeypatch, capsys, args, words):
+    """The flag's type passes (click's check) but the model's validator refuses: the line names the flag, even
+    where a YAML config is given too."""
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("steps: 2\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", "--config", cfg_file, "--data", "tiles", *args)
+    line = one_line_error(err)
+    assert code == 2 and all(w in line for w in words), line
+    assert str(cfg_file) not in line  # the file is not at fault
+    assert not captured_config
+
+
+def test_a_bad_yaml_value_still_names_the_file(captured_config, tmp_path, monkeypatch, capsys):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("probe: {views: -2, c: abc}\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", "--config", cfg_file, "--data", "tiles", "--probe-c", "cv")
+    line = one_line_error(err)
+    assert code == 2 and f"{cfg_file}: key 'probe.views': must be >= 0" in line and "--probe" not in line, line
+    cfg_file.write_text("probe: {c: abc}\n")  # a union's member is not part of the key
+    code, _, err = run_main(monkeypatch, capsys, "train", "--config", cfg_file, "--data", "tiles")
+    assert f"{cfg_file}: key 'probe.c': must be val, cv, uni or a number > 0" in one_line_error(err)
+
+
+def test_flag_names_cover_every_generated_flag():
+    names = flag_names(TrainConfig)
+    assert names["probe.views"] == "--probe-views" and names["task.control"] == "--text-control"
+    assert names["select_groups"] == "--no-select-groups" and len(names) == len(flags_of(TrainConfig))
 
 
 def test_train_help_parses_without_torch():

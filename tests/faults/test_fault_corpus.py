@@ -603,6 +603,12 @@ CASES: list[Case] = [
         ("'--probe-views'", "integer"),
         check=no_results(),
     ),
+    Case(  # the flag's type passes and the config's validator refuses: the line names the flag, not the key alone
+        "generated_flag_rejected_by_the_config",
+        train_with("--probe-views", "-1"),
+        ("Invalid value for '--probe-views'", "must be >= 0"),
+        check=no_results(),
+    ),
     Case(
         "generated_flag_bad_choice",
         train_with("--selection", "bogus"),

@@ -4,7 +4,7 @@
 ``description`` (Literal fields show their choices, fields with a default name it). Every generated option
 defaults to None, meaning "not given": the YAML's value, else the model's default, stands. The command takes
 them as ``**flags`` and turns them back into the model's nested form with :func:`overrides`, which it hands to the
-config loader once.
+config loader once, with :func:`flag_names` so that a value the model rejects is blamed on its flag.
 
 Which fields are exposed (the rule, so that a new field gets its flag with no CLI edit):
 
@@ -36,7 +36,7 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-__all__ = ["FLAG_NAMES", "NOT_FLAGS", "ConfigFlag", "config_flags", "flags_of", "overrides"]
+__all__ = ["FLAG_NAMES", "NOT_FLAGS", "ConfigFlag", "config_flags", "flag_names", "flags_of", "overrides"]
 
 # Nested fields whose flag is not ``<field>_<subfield>`` (the names the CLI has always had).
 FLAG_NAMES: dict[str, str] = {
@@ -109,7 +109,7 @@ def _shown_default(field: FieldInfo) -> str | None:
 def _help(field: FieldInfo, kind: Any) -> str:
     text = (field.description or "").strip()
     if kind is bool and field.default is True:  # the flag is --no-<field>
-        return f"Turns off (on by default): {text}" if text else ""
+        return f"Turns off (on by default): {text[:1].lower()}{text[1:]}" if text else ""
     if kind is str:  # a union read as text: name the keywords it takes
         keywords = [c for part in _without_none(field.annotation) for c in _choices(part)]
         if keywords and not all(k in text for k in keywords):
@@ -160,6 +160,11 @@ def overrides(model: type[BaseModel], given: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = (not value) if flag.negated else value
     return out
+
+
+def flag_names(model: type[BaseModel]) -> dict[str, str]:
+    """Dotted field path -> its option (``{"probe.views": "--probe-views"}``), for errors that name the flag."""
+    return {flag.path: flag.option for flag in flags_of(model)}
 
 
 def config_flags(model: type[BaseModel], after: str | None = None) -> Callable[[F], F]:

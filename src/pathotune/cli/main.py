@@ -21,7 +21,7 @@ from .common import (
     print_json,
     print_table,
 )
-from .config_flags import config_flags, overrides
+from .config_flags import config_flags, flag_names, overrides
 from .errors import run_cli
 
 app = typer.Typer(
@@ -74,7 +74,10 @@ def train(
     from ..engine.run import train_seeds
     from ..report import format_percent, trainable_percent
 
-    cfg = load_config(config, **overrides(TrainConfig, flags), switches=parse_switches(switch) or None)
+    names = {**flag_names(TrainConfig), "switches": "--switch"}
+    cfg = load_config(
+        config, flag_names=names, **overrides(TrainConfig, flags), switches=parse_switches(switch) or None
+    )
     with human_output(json_out):
         result = train_seeds(cfg, seeds or [cfg.seed], progress=not quiet)
         keys = ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]

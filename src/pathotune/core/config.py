@@ -6,7 +6,9 @@ builds it here, so a bad key reads the same whichever command met it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,7 +26,8 @@ M = TypeVar("M", bound=BaseModel)
 LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 
 
-def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
+def _one_line(e: ValidationError, source: str, model: type[BaseModel], flags: Mapping[str, str] | None = None) -> str:
+    """The first error on one line, blamed on the flag that gave the value (``flags``: key -> flag) or on ``source``."""
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "(root)"
     if err["type"] == "extra_forbidden":
@@ -35,7 +38,36 @@ def _one_line(e: ValidationError, source: str, model: type[BaseModel]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if not err["loc"]:
         return f"{source}: {msg}"
+    loc = [str(p) for p in _field_path(model, err["loc"])]
+    key = ".".join(loc)
+    # the flag that set the field, or the one above it (``--logger`` for ``logger.1``)
+    flag = next((f for i in range(len(loc), 0, -1) if (f := (flags or {}).get(".".join(loc[:i])))), None)
+    if flag is not None:  # worded as click words a value it rejects itself
+        return f"Invalid value for '{flag}' (key '{key}'): {msg} (got {err.get('input')!r})"
     return f"{source}: key '{key}': {msg} (got {err.get('input')!r})"
+
+
+def _field_path(model: type[BaseModel], loc: tuple) -> tuple:
+    """``loc`` without the member that pydantic names below a union-typed field (``probe.c.float`` -> ``probe.c``)."""
+    current: type[BaseModel] | None = model
+    for i, part in enumerate(loc):
+        field = current.model_fields.get(str(part)) if current is not None else None
+        if field is None:
+            return loc
+        sub = field.annotation
+        if typing.get_origin(sub) in (typing.Union, types.UnionType):
+            return loc[: i + 1]
+        current = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+    return loc
+
+
+def _given(overrides: Mapping, key: str) -> bool:
+    node: object = overrides
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return False
+        node = node[part]
+    return True
 
 
 def _allowed_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -60,10 +92,13 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
-def build_config(model: type[M], path: str | Path | None = None, **overrides) -> M:
+def build_config(
+    model: type[M], path: str | Path | None = None, *, flag_names: Mapping[str, str] | None = None, **overrides
+) -> M:
     """A typed config from YAML (optional) with flag overrides on top; None-valued overrides are ignored.
 
-    Nested mappings merge key by key. Any bad key fails on one line naming the file (or "flags") and the key.
+    Nested mappings merge key by key. Any bad key fails on one line naming the file (or "flags") and the key;
+    ``flag_names`` (dotted key -> ``--flag``) names the flag instead where one gave the bad value.
     """
     data = read_yaml_mapping(path) if path is not None else {}
     source = str(path) if path is not None else "flags"
@@ -71,10 +106,11 @@ def build_config(model: type[M], path: str | Path | None = None, **overrides) ->
         if v is None:
             continue
         data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    given = {k: f for k, f in (flag_names or {}).items() if _given(overrides, k)}
     try:
         return model(**data)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, source, model)) from None
+        raise ConfigError(_one_line(e, source, model, given)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

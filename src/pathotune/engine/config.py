@@ -7,6 +7,8 @@ Each field's ``description`` is its help, written once: ``pathotune train`` buil
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +63,10 @@ class TaskConfig(BaseModel):
     )
 
 
+ProbeC = Literal["val", "cv", "uni"]
+PROBE_C_RULES = typing.get_args(ProbeC)
+
+
 class ProbeConfig(BaseModel):
     """How the linear probe is fitted (engine/probe.py)."""
 
@@ -68,7 +74,7 @@ class ProbeConfig(BaseModel):
     features: Literal["standardized", "raw"] = Field(
         "standardized", description="Probe features: standardized (per feature, on train) or raw."
     )
-    c: Literal["val", "cv", "uni"] | float = Field(
+    c: ProbeC | float = Field(
         "val",
         description="Probe C: val (from a log grid on validation), cv (by cross-validation inside train + val, "
         "then fitted on both), uni (UNI's fixed rule C = feature dim x classes / 100, fitted on train + val), "
@@ -80,6 +86,17 @@ class ProbeConfig(BaseModel):
         "augmentation; 0: the tiles alone).",
     )
     folds: int = Field(5, description="Cross-validation folds for probe C cv (fewer when a class has fewer labels).")
+
+    @field_validator("c", mode="before")
+    @classmethod
+    def _c_text(cls, v: object) -> object:
+        """A keyword or a number, as text too (the flag gives text): one message for anything else."""
+        if isinstance(v, str) and v not in PROBE_C_RULES:
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError("must be val, cv, uni or a number > 0") from None
+        return v
 
     @field_validator("c")
     @classmethod
@@ -289,9 +306,12 @@ class TrainConfig(BaseModel):
         return self
 
 
-def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
-    """The training config: YAML (optional) plus flags."""
-    return build_config(TrainConfig, path, **overrides)
+def load_config(
+    path: str | Path | None = None, *, flag_names: Mapping[str, str] | None = None, **overrides
+) -> TrainConfig:
+    """The training config: YAML (optional) plus flags; ``flag_names`` (dotted key -> ``--flag``, from
+    cli/config_flags.py) lets a bad value name the flag that gave it."""
+    return build_config(TrainConfig, path, flag_names=flag_names, **overrides)
 
 
 def dump_config(cfg: TrainConfig) -> str:
