@@ -96,6 +96,13 @@ def test_literal_fields_list_their_choices():
     assert literal >= 7
 
 
+def test_square_brackets_in_help_are_shown_not_read_as_markup():
+    from typer.testing import CliRunner
+
+    shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"}).output
+    assert "hf-hub:owner/repo[@rev][:file]" in shown
+
+
 @pytest.mark.parametrize("path,cmd", list(commands()), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_option_of_every_command_has_help(path, cmd):
     bare = [p.opts[0] for p in cmd.params if isinstance(p, typer.core.TyperOption) and not (p.help or "").strip()]

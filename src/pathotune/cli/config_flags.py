@@ -117,7 +117,7 @@ def _help(field: FieldInfo, kind: Any) -> str:
     default = _shown_default(field)
     if default is not None and "default" not in text.lower():
         text += f" Default: {default}."
-    return text
+    return text.replace("[", "\\[")  # typer's rich help reads [...] as markup and would drop it
 
 
 def _parameter(name: str, field: FieldInfo, kind: Any) -> inspect.Parameter:
